@@ -1,0 +1,276 @@
+"""The encoder: a stock Hugging Face decoder + a prompt template -> normalised embeddings.
+
+Implements the BEIR/MTEB protocol (``encode_queries``, ``encode_corpus``). Texts are sorted by
+token length and batched so that padding stays small; padding is on the right and every pooled
+position is gathered explicitly, so nothing relies on the tokenizer's padding side.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Iterable, Sequence
+
+import numpy as np
+import torch
+from tqdm.auto import tqdm
+
+from ..data.beir import passage_text
+from ..prompts import EncodedSide, PromptSide, Template, encode_side, get_template
+from .loading import ensure_slot_tokens, load_model, write_llara_config
+
+log = logging.getLogger(__name__)
+
+DEFAULT_MAX_QUERY_LENGTH = 64
+DEFAULT_MAX_PASSAGE_LENGTH = 256
+
+
+@dataclass
+class EncodeStats:
+    """What the last ``encode`` call did: real tokens, padded tokens, seconds in total and in the model."""
+
+    texts: int = 0
+    tokens: int = 0
+    padded_tokens: int = 0
+    seconds: float = 0.0
+    model_seconds: float = 0.0
+
+    @property
+    def tokens_per_second(self) -> float:
+        return self.tokens / self.seconds if self.seconds else 0.0
+
+
+def base_model(model):
+    """The decoder stack without the LM head (its last_hidden_state is after the final norm)."""
+    if hasattr(model, "get_base_model"):  # peft
+        model = model.get_base_model()
+    inner = getattr(model, getattr(model, "base_model_prefix", ""), None)
+    return inner if isinstance(inner, torch.nn.Module) else model
+
+
+def pooling_weights(sides: Sequence[EncodedSide], spans: Sequence[tuple[int, int, int]], L: int) -> torch.Tensor:
+    """(P, B, L) weights, one row per pooling and sequence, each summing to 1 over pooled positions.
+
+    ``spans[b] = (length, text_start, text_end)`` of unpadded sequence b.
+    """
+    w = torch.zeros(len(sides), len(spans), L)
+    for p, side in enumerate(sides):
+        for b, (length, start, end) in enumerate(spans):
+            pos = side.pool_positions(length, start, end)
+            w[p, b, pos] = 1.0 / len(pos)
+    return w
+
+
+class Encoder:
+    """Encode queries and passages with a decoder-only LLM and a prompt template.
+
+    >>> enc = Encoder.from_pretrained("default", template="llara")      # doctest: +SKIP
+    >>> q = enc.encode_queries(["what is dense retrieval?"])            # doctest: +SKIP
+    >>> d = enc.encode_corpus([{"title": "", "text": "Dense retrieval ..."}])  # doctest: +SKIP
+    """
+
+    def __init__(
+        self,
+        model,
+        tokenizer,
+        template: "str | Template | dict | None" = None,
+        *,
+        max_query_length: int = DEFAULT_MAX_QUERY_LENGTH,
+        max_passage_length: int = DEFAULT_MAX_PASSAGE_LENGTH,
+        batch_size: int = 32,
+        show_progress: bool = True,
+        pad_to_multiple_of: int | None = None,
+        model_id: str | None = None,
+        cache_dir: str | os.PathLike | None = None,
+        fingerprint: str | None = None,
+    ):
+        self.model = model
+        self.tokenizer = tokenizer
+        self.template = get_template(template)
+        self.max_length = {"query": int(max_query_length), "passage": int(max_passage_length)}
+        self.batch_size = int(batch_size)
+        self.show_progress = show_progress
+        self.device = next(model.parameters()).device
+        # Multiples of 8 help tensor cores; on a CPU they only add padding.
+        self.pad_to_multiple_of = pad_to_multiple_of or (8 if self.device.type == "cuda" else 1)
+        self.model_id = model_id
+        self.cache_dir = Path(cache_dir) if cache_dir else None
+        self.fingerprint = fingerprint  # identifies the weights; without it nothing is cached
+        self.last_stats = EncodeStats()
+        ensure_slot_tokens(tokenizer, model, self.template.slot_tokens)
+        self._encoded: dict[tuple, EncodedSide] = {}
+
+    # ------------------------------------------------------------------ construction / saving
+    @classmethod
+    def from_pretrained(
+        cls,
+        model: str,
+        template: "str | Template | dict | None" = None,
+        *,
+        device: str | None = None,
+        dtype: "torch.dtype | str | None" = None,
+        attn_implementation: str = "sdpa",
+        **kwargs,
+    ) -> "Encoder":
+        """Load from ``default``, a .gguf file, a llara checkpoint, or an HF directory / hub id.
+
+        The template is, in order: the one given, the checkpoint's own, the authors' form.
+        """
+        m, tok, resolved = load_model(model, device=device, dtype=dtype, attn_implementation=attn_implementation)
+        cfg = resolved.llara_config or {}
+        for key in ("max_query_length", "max_passage_length"):
+            if key in cfg and key not in kwargs:
+                kwargs[key] = cfg[key]
+        kwargs.setdefault("model_id", resolved.model_id)
+        kwargs.setdefault("fingerprint", resolved.fingerprint())
+        return cls(m, tok, template if template is not None else resolved.template, **kwargs)
+
+    def save(self, out_dir: str | os.PathLike) -> Path:
+        """Weights + tokenizer + llara.json (template and max lengths), loadable by from_pretrained."""
+        out = Path(out_dir)
+        out.mkdir(parents=True, exist_ok=True)
+        self.model.save_pretrained(out, safe_serialization=True)
+        self.tokenizer.save_pretrained(out)
+        write_llara_config(
+            out,
+            self.template,
+            {"max_query_length": self.max_length["query"], "max_passage_length": self.max_length["passage"]},
+        )
+        return out
+
+    # ------------------------------------------------------------------ public API
+    def encode_queries(self, queries: Sequence[str], batch_size: int | None = None, **_) -> np.ndarray:
+        return self.encode(list(queries), "query", batch_size=batch_size)
+
+    def encode_corpus(self, corpus: "Sequence[dict] | dict[str, dict]", batch_size: int | None = None, **_) -> np.ndarray:
+        docs = corpus.values() if isinstance(corpus, dict) else corpus
+        return self.encode([passage_text(d) for d in docs], "passage", batch_size=batch_size)
+
+    def encode(self, texts: Sequence[str], side: str, batch_size: int | None = None) -> np.ndarray:
+        return self.encode_multi(texts, side, [self.template], batch_size=batch_size)[self.template.name]
+
+    def encode_multi(
+        self, texts: Sequence[str], side: str, templates: Iterable["str | Template"], batch_size: int | None = None
+    ) -> dict[str, np.ndarray]:
+        """Encode with several templates; templates whose inputs are identical (e.g. ``eos`` and
+        ``mean``) share one forward pass and differ only in pooling."""
+        templates = [get_template(t) for t in templates]
+        for t in templates:
+            ensure_slot_tokens(self.tokenizer, self.model, t.slot_tokens)
+        out: dict[str, np.ndarray] = {}
+        groups: dict[tuple, list[Template]] = {}
+        for t in templates:
+            key = self.cache_key(texts, side, t)
+            cached = self._cache_load(key)
+            if cached is not None:
+                out[t.name] = cached
+            else:
+                groups.setdefault(t.side(side).input_signature(), []).append(t)
+        for group in groups.values():
+            arrays = self._encode_group(texts, side, [t.side(side) for t in group], batch_size)
+            for t, arr in zip(group, arrays):
+                if t.normalize:
+                    arr /= np.maximum(np.linalg.norm(arr, axis=1, keepdims=True), 1e-12)
+                self._cache_save(self.cache_key(texts, side, t), arr)
+                out[t.name] = arr
+        return out
+
+    # ------------------------------------------------------------------ internals
+    def _side(self, prompt: PromptSide) -> EncodedSide:
+        key = (prompt, len(self.tokenizer))
+        if key not in self._encoded:
+            self._encoded[key] = encode_side(self.tokenizer, prompt)
+        return self._encoded[key]
+
+    def _tokenize_texts(self, texts: Sequence[str], budget: int) -> list[list[int]]:
+        # Cap very long strings before tokenizing (a token is rarely under 1 char; 16 is generous)
+        # and re-tokenize the few whose cap cost tokens the budget could have held.
+        cap = max(budget * 16, 64)
+        clipped = [t[:cap] for t in texts]
+        ids = self.tokenizer(clipped, add_special_tokens=False)["input_ids"]
+        for i, (t, c) in enumerate(zip(texts, clipped)):
+            if len(t) > len(c) and len(ids[i]) < budget:
+                ids[i] = self.tokenizer(t, add_special_tokens=False)["input_ids"]
+        return [x[:budget] for x in ids]
+
+    @torch.inference_mode()
+    def _encode_group(
+        self, texts: Sequence[str], side: str, prompts: Sequence[PromptSide], batch_size: int | None
+    ) -> list[np.ndarray]:
+        t0 = time.perf_counter()
+        sides = [self._side(p) for p in prompts]
+        first = sides[0]
+        max_length = self.max_length[side]
+        text_ids = self._tokenize_texts(texts, max(max_length - first.overhead, 1))
+        built = [first.build(ids, max_length) for ids in text_ids]
+        lengths = np.array([len(ids) for ids, _, _ in built])
+        order = np.argsort(-lengths, kind="stable")
+        bs = batch_size or self.batch_size
+        dim = self.model.config.hidden_size
+        outs = [np.zeros((len(texts), dim), dtype=np.float32) for _ in sides]
+        stats = EncodeStats(texts=len(texts), tokens=int(lengths.sum()))
+        pad_id = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else 0
+        model = base_model(self.model)
+        bar = tqdm(total=len(texts), desc=f"encode {side}s", unit="text", disable=not self.show_progress, leave=False)
+        for i in range(0, len(order), bs):
+            idx = order[i : i + bs]
+            L = int(lengths[idx].max())
+            L = -(-L // self.pad_to_multiple_of) * self.pad_to_multiple_of
+            input_ids = torch.full((len(idx), L), pad_id, dtype=torch.long)
+            attention = torch.zeros((len(idx), L), dtype=torch.long)
+            spans = []
+            for r, j in enumerate(idx):
+                ids, start, end = built[j]
+                input_ids[r, : len(ids)] = torch.tensor(ids)
+                attention[r, : len(ids)] = 1
+                spans.append((len(ids), start, end))
+            stats.padded_tokens += len(idx) * L
+            tm = time.perf_counter()
+            hidden = model(
+                input_ids=input_ids.to(self.device), attention_mask=attention.to(self.device)
+            ).last_hidden_state
+            w = pooling_weights(sides, spans, L).to(self.device)
+            pooled = torch.einsum("pbl,blh->pbh", w, hidden.float()).cpu().numpy()
+            stats.model_seconds += time.perf_counter() - tm
+            for p in range(len(sides)):
+                outs[p][idx] = pooled[p]
+            bar.update(len(idx))
+            el = time.perf_counter() - t0
+            bar.set_postfix(tok_s=f"{stats.tokens * (i + len(idx)) / max(len(order), 1) / el:.0f}")
+        bar.close()
+        stats.seconds = time.perf_counter() - t0
+        self.last_stats = stats
+        return outs
+
+    # ------------------------------------------------------------------ embedding cache
+    def cache_key(self, texts: Sequence[str], side: str, template: Template) -> str | None:
+        if self.cache_dir is None or self.fingerprint is None:
+            return None
+        h = hashlib.sha256()
+        h.update(json.dumps([self.fingerprint, side, self.max_length[side], template.side(side).__dict__,
+                             template.normalize], sort_keys=True, default=str).encode())
+        for t in texts:
+            h.update(t.encode("utf-8", "surrogatepass"))
+            h.update(b"\0")
+        return h.hexdigest()[:32]
+
+    def _cache_load(self, key: str | None) -> np.ndarray | None:
+        if key is None:
+            return None
+        path = self.cache_dir / f"{key}.npy"
+        if path.is_file():
+            log.info("embeddings from cache %s", path)
+            return np.load(path)
+        return None
+
+    def _cache_save(self, key: str | None, arr: np.ndarray) -> None:
+        if key is None:
+            return
+        self.cache_dir.mkdir(parents=True, exist_ok=True)
+        tmp = self.cache_dir / f"{key}.tmp.npy"
+        np.save(tmp, arr)
+        os.replace(tmp, self.cache_dir / f"{key}.npy")
