@@ -5,6 +5,9 @@ import torch
 from tokenizers import Tokenizer, models, pre_tokenizers, processors
 from transformers import (
     AutoModelForCausalLM,
+    Gemma2Config,
+    Gemma3TextConfig,
+    GemmaConfig,
     LlamaConfig,
     MistralConfig,
     PreTrainedTokenizerFast,
@@ -46,6 +49,9 @@ CONFIGS = {
     "llama": LlamaConfig,
     "mistral": MistralConfig,
     "qwen2": Qwen2Config,
+    "gemma": GemmaConfig,
+    "gemma2": Gemma2Config,  # eager only (attention soft-capping)
+    "gemma3_text": Gemma3TextConfig,
 }
 
 
