@@ -34,6 +34,7 @@ class EncodeStats:
     """What the last ``encode`` call did: real tokens, padded tokens, seconds in total and in the model."""
 
     texts: int = 0
+    truncated: int = 0  # texts cut to fit max_length (the prompt is never cut)
     tokens: int = 0
     padded_tokens: int = 0
     seconds: float = 0.0
@@ -159,6 +160,7 @@ class Encoder:
         """Encode with several templates; templates whose inputs are identical (e.g. ``eos`` and
         ``mean``) share one forward pass and differ only in pooling."""
         templates = [get_template(t) for t in templates]
+        self.last_stats = EncodeStats(texts=len(texts))
         for t in templates:
             ensure_slot_tokens(self.tokenizer, self.model, t.slot_tokens)
         out: dict[str, np.ndarray] = {}
@@ -186,7 +188,7 @@ class Encoder:
             self._encoded[key] = encode_side(self.tokenizer, prompt)
         return self._encoded[key]
 
-    def _tokenize_texts(self, texts: Sequence[str], budget: int) -> list[list[int]]:
+    def _tokenize_texts(self, texts: Sequence[str], budget: int) -> tuple[list[list[int]], int]:
         # Cap very long strings before tokenizing (a token is rarely under 1 char; 16 is generous)
         # and re-tokenize the few whose cap cost tokens the budget could have held.
         cap = max(budget * 16, 64)
@@ -195,7 +197,7 @@ class Encoder:
         for i, (t, c) in enumerate(zip(texts, clipped)):
             if len(t) > len(c) and len(ids[i]) < budget:
                 ids[i] = self.tokenizer(t, add_special_tokens=False)["input_ids"]
-        return [x[:budget] for x in ids]
+        return [x[:budget] for x in ids], sum(len(x) > budget for x in ids)
 
     @torch.inference_mode()
     def _encode_group(
@@ -205,17 +207,17 @@ class Encoder:
         sides = [self._side(p) for p in prompts]
         first = sides[0]
         max_length = self.max_length[side]
-        text_ids = self._tokenize_texts(texts, max(max_length - first.overhead, 1))
+        text_ids, truncated = self._tokenize_texts(texts, max(max_length - first.overhead, 1))
         built = [first.build(ids, max_length) for ids in text_ids]
         lengths = np.array([len(ids) for ids, _, _ in built])
         order = np.argsort(-lengths, kind="stable")
         bs = batch_size or self.batch_size
         dim = self.model.config.hidden_size
         outs = [np.zeros((len(texts), dim), dtype=np.float32) for _ in sides]
-        stats = EncodeStats(texts=len(texts), tokens=int(lengths.sum()))
+        stats = EncodeStats(texts=len(texts), truncated=truncated, tokens=int(lengths.sum()))
         pad_id = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else 0
         model = base_model(self.model)
-        bar = tqdm(total=len(texts), desc=f"encode {side}s", unit="text", disable=not self.show_progress, leave=False)
+        bar = tqdm(total=len(texts), desc="encode queries" if side == "query" else "encode passages", unit="text", disable=not self.show_progress, leave=False)
         for i in range(0, len(order), bs):
             idx = order[i : i + bs]
             L = int(lengths[idx].max())

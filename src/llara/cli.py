@@ -1,0 +1,326 @@
+"""The ``llara`` command line. Each command parses its flags and calls the library."""
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import sys
+import time
+from pathlib import Path
+from typing import Sequence
+
+log = logging.getLogger("llara")
+
+DEMO_DIR = Path(__file__).parent / "data" / "demo"
+
+
+def _setup_logging(verbose: bool) -> None:
+    from rich.logging import RichHandler
+
+    logging.basicConfig(
+        level=logging.INFO if verbose else logging.WARNING,
+        format="%(message)s",
+        handlers=[RichHandler(show_path=False, console=_console(stderr=True))],
+    )
+    if not verbose:
+        logging.getLogger("llara").setLevel(logging.INFO)
+    for noisy in ("transformers", "accelerate", "huggingface_hub", "bm25s"):
+        logging.getLogger(noisy).setLevel(logging.ERROR)
+
+
+def _console(stderr: bool = False):
+    from rich.console import Console
+
+    stream = sys.stderr if stderr else sys.stdout
+    # Piped or captured output gets full-width tables instead of rich's 80-column default.
+    return Console(stderr=stderr, width=None if stream.isatty() else 160)
+
+
+def print_table(results, title: str) -> None:
+    from rich.table import Table
+
+    from .evaluation.runner import REPORTED
+
+    table = Table(title=title)
+    for col in ("dataset", "method", *REPORTED, "queries", "docs", "s"):
+        table.add_column(col, justify="left" if col in ("dataset", "method") else "right")
+    for r in results:
+        table.add_row(r.dataset, r.label, *(f"{r.metrics[k]:.4f}" for k in REPORTED),
+                      str(r.num_queries), str(r.num_docs), f"{r.seconds:.1f}")
+    _console().print(table)
+
+
+def _add_encoder_args(p: argparse.ArgumentParser) -> None:
+    from .modeling.encoder import DEFAULT_MAX_PASSAGE_LENGTH, DEFAULT_MAX_QUERY_LENGTH
+
+    p.add_argument("--model", default="default",
+                   help="'default' (embedded SmolLM2-135M-Instruct), a .gguf file, a llara checkpoint, "
+                        "or a Hugging Face directory / hub id (default: %(default)s)")
+    p.add_argument("--template", action="append", default=None,
+                   help="built-in name (llara, paper, eos, mean, prompteol) or a .yaml/.json file; repeatable "
+                        "(default: the checkpoint's template, else llara)")
+    p.add_argument("--max-query-length", type=int, default=None,
+                   help="tokens per query, prompt included; only the text is truncated "
+                        f"(default: the checkpoint's, else {DEFAULT_MAX_QUERY_LENGTH})")
+    p.add_argument("--max-passage-length", type=int, default=None,
+                   help="tokens per passage, prompt included "
+                        f"(default: the checkpoint's, else {DEFAULT_MAX_PASSAGE_LENGTH})")
+    p.add_argument("--batch-size", type=int, default=32)
+    p.add_argument("--device", default=None, help="cpu, cuda, cuda:1 ... (default: cuda if available)")
+    p.add_argument("--dtype", default=None, choices=["float32", "bfloat16", "float16"],
+                   help="default: float32 on CPU, bfloat16 on GPU")
+    p.add_argument("--cache-dir", default=None,
+                   help="embedding cache keyed by weights, template and text (default: $LLARA_CACHE/embeddings)")
+    p.add_argument("--no-cache", action="store_true", help="do not read or write the embedding cache")
+
+
+def _make_encoder(args, templates=None):
+    from .modeling.encoder import Encoder
+    from .modeling.loading import cache_root
+
+    cache = None if args.no_cache else (args.cache_dir or cache_root() / "embeddings")
+    lengths = {k: v for k, v in (("max_query_length", args.max_query_length),
+                                 ("max_passage_length", args.max_passage_length)) if v is not None}
+    return Encoder.from_pretrained(
+        args.model,
+        template=templates[0] if templates else None,
+        device=args.device,
+        dtype=args.dtype,
+        batch_size=args.batch_size,
+        cache_dir=cache,
+        **lengths,
+    )
+
+
+def run_evaluation(datasets, methods, templates, args, out_dir: Path):
+    """Evaluate every (dataset, method[, template]) and write results; returns the Result list."""
+    from .data.beir import load_beir
+    from .evaluation.runner import evaluate_bm25, evaluate_dense, save_result, write_summary
+
+    results = []
+    encoder = None
+    for path in datasets:
+        ds = load_beir(path, split=args.split)
+        for method in methods:
+            if method == "bm25":
+                pairs = [evaluate_bm25(ds, k=args.k)]
+            else:
+                if encoder is None:
+                    encoder = _make_encoder(args, templates)
+                pairs = evaluate_dense(ds, encoder, templates or [encoder.template], k=args.k)
+            for res, run in pairs:
+                save_result(res, run, out_dir)
+                results.append(res)
+                tr = res.settings.get("truncated_passages")
+                if tr:
+                    log.info("%s: %d of %d passages truncated to %d tokens (prompt included)",
+                             ds.name, tr, res.num_docs, res.settings["max_passage_length"])
+    write_summary(results, out_dir)
+    return results
+
+
+def cmd_evaluate(args) -> int:
+    out = Path(args.output)
+    methods = args.method or ["dense"]
+    results = run_evaluation(args.dataset, methods, args.template, args, out)
+    print_table(results, f"retrieval quality ({args.split} split)")
+    _console().print(f"results written to {out}/ (summary.md, summary.json, <dataset>/<method>/metrics.json, run.trec)")
+    return 0
+
+
+def cmd_demo(args) -> int:
+    """The README's main job: BM25 vs. the embedded LLM's embeddings on the shipped demo collection."""
+    t0 = time.perf_counter()
+    out = Path(args.output)
+    console = _console()
+    console.print(f"[bold]llara demo[/bold]: model={args.model}, collection={args.dataset} "
+                  f"(passages truncated to {args.max_passage_length} tokens, queries to {args.max_query_length}, "
+                  "prompts included, to finish in minutes on a laptop CPU)")
+    results = run_evaluation([args.dataset], ["bm25", "dense"], args.template, args, out)
+    print_table(results, "zero-shot retrieval on the demo collection")
+    console.print(f"done in {time.perf_counter() - t0:.0f} s; results in {out}/")
+    return 0
+
+
+# --------------------------------------------------------------------------- index, merge, search, serve
+def _shard_arg(value: str):
+    from .retrieval.index import parse_shard_spec
+
+    try:
+        return parse_shard_spec(value)
+    except ValueError as e:
+        raise argparse.ArgumentTypeError(str(e)) from None
+
+
+def _fail(e: Exception) -> int:
+    _console(stderr=True).print(f"[red]error:[/red] {e}", markup=True, highlight=False)
+    return 2
+
+
+def cmd_index(args) -> int:
+    """Encode a corpus.jsonl into a persistent, resumable index directory."""
+    from .retrieval.index import build_index
+
+    if args.template and len(args.template) > 1:
+        return _fail(ValueError("an index has one template; give --template once"))
+    args.no_cache = True  # the shards are the cache; the embedding cache would store them twice
+    t0 = time.perf_counter()
+    try:
+        encoder = _make_encoder(args, args.template)
+        out = build_index(encoder, args.corpus, args.output, model_spec=args.model, shard_size=args.shard_size,
+                          factory=args.factory, resume=args.resume, shard=args.shard, batch_size=args.batch_size,
+                          train_size=args.train_size)
+    except ValueError as e:  # DataError and TemplateError included
+        return _fail(e)
+    import json
+
+    m = json.loads((out / "manifest.json").read_text())
+    what = f"part {args.shard[0]}/{args.shard[1]} " if args.shard else ""
+    _console().print(f"indexed {what}{m['count']} passages ({len(m['shards'])} shards, {m['factory']}) into {out} "
+                     f"in {time.perf_counter() - t0:.1f} s")
+    return 0
+
+
+def cmd_merge(args) -> int:
+    """Join the parts of an index built with --shard i/n."""
+    from .retrieval.index import merge_indexes
+
+    try:
+        out = merge_indexes(args.parts, args.output, factory=args.factory, train_size=args.train_size)
+    except ValueError as e:
+        return _fail(e)
+    _console().print(f"merged {len(args.parts)} parts into {out}")
+    return 0
+
+
+def cmd_search(args) -> int:
+    """Search an index from the command line (loads the model recorded in the index)."""
+    import json
+
+    from .retrieval.searcher import Searcher
+
+    try:
+        searcher = Searcher.from_index(args.index, device=args.device, params=args.faiss_params)
+        results = searcher.search(args.query, k=args.k)
+    except ValueError as e:
+        return _fail(e)
+    if args.json:
+        for q, hits in zip(args.query, results):
+            sys.stdout.write(json.dumps({"query": q, "hits": [h.__dict__ for h in hits]}, ensure_ascii=False) + "\n")
+        return 0
+    from rich.table import Table
+
+    for q, hits in zip(args.query, results):
+        table = Table(title=q)
+        for col in ("rank", "score", "doc_id", "title"):
+            table.add_column(col, justify="right" if col in ("rank", "score") else "left")
+        for rank, h in enumerate(hits, 1):
+            table.add_row(str(rank), f"{h.score:.4f}", h.doc_id, h.title)
+        _console().print(table)
+    return 0
+
+
+def cmd_serve(args) -> int:
+    """HTTP search service (loopback by default)."""
+    from .serve import run
+
+    try:
+        run(args.index, host=args.host, port=args.port, device=args.device, params=args.faiss_params,
+            max_batch=args.max_batch, max_wait_ms=args.max_wait_ms, max_k=args.max_k,
+            max_query_chars=args.max_query_chars, max_body_bytes=args.max_body_bytes)
+    except ValueError as e:
+        return _fail(e)
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    from . import __version__
+
+    parser = argparse.ArgumentParser(prog="llara", description="LLaRA dense retrieval with decoder-only LLMs")
+    parser.add_argument("--version", action="version", version=f"llara {__version__}")
+    parser.add_argument("-v", "--verbose", action="store_true", help="log library details")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("evaluate", help="evaluate dense templates and/or BM25 on BEIR-format datasets")
+    p.add_argument("--dataset", action="append", required=True, help="BEIR-format directory; repeatable")
+    p.add_argument("--method", action="append", choices=["dense", "bm25"],
+                   help="repeatable (default: dense)")
+    p.add_argument("--split", default="test")
+    p.add_argument("-k", type=int, default=100, help="documents retrieved per query (default: %(default)s)")
+    p.add_argument("--output", required=True, help="directory for metrics.json, run.trec and summary files")
+    _add_encoder_args(p)
+    p.set_defaults(func=cmd_evaluate)
+
+    p = sub.add_parser("demo", help="the main job: BM25 vs. LLM embeddings on the shipped demo collection")
+    p.add_argument("--dataset", default=str(DEMO_DIR / "med"))
+    p.add_argument("--output", default="runs/demo")
+    p.add_argument("--split", default="test")
+    p.add_argument("-k", type=int, default=100)
+    _add_encoder_args(p)
+    p.set_defaults(func=cmd_demo, template=None, max_passage_length=128, max_query_length=64)
+    p = sub.add_parser("index", help="encode a corpus.jsonl into a persistent FAISS index directory (resumable)")
+    p.add_argument("--corpus", required=True, help="BEIR corpus.jsonl ({_id, title, text} per line), streamed")
+    p.add_argument("--output", required=True, help="index directory (manifest.json, shards/, index.faiss)")
+    p.add_argument("--factory", default="Flat",
+                   help="FAISS index_factory string, inner product: Flat, IVF4096,PQ64, HNSW32 ... (default: Flat)")
+    p.add_argument("--shard-size", type=int, default=10_000, help="passages per shard (default: %(default)s)")
+    p.add_argument("--resume", action="store_true", help="continue an interrupted run after its last finished shard")
+    p.add_argument("--shard", type=_shard_arg, default=None, metavar="i/n",
+                   help="encode only part i of n (shards s with s %% n == i) into a partial directory; "
+                        "join the parts with 'llara merge'")
+    p.add_argument("--train-size", type=int, default=200_000,
+                   help="vectors sampled to train non-Flat indexes (default: %(default)s)")
+    _add_encoder_args(p)
+    p.set_defaults(func=cmd_index)
+
+    p = sub.add_parser("merge", help="join index parts built with --shard i/n")
+    p.add_argument("--output", required=True, help="directory for the merged index")
+    p.add_argument("parts", nargs="+", metavar="PART_DIR")
+    p.add_argument("--factory", default=None, help="FAISS factory string (default: the parts')")
+    p.add_argument("--train-size", type=int, default=200_000)
+    p.set_defaults(func=cmd_merge)
+
+    p = sub.add_parser("search", help="search an index with the model recorded in it")
+    p.add_argument("--index", required=True, help="index directory")
+    p.add_argument("query", nargs="+", help="one or more queries")
+    p.add_argument("-k", type=int, default=10, help="hits per query (default: %(default)s)")
+    p.add_argument("--json", action="store_true", help="one JSON object per query on stdout")
+    p.add_argument("--device", default=None)
+    p.add_argument("--faiss-params", default=None, help="FAISS run-time parameters, e.g. nprobe=32 or efSearch=128")
+    p.set_defaults(func=cmd_search)
+
+    p = sub.add_parser("serve", help="HTTP search service over an index (POST /search, GET /health, GET /info)")
+    p.add_argument("--index", required=True, help="index directory")
+    p.add_argument("--host", default="127.0.0.1", help="bind address (default: loopback only)")
+    p.add_argument("--port", type=int, default=8000)
+    p.add_argument("--device", default=None)
+    p.add_argument("--faiss-params", default=None, help="FAISS run-time parameters, e.g. nprobe=32")
+    p.add_argument("--max-batch", type=int, default=32, help="queries per encoder call (default: %(default)s)")
+    p.add_argument("--max-wait-ms", type=float, default=5.0,
+                   help="how long a request may wait for others to share its batch (default: %(default)s)")
+    p.add_argument("--max-k", type=int, default=1000)
+    p.add_argument("--max-query-chars", type=int, default=2048)
+    p.add_argument("--max-body-bytes", type=int, default=1 << 20)
+    p.set_defaults(func=cmd_serve)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if args.command == "demo" and args.template is None:
+        args.template = ["mean", "eos", "llara"]  # mean and eos share one forward pass
+    _setup_logging(args.verbose)
+    from .data.beir import DataError
+    from .prompts import TemplateError
+
+    try:
+        return args.func(args)
+    except (DataError, TemplateError, FileNotFoundError) as e:
+        _console(stderr=True).print(f"[red]error:[/red] {e}")
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())
