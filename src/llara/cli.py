@@ -7,6 +7,8 @@ import os
 import sys
 import time
 from pathlib import Path
+
+import numpy as np
 from typing import Sequence
 
 log = logging.getLogger("llara")
@@ -233,6 +235,42 @@ def cmd_serve(args) -> int:
     return 0
 
 
+def cmd_mine(args) -> int:
+    """Hard negatives for contrastive fine-tuning, from BM25 or a dense model."""
+    from .data.beir import load_corpus, load_qrels, load_queries
+    from .retrieval import mining
+
+    corpus = load_corpus(args.corpus)
+    if args.train:
+        queries, positives, unmatched = mining.positives_from_train_jsonl(args.train, corpus)
+        if unmatched:
+            log.warning("%d positives of %s are not in the corpus (they are still kept out of the negatives "
+                        "only if their text matches a corpus document)", unmatched, args.train)
+    else:
+        if not (args.queries and args.qrels):
+            raise FileNotFoundError("give --queries and --qrels (a BEIR split), or --train train.jsonl")
+        all_queries = load_queries(args.queries)
+        qrels = load_qrels(args.qrels)
+        positives = {q: {d for d, s in rel.items() if s > 0} for q, rel in qrels.items()}
+        unknown = [q for q in positives if q not in all_queries]
+        if unknown:
+            raise FileNotFoundError(f"{args.qrels}: query id {unknown[0]!r} is not in {args.queries}")
+        queries = {q: all_queries[q] for q in positives}
+    cfg = mining.MiningConfig(window=tuple(args.window), num_negatives=args.negatives, margin=args.margin,
+                              seed=args.seed)
+    encoder = _make_encoder(args, args.template) if args.method == "dense" else None
+    k = cfg.window[1] + max((len(p) for p in positives.values()), default=0)
+    run, emb, dids = mining.retrieve(args.method, corpus, queries, k, encoder)
+    pos_scores = mining.dense_positive_scores(emb, dids, positives) if emb is not None else None
+    negatives = mining.sample_negatives(run, positives, cfg, pos_scores)
+    n = mining.write_jsonl_atomic(mining.iter_training_lines(queries, positives, negatives, corpus), args.output)
+    counts = [len(v) for v in negatives.values()]
+    _console().print(f"wrote {n} training groups to {args.output} "
+                     f"({np.mean(counts) if counts else 0:.1f} negatives per query on average, "
+                     f"ranks {cfg.window[0]}-{cfg.window[1]} of {args.method})")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     from . import __version__
 
@@ -250,6 +288,22 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--output", required=True, help="directory for metrics.json, run.trec and summary files")
     _add_encoder_args(p)
     p.set_defaults(func=cmd_evaluate)
+
+    p = sub.add_parser("mine", help="mine hard negatives: write {query, pos, neg} training lines")
+    p.add_argument("--corpus", required=True, help="corpus.jsonl to mine from")
+    p.add_argument("--queries", help="queries.jsonl (with --qrels)")
+    p.add_argument("--qrels", help="qrels .tsv naming the positives (e.g. qrels/train.tsv)")
+    p.add_argument("--train", help="instead of --queries/--qrels: train.jsonl with {query, pos: [...]}")
+    p.add_argument("--method", choices=["dense", "bm25"], default="dense")
+    p.add_argument("--window", type=int, nargs=2, default=[10, 200], metavar=("LO", "HI"),
+                   help="1-based rank window to sample negatives from (default: 10 200)")
+    p.add_argument("--negatives", type=int, default=15, help="negatives per query (default: 15)")
+    p.add_argument("--margin", type=float, default=None,
+                   help="drop candidates scoring above (best positive score - margin): false-negative guard")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--output", required=True, help="train.jsonl to write")
+    _add_encoder_args(p)
+    p.set_defaults(func=cmd_mine)
 
     p = sub.add_parser("demo", help="the main job: BM25 vs. LLM embeddings on the shipped demo collection")
     p.add_argument("--dataset", default=str(DEMO_DIR / "med"))

@@ -1,0 +1,163 @@
+"""Hard-negative mining for contrastive fine-tuning.
+
+Retrieve with a dense model (FAISS) or BM25, then sample negatives from a rank window (the authors
+sample from a dense retriever's top 200), never a judged positive, without duplicates, optionally
+dropping candidates that score too close to the positive (a guard against unjudged positives).
+Output lines: ``{"query", "pos": [...], "neg": [...], "query_id", "pos_ids", "neg_ids"}``.
+"""
+from __future__ import annotations
+
+import json
+import logging
+import os
+import random
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Iterator, Mapping
+
+import numpy as np
+
+from ..data.beir import DataError, passage_text
+from ..evaluation.metrics import rank_docs
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class MiningConfig:
+    window: tuple[int, int] = (10, 200)  # 1-based ranks [lo, hi], inclusive, to sample from
+    num_negatives: int = 15
+    margin: float | None = None  # drop candidates with score > best positive score - margin
+    seed: int = 0
+
+    def __post_init__(self):
+        lo, hi = self.window
+        if not 1 <= lo <= hi:
+            raise ValueError(f"rank window must satisfy 1 <= lo <= hi, got {self.window}")
+        if self.num_negatives < 1:
+            raise ValueError("num_negatives must be >= 1")
+
+
+def sample_negatives(
+    run: Mapping[str, Mapping[str, float]],
+    positives: Mapping[str, set[str]],
+    cfg: MiningConfig,
+    positive_scores: Mapping[str, float] | None = None,
+) -> dict[str, list[str]]:
+    """Negative doc ids per query, from the run's rank window.
+
+    ``positive_scores[qid]`` is the best positive's score under the same retriever (for the margin
+    guard); when missing, the best positive's score in the run is used, and without either the guard
+    is skipped for that query."""
+    out: dict[str, list[str]] = {}
+    lo, hi = cfg.window
+    skipped_guard = 0
+    for qid, pos in positives.items():
+        ranked = rank_docs(run.get(qid, {}))
+        ref = (positive_scores or {}).get(qid)
+        if ref is None:
+            in_run = [s for d, s in ranked if d in pos]
+            ref = max(in_run) if in_run else None
+        if cfg.margin is not None and ref is None:
+            skipped_guard += 1
+        seen: set[str] = set()
+        candidates = []
+        for d, s in ranked[lo - 1 : hi]:
+            if d in pos or d in seen:
+                continue
+            if cfg.margin is not None and ref is not None and s > ref - cfg.margin:
+                continue
+            seen.add(d)
+            candidates.append(d)
+        rng = random.Random(f"{cfg.seed}:{qid}")
+        out[qid] = rng.sample(candidates, min(cfg.num_negatives, len(candidates)))
+    if skipped_guard:
+        log.warning("margin guard skipped for %d queries whose positives were not retrieved", skipped_guard)
+    return out
+
+
+def positives_from_train_jsonl(path: str | os.PathLike, corpus: Mapping[str, dict]) -> tuple[dict, dict, int]:
+    """Read ``{"query", "pos": [text, ...]}`` lines; match positives to corpus docs by text.
+
+    Returns (queries {qid: text}, positives {qid: {doc_id}}, unmatched positive count)."""
+    by_text: dict[str, str] = {}
+    for did, doc in corpus.items():
+        by_text.setdefault(doc.get("text", "").strip(), did)
+        by_text.setdefault(passage_text(doc).strip(), did)
+    queries, positives, unmatched = {}, {}, 0
+    path = Path(path)
+    with path.open(encoding="utf-8") as f:
+        for n, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            try:
+                obj = json.loads(line)
+            except json.JSONDecodeError as e:
+                raise DataError(path, n, f"invalid JSON: {e.msg}") from None
+            if not isinstance(obj, dict) or not isinstance(obj.get("query"), str) or not isinstance(obj.get("pos"), list):
+                raise DataError(path, n, "expected {\"query\": str, \"pos\": [str, ...]}")
+            qid = str(obj.get("query_id", f"q{n}"))
+            queries[qid] = obj["query"]
+            ids = set()
+            for p in obj["pos"]:
+                did = by_text.get(str(p).strip())
+                if did is None:
+                    unmatched += 1
+                else:
+                    ids.add(did)
+            positives[qid] = ids
+    if not queries:
+        raise DataError(path, None, "no training examples")
+    return queries, positives, unmatched
+
+
+def retrieve(method: str, corpus, queries, k: int, encoder=None) -> tuple[dict, dict | None, dict]:
+    """(run, embeddings or None, doc id list) with BM25 or a dense encoder."""
+    if method == "bm25":
+        from .bm25 import bm25_search
+
+        return bm25_search(corpus, queries, k=k), None, list(corpus)
+    from .dense import exact_search
+
+    dids, qids = list(corpus), list(queries)
+    d = encoder.encode_corpus([corpus[x] for x in dids])
+    q = encoder.encode_queries([queries[x] for x in qids])
+    return exact_search(q, d, dids, qids, k=k), {"q": q, "d": d, "qids": qids}, dids
+
+
+def dense_positive_scores(emb: dict, dids: list[str], positives: Mapping[str, set[str]]) -> dict[str, float]:
+    row = {d: i for i, d in enumerate(dids)}
+    out = {}
+    for i, qid in enumerate(emb["qids"]):
+        idx = [row[d] for d in positives.get(qid, ()) if d in row]
+        if idx:
+            out[qid] = float(np.max(emb["d"][idx] @ emb["q"][i]))
+    return out
+
+
+def iter_training_lines(queries, positives, negatives, corpus) -> Iterator[dict]:
+    for qid, neg in negatives.items():
+        pos = sorted(positives[qid])
+        if not pos:
+            continue
+        yield {
+            "query": queries[qid],
+            "pos": [passage_text(corpus[d]) for d in pos],
+            "neg": [passage_text(corpus[d]) for d in neg],
+            "query_id": qid,
+            "pos_ids": pos,
+            "neg_ids": neg,
+        }
+
+
+def write_jsonl_atomic(rows, path: str | os.PathLike) -> int:
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".tmp")
+    n = 0
+    with tmp.open("w", encoding="utf-8") as f:
+        for r in rows:
+            f.write(json.dumps(r, ensure_ascii=False) + "\n")
+            n += 1
+    os.replace(tmp, path)
+    return n

@@ -1,0 +1,76 @@
+"""Hard-negative mining: rank window, positives excluded, no duplicates, margin guard, CLI."""
+import json
+
+import pytest
+from tiny import make_model, make_tokenizer
+
+from llara.cli import main
+from llara.data.beir import DataError
+from llara.modeling.encoder import Encoder
+from llara.retrieval.mining import MiningConfig, positives_from_train_jsonl, sample_negatives
+
+
+def _run(n=50):
+    return {"q": {f"d{i}": float(n - i) for i in range(n)}}  # d0 ranked first
+
+
+def test_negatives_come_from_the_window_and_exclude_positives():
+    neg = sample_negatives(_run(), {"q": {"d12", "d3"}}, MiningConfig(window=(10, 20), num_negatives=50))["q"]
+    assert "d12" not in neg and "d3" not in neg
+    assert sorted(neg, key=lambda d: int(d[1:])) == [f"d{i}" for i in range(9, 20) if i != 12]
+    assert len(set(neg)) == len(neg)
+
+
+def test_sampling_is_seeded_and_sized():
+    cfg = MiningConfig(window=(1, 50), num_negatives=5, seed=3)
+    a = sample_negatives(_run(), {"q": {"d0"}}, cfg)["q"]
+    assert a == sample_negatives(_run(), {"q": {"d0"}}, cfg)["q"] and len(a) == 5 and "d0" not in a
+    assert a != sample_negatives(_run(), {"q": {"d0"}}, MiningConfig(window=(1, 50), num_negatives=5, seed=4))["q"]
+
+
+def test_margin_guard_drops_near_positive_scores():
+    run = {"q": {"p": 10.0, "a": 9.9, "b": 9.0, "c": 5.0}}
+    neg = sample_negatives(run, {"q": {"p"}}, MiningConfig(window=(1, 4), num_negatives=10, margin=0.5))["q"]
+    assert sorted(neg) == ["b", "c"]
+    # with an explicit positive score (e.g. a positive the retriever did not return)
+    neg = sample_negatives(run, {"q": {"zz"}}, MiningConfig(window=(1, 4), num_negatives=10, margin=0.5), {"q": 9.2})["q"]
+    assert neg == ["c"]  # threshold 9.2 - 0.5: p, a and b are all too close
+
+
+def test_window_validation():
+    with pytest.raises(ValueError):
+        MiningConfig(window=(0, 10))
+
+
+def test_train_jsonl_positives_matched_by_text(tmp_path):
+    corpus = {"a": {"title": "", "text": "fish breathe water"}, "b": {"title": "t", "text": "paris"}}
+    p = tmp_path / "train.jsonl"
+    p.write_text('{"query": "x", "pos": ["fish breathe water", "t paris", "unknown"]}\n')
+    queries, pos, unmatched = positives_from_train_jsonl(p, corpus)
+    assert pos == {"q1": {"a", "b"}} and unmatched == 1
+    p.write_text('{"query": "x"}\n')
+    with pytest.raises(DataError, match="train.jsonl:1"):
+        positives_from_train_jsonl(p, corpus)
+
+
+@pytest.mark.parametrize("method", ["bm25", "dense"])
+def test_cli_mine_on_adi(adi_dir, tmp_path, method):
+    out = tmp_path / "train.jsonl"
+    args = ["mine", "--method", method, "--corpus", str(adi_dir / "corpus.jsonl"), "--queries",
+            str(adi_dir / "queries.jsonl"), "--qrels", str(adi_dir / "qrels" / "test.tsv"),
+            "--window", "3", "30", "--negatives", "4", "--output", str(out)]
+    if method == "dense":
+        enc = Encoder(make_model(), make_tokenizer(), "eos", show_progress=False)
+        args += ["--model", str(enc.save(tmp_path / "m")), "--no-cache"]
+    assert main(args) == 0
+    qrels = {}
+    for line in (adi_dir / "qrels" / "test.tsv").read_text().splitlines()[1:]:
+        q, d, s = line.split("\t")
+        qrels.setdefault(q, set()).add(d)
+    rows = [json.loads(x) for x in out.read_text().splitlines()]
+    assert len(rows) == len(qrels)
+    for r in rows:
+        assert set(r["pos_ids"]) == qrels[r["query_id"]]
+        assert not set(r["neg_ids"]) & qrels[r["query_id"]]
+        assert len(set(r["neg_ids"])) == len(r["neg_ids"]) <= 4
+        assert len(r["neg"]) == len(r["neg_ids"]) and isinstance(r["query"], str)
