@@ -1,0 +1,243 @@
+"""Contrastive fine-tuning pieces: training groups, a no-duplicate-positive sampler, the collator,
+differentiable embeddings, cross-device negatives and gradient caching (GradCache).
+
+A training group is one query, one positive and ``group_size - 1`` hard negatives; with in-batch
+negatives every query is scored against every passage of the (global) batch.
+"""
+from __future__ import annotations
+
+import json
+import logging
+import random
+from contextlib import nullcontext
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable, Iterator, Sequence
+
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+from torch import Tensor
+
+from ..data.beir import DataError
+from ..losses import info_nce
+from ..modeling.encoder import base_model
+from ..prompts import encode_side, get_template
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class Group:
+    query: str
+    pos: list[str]
+    neg: list[str]
+
+
+def load_groups(path: str | Path) -> list[Group]:
+    """``{"query", "pos": [...], "neg": [...]}`` lines (``llara mine`` output); file:line errors."""
+    path = Path(path)
+    groups = []
+    with path.open(encoding="utf-8") as f:
+        for n, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            try:
+                obj = json.loads(line)
+            except json.JSONDecodeError as e:
+                raise DataError(path, n, f"invalid JSON: {e.msg}") from None
+            if not isinstance(obj, dict) or not isinstance(obj.get("query"), str):
+                raise DataError(path, n, "missing string field 'query'")
+            pos, neg = obj.get("pos"), obj.get("neg", [])
+            if not isinstance(pos, list) or not pos or not all(isinstance(p, str) for p in pos):
+                raise DataError(path, n, "'pos' must be a non-empty list of strings")
+            if not isinstance(neg, list) or not all(isinstance(p, str) for p in neg):
+                raise DataError(path, n, "'neg' must be a list of strings")
+            groups.append(Group(obj["query"], pos, neg))
+    if not groups:
+        raise DataError(path, None, "no training groups")
+    return groups
+
+
+class UniquePositiveBatches:
+    """Batches of group indices in which no positive passage appears twice (so an in-batch
+    'negative' is never another copy of a query's positive). Seeded, reshuffled per epoch; a group
+    that would collide waits for a later batch."""
+
+    def __init__(self, groups: Sequence[Group], batch_size: int, seed: int = 0, drop_last: bool = True):
+        self.groups, self.batch_size, self.seed, self.drop_last = groups, batch_size, seed, drop_last
+        self.epoch = 0
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def __iter__(self) -> Iterator[list[int]]:
+        order = list(range(len(self.groups)))
+        random.Random(f"{self.seed}:{self.epoch}").shuffle(order)
+        pending: list[int] = []
+        batch: list[int] = []
+        texts: set[str] = set()
+        for i in order:
+            waiting = pending + [i]
+            pending = []
+            for j in waiting:
+                pos = set(self.groups[j].pos)
+                if texts & pos:
+                    pending.append(j)
+                    continue
+                batch.append(j)
+                texts |= pos
+                if len(batch) == self.batch_size:
+                    yield batch
+                    batch, texts = [], set()
+        if batch and not self.drop_last:
+            yield batch
+
+    def __len__(self) -> int:
+        n = len(self.groups) // self.batch_size
+        return n if self.drop_last else -(-len(self.groups) // self.batch_size)
+
+
+def _pad(seqs: Sequence[Sequence[int]], pad_id: int, multiple: int) -> tuple[Tensor, Tensor]:
+    L = max(len(s) for s in seqs)
+    L = -(-L // multiple) * multiple
+    ids = torch.full((len(seqs), L), pad_id, dtype=torch.long)
+    att = torch.zeros((len(seqs), L), dtype=torch.long)
+    for i, s in enumerate(seqs):
+        ids[i, : len(s)] = torch.tensor(s, dtype=torch.long)
+        att[i, : len(s)] = 1
+    return ids, att
+
+
+class ContrastiveCollator:
+    """Groups -> query batch (NEXT prompt by default) and passage batch (SELF prompt), each with the
+    pooling weights of its template side. Passages are laid out query by query, positive first."""
+
+    def __init__(self, tokenizer, template="llara", *, group_size: int = 16, max_query_length: int = 64,
+                 max_passage_length: int = 160, pad_to_multiple_of: int = 8, seed: int = 0):
+        self.tok = tokenizer
+        self.template = get_template(template)
+        self.q_side = encode_side(tokenizer, self.template.query)
+        self.p_side = encode_side(tokenizer, self.template.passage)
+        self.group_size = group_size
+        self.max_len = {"query": max_query_length, "passage": max_passage_length}
+        self.multiple = pad_to_multiple_of
+        self.seed = seed
+        self.epoch = 0
+        self.pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def _side_batch(self, texts: list[str], side) -> dict[str, Tensor]:
+        name = "query" if side is self.q_side else "passage"
+        budget = self.max_len[name] - side.overhead
+        ids = self.tok(texts, add_special_tokens=False)["input_ids"]
+        built = [side.build(x[:budget], self.max_len[name]) for x in ids]
+        input_ids, attention = _pad([b[0] for b in built], self.pad_id, self.multiple)
+        w = torch.zeros(input_ids.shape, dtype=torch.float32)
+        for r, (seq, start, end) in enumerate(built):
+            pos = side.pool_positions(len(seq), start, end)
+            w[r, pos] = 1.0 / len(pos)
+        return {"input_ids": input_ids, "attention_mask": attention, "pool": w}
+
+    def sample_passages(self, g: Group, key: str) -> list[str]:
+        rng = random.Random(f"{self.seed}:{self.epoch}:{key}")
+        pos = rng.choice(g.pos)
+        k = self.group_size - 1
+        if k == 0:
+            return [pos]
+        if not g.neg:
+            raise ValueError(f"query {g.query[:60]!r} has no negatives but group_size is {self.group_size}")
+        neg = rng.sample(g.neg, k) if len(g.neg) >= k else [rng.choice(g.neg) for _ in range(k)]
+        return [pos] + neg
+
+    def __call__(self, groups: Sequence[Group]) -> dict[str, dict[str, Tensor]]:
+        passages = [p for g in groups for p in self.sample_passages(g, g.query)]
+        return {"query": self._side_batch([g.query for g in groups], self.q_side),
+                "passage": self._side_batch(passages, self.p_side)}
+
+
+def embed(model, batch: dict[str, Tensor], normalize: bool = True) -> Tensor:
+    """Pooled (B, H) embeddings with gradients (fp32 pooling)."""
+    dev = next(model.parameters()).device
+    hidden = base_model(model)(input_ids=batch["input_ids"].to(dev),
+                               attention_mask=batch["attention_mask"].to(dev)).last_hidden_state
+    emb = torch.einsum("bl,blh->bh", batch["pool"].to(dev), hidden.float())
+    return F.normalize(emb, dim=-1) if normalize else emb
+
+
+def gather_with_grad(x: Tensor) -> tuple[Tensor, int]:
+    """All ranks' rows concatenated (rank order), differentiable; returns (rows, this rank's offset).
+
+    ``torch.distributed.nn.all_gather`` sums the gradients of every rank's copy back into the owner,
+    so with DDP's gradient averaging the result is the gradient of the mean loss over all queries
+    of the global batch; no extra world-size factor is needed (tests check 2 processes against one
+    process with the doubled batch)."""
+    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+        return x, 0
+    from torch.distributed.nn.functional import all_gather
+
+    parts = all_gather(x.contiguous())
+    return torch.cat(parts, 0), dist.get_rank() * x.size(0)
+
+
+def contrastive_loss(q: Tensor, p: Tensor, temperature: float, cross_device: bool = True) -> Tensor:
+    """InfoNCE of local queries against all passages (other devices' too when ``cross_device``)."""
+    group = p.size(0) // q.size(0)
+    if cross_device:
+        p, offset = gather_with_grad(p)
+        return info_nce(q, p, temperature, group_size=group, offset=offset)
+    return info_nce(q, p, temperature)
+
+
+def _chunks(batch: dict[str, Tensor], size: int) -> list[dict[str, Tensor]]:
+    n = batch["input_ids"].size(0)
+    return [{k: v[i : i + size] for k, v in batch.items()} for i in range(0, n, size)]
+
+
+class _RandState:
+    """Capture and replay the RNG state so that dropout masks match between GradCache's two passes."""
+
+    def __init__(self, device: torch.device):
+        self.cpu = torch.get_rng_state()
+        self.cuda = torch.cuda.get_rng_state(device) if device.type == "cuda" else None
+        self.device = device
+
+    def replay(self):
+        torch.set_rng_state(self.cpu)
+        if self.cuda is not None:
+            torch.cuda.set_rng_state(self.cuda, self.device)
+
+
+def grad_cache_step(model, batch: dict, temperature: float, chunk_size: int, *,
+                    cross_device: bool = True, no_sync: Callable | None = None) -> Tensor:
+    """One contrastive step with gradient caching; runs backward itself and returns the loss
+    (detached). Memory is that of one chunk's graph, whatever the batch size.
+
+    1. embeddings of every chunk without graphs; 2. loss and its gradient w.r.t. the embeddings;
+    3. per chunk, recompute the embeddings with a graph (same dropout) and backpropagate the cached
+    gradient. ``no_sync`` (e.g. DDP's) is entered for all but the last chunk."""
+    dev = next(model.parameters()).device
+    states, embs = {}, {}
+    with torch.no_grad():
+        for side in ("query", "passage"):
+            states[side], parts = [], []
+            for c in _chunks(batch[side], chunk_size):
+                states[side].append(_RandState(dev))
+                parts.append(embed(model, c))
+            embs[side] = torch.cat(parts).requires_grad_(True)
+    loss = contrastive_loss(embs["query"], embs["passage"], temperature, cross_device)
+    loss.backward()
+    work = [(side, c, s, embs[side].grad[i * chunk_size : i * chunk_size + c["input_ids"].size(0)])
+            for side in ("query", "passage")
+            for i, (c, s) in enumerate(zip(_chunks(batch[side], chunk_size), states[side]))]
+    for n, (side, c, state, grad) in enumerate(work):
+        ctx = no_sync() if (no_sync is not None and n < len(work) - 1) else nullcontext()
+        with ctx:
+            cur = torch.get_rng_state()
+            state.replay()
+            e = embed(model, c)
+            torch.set_rng_state(cur)
+            e.backward(grad)
+    return loss.detach()
