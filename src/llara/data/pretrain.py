@@ -1,0 +1,650 @@
+"""Unlabelled text for LLaRA's adaptation stage: readers, (chunk, next chunk) pairs, a streaming
+dataset and the joint-pass collator.
+
+Pipeline::
+
+    files --iter_documents--> documents (lists of text units: paragraphs / passages / sentences)
+          --Chunker---------> token-id chunks of one document (<= chunk_tokens each)
+          --chunk pairs-----> PretrainExample(text_ids = chunk i, next_ids = chunk i+1)
+          --PretrainDataset-> sharded (ranks x workers), shuffled, capped, resumable stream
+          --PretrainCollator> one joint SELF + NEXT batch with EBAE / EBAR bag-of-words targets
+
+Input: plain text, generic JSONL, BEIR ``corpus.jsonl`` and sequential passages
+``{"doc", "idx", "text"}``, read lazily by ``llara.data.readers`` (see its docstring for the formats
+and their defaults); malformed input raises ``llara.data.beir.DataError`` naming ``file:line``.
+
+Chunking (``chunking=``):
+
+* ``"sentences"`` (default): units are split into sentences by a regex (no sentence splitter is
+  available offline in this environment; see :func:`split_sentences`); whole sentences are packed
+  greedily up to ``chunk_tokens``; a sentence longer than that is cut into ``chunk_tokens`` pieces
+  and its last piece may take the following sentences.
+* ``"tokens"``: fixed windows of at most ``chunk_tokens``; with ``balanced`` (default) a document of
+  n tokens is cut into ceil(n / chunk_tokens) chunks of near-equal length, so there is no tiny
+  trailing chunk.
+
+The document is tokenized once, without special tokens; chunks are slices of its ids (in sentence
+mode the sentence boundaries are mapped to tokens through the tokenizer's offsets), so a chunk's ids
+are exactly the ids the model sees for that stretch of the document. Each chunk is paired with the
+FOLLOWING chunk of the same document (EBAR target); the chunk itself is the EBAE target. A pair is
+dropped when either side has fewer than ``min_chunk_tokens`` ids. A document with a single chunk is
+skipped by default (``single_chunk="skip"``: every example then trains both tasks);
+``single_chunk="ebae"`` gives it an EBAE-only example (empty ``next_ids``: its EBAR row has no
+targets and is left out of the EBAR mean by the loss).
+"""
+from __future__ import annotations
+
+import bisect
+import dataclasses
+import itertools
+import logging
+import math
+import os
+import random
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Iterable, Iterator, Sequence
+
+import torch
+from torch import Tensor
+from torch.utils.data import IterableDataset, get_worker_info
+
+from ..losses import bow_targets, target_filter
+from ..modeling.masks import JointBatch, build_joint_batch
+from ..prompts import EncodedSide, Template, TemplateError, encode_side, get_template
+from .readers import FORMATS, TXT_MODES, detect_format, iter_documents
+
+logger = logging.getLogger(__name__)
+
+__all__ = [
+    "FORMATS",
+    "Chunker",
+    "PretrainCollator",
+    "PretrainDataConfig",
+    "PretrainDataset",
+    "PretrainExample",
+    "chunk_pairs",
+    "detect_format",
+    "iter_documents",
+    "joint_batch",
+    "load_stopwords",
+    "sentence_chunks",
+    "sentence_spans",
+    "shuffle_buffer",
+    "split_sentences",
+    "token_chunks",
+]
+
+CHUNKINGS = ("sentences", "tokens")
+SINGLE_CHUNK = ("skip", "ebae")
+DEFAULT_STOPWORDS = "bm25s"
+
+
+# --------------------------------------------------------------------------- sentences
+
+# Abbreviations after which a period does not end a sentence (lower case, without the period).
+_ABBREVIATIONS = frozenset(
+    "mr mrs ms dr prof sr jr st mt ft vs etc cf al fig figs eq eqs no nos vol vols pp ch sec ca approx "
+    "inc ltd co corp dept est gen gov col lt sgt capt rev hon jan feb mar apr jun jul aug sep sept oct "
+    "nov dec".split()
+)
+# A run of terminators (+ closing quotes/brackets) and the whitespace after it, or a blank line.
+_CANDIDATE = re.compile(r"(?P<term>[.!?]+[\"'”’)\]]*)(?P<ws>\s+)|(?P<para>\s*\n\s*\n\s*)")
+_OPENERS = "\"'“‘([¿¡"
+
+
+def _is_boundary(text: str, m: re.Match) -> bool:
+    if m.group("para") is not None or m.group("ws").count("\n") >= 2:
+        return True
+    end = m.end()
+    if end >= len(text):
+        return False
+    start = m.start()
+    before = text[:start]
+    word = before.rsplit(None, 1)[-1] if before.strip() else ""
+    spaced = not word or before[-1:].isspace()  # " . " style (tokenized text such as Medline's)
+    nxt = text[end]
+    if not (nxt.isupper() or nxt.isdigit() or nxt in _OPENERS or spaced):
+        return False
+    if m.group("term").startswith(".") and not spaced:
+        bare = word.lstrip(_OPENERS).lower()
+        if bare in _ABBREVIATIONS or "." in bare or (len(bare) == 1 and bare.isalpha()):
+            return False  # "Dr. Smith", "e.g. The", "U.S. Army", "J. R. R. Tolkien"
+    return True
+
+
+def sentence_spans(text: str) -> list[tuple[int, int]]:
+    """(start, end) character spans of the sentences of ``text``, whitespace excluded.
+
+    A regex splitter (documented, deterministic, no data files): a sentence ends at '.', '!' or '?'
+    (plus closing quotes/brackets) followed by whitespace and an upper-case letter, a digit or an
+    opening quote/bracket, or at a blank line. A period after a known abbreviation, a single letter
+    (an initial) or a dotted word ('e.g.', 'U.S.') does not end a sentence. A terminator standing
+    alone between spaces (' . ', as in lower-cased, tokenized corpora) ends a sentence whatever
+    follows."""
+    spans: list[tuple[int, int]] = []
+    start = 0
+    for m in _CANDIDATE.finditer(text):
+        if _is_boundary(text, m):
+            cut = m.start("ws") if m.group("ws") is not None else m.start()
+            if text[start:cut].strip():
+                spans.append((start, cut))
+            start = m.end()
+    if text[start:].strip():
+        spans.append((start, len(text)))
+    out = []
+    for a, b in spans:  # trim whitespace at both ends
+        while a < b and text[a].isspace():
+            a += 1
+        while b > a and text[b - 1].isspace():
+            b -= 1
+        out.append((a, b))
+    return out
+
+
+def split_sentences(text: str) -> list[str]:
+    """The sentences of ``text`` (see :func:`sentence_spans`)."""
+    return [text[a:b] for a, b in sentence_spans(text)]
+
+
+# --------------------------------------------------------------------------- chunking
+
+
+def token_chunks(n: int, chunk_tokens: int, balanced: bool = True) -> list[tuple[int, int]]:
+    """[start, end) token ranges covering n tokens, each at most chunk_tokens long. balanced: the
+    ceil(n / chunk_tokens) chunks differ in length by at most one; else fixed windows and a remainder."""
+    if chunk_tokens < 1:
+        raise ValueError("chunk_tokens must be >= 1")
+    if n <= 0:
+        return []
+    if not balanced:
+        return [(a, min(a + chunk_tokens, n)) for a in range(0, n, chunk_tokens)]
+    k = math.ceil(n / chunk_tokens)
+    base, extra = divmod(n, k)
+    out, a = [], 0
+    for i in range(k):
+        b = a + base + (1 if i < extra else 0)
+        out.append((a, b))
+        a = b
+    return out
+
+
+def sentence_chunks(n: int, starts: Sequence[int], chunk_tokens: int) -> list[tuple[int, int]]:
+    """Greedy packing of whole sentences into [start, end) token ranges of at most chunk_tokens.
+
+    starts: token indices where a sentence begins (0 implied). A sentence longer than chunk_tokens
+    is cut into chunk_tokens pieces; its last piece starts a chunk that may take the next sentences."""
+    if chunk_tokens < 1:
+        raise ValueError("chunk_tokens must be >= 1")
+    if n <= 0:
+        return []
+    bounds = [0, *sorted({s for s in starts if 0 < s < n}), n]
+    chunks: list[tuple[int, int]] = []
+    cur: tuple[int, int] | None = None
+    for a, b in zip(bounds, bounds[1:]):
+        if cur is not None and b - cur[0] <= chunk_tokens:
+            cur = (cur[0], b)
+            continue
+        if cur is not None:
+            chunks.append(cur)
+        while b - a > chunk_tokens:
+            chunks.append((a, a + chunk_tokens))
+            a += chunk_tokens
+        cur = (a, b)
+    if cur is not None:
+        chunks.append(cur)
+    return chunks
+
+
+@dataclass(frozen=True, slots=True)
+class PretrainExample:
+    """One adaptation example: a chunk (model input and EBAE target) and the next chunk of the same
+    document (EBAR target; empty for an EBAE-only example). doc: index of the document in the file
+    stream; chunk: index of text_ids among the document's chunks (both for provenance only)."""
+
+    text_ids: list[int]
+    next_ids: list[int]
+    doc: int = -1
+    chunk: int = 0
+
+
+def chunk_pairs(
+    chunks: Sequence[Sequence[int]],
+    *,
+    min_chunk_tokens: int = 8,
+    single_chunk: str = "skip",
+    doc: int = -1,
+) -> Iterator[PretrainExample]:
+    """Examples of one document: chunk i paired with chunk i + 1 (see the module docstring)."""
+    if single_chunk not in SINGLE_CHUNK:
+        raise ValueError(f"single_chunk must be one of {SINGLE_CHUNK}, got {single_chunk!r}")
+    if len(chunks) == 1:
+        if single_chunk == "ebae" and len(chunks[0]) >= min_chunk_tokens:
+            yield PretrainExample(list(chunks[0]), [], doc, 0)
+        return
+    for i in range(len(chunks) - 1):
+        if len(chunks[i]) >= min_chunk_tokens and len(chunks[i + 1]) >= min_chunk_tokens:
+            yield PretrainExample(list(chunks[i]), list(chunks[i + 1]), doc, i)
+
+
+class Chunker:
+    """Tokenize documents (lists of units) and cut them into chunks of token ids.
+
+    The units are joined with ``joiner`` and tokenized once without special tokens; sentence mode
+    needs a fast tokenizer (character offsets). Unit boundaries are always sentence boundaries."""
+
+    def __init__(self, tokenizer, chunk_tokens: int = 120, chunking: str = "sentences", *,
+                 balanced: bool = True, joiner: str = " "):
+        if chunking not in CHUNKINGS:
+            raise ValueError(f"chunking must be one of {CHUNKINGS}, got {chunking!r}")
+        if chunk_tokens < 1:
+            raise ValueError("chunk_tokens must be >= 1")
+        if chunking == "sentences" and not getattr(tokenizer, "is_fast", False):
+            raise ValueError("sentence chunking needs a fast tokenizer (character offsets); use chunking='tokens'")
+        self.tokenizer = tokenizer
+        self.chunk_tokens = chunk_tokens
+        self.chunking = chunking
+        self.balanced = balanced
+        self.joiner = joiner
+
+    def _join(self, units: Sequence[str]) -> tuple[str, list[int]]:
+        """The document text and the character offsets where its sentences start."""
+        parts, starts, pos = [], [], 0
+        for k, unit in enumerate(units):
+            if k:
+                parts.append(self.joiner)
+                pos += len(self.joiner)
+            if self.chunking == "sentences":
+                starts.extend(pos + a for a, _ in sentence_spans(unit))
+            else:
+                starts.append(pos)
+            parts.append(unit)
+            pos += len(unit)
+        return "".join(parts), starts
+
+    def __call__(self, docs: Sequence[Sequence[str]]) -> list[list[list[int]]]:
+        """For each document, its chunks as lists of token ids (in document order)."""
+        if not docs:
+            return []
+        joined = [self._join(units) for units in docs]
+        sentences = self.chunking == "sentences"
+        enc = self.tokenizer(
+            [text for text, _ in joined],
+            add_special_tokens=False,
+            return_offsets_mapping=sentences,
+            return_attention_mask=False,
+            verbose=False,
+        )
+        out = []
+        for i, (_, char_starts) in enumerate(joined):
+            ids = list(enc["input_ids"][i])
+            if sentences:
+                ends = [e for _, e in enc["offset_mapping"][i]]
+                # a sentence starting at character c begins with the first token that ends after c
+                starts = [bisect.bisect_right(ends, c) for c in char_starts]
+                spans = sentence_chunks(len(ids), starts, self.chunk_tokens)
+            else:
+                spans = token_chunks(len(ids), self.chunk_tokens, self.balanced)
+            out.append([ids[a:b] for a, b in spans])
+        return out
+
+
+# --------------------------------------------------------------------------- dataset
+
+
+def _meta(help: str) -> dict:
+    return {"help": help}
+
+
+@dataclass
+class PretrainDataConfig:
+    """How unlabelled files become adaptation examples (everything but the paths and tokenizer)."""
+
+    fmt: str = field(default="auto", metadata=_meta(f"input format, one of {FORMATS}"))
+    text_field: str = field(default="text", metadata=_meta("text field of generic JSONL records"))
+    title_field: str | None = field(default="title", metadata=_meta("title field of generic JSONL (None: ignore)"))
+    txt_mode: str = field(default="blocks", metadata=_meta("plain text: a document per 'blocks' or per 'file'"))
+    chunk_tokens: int = field(default=120, metadata=_meta("maximum tokens per chunk"))
+    chunking: str = field(default="sentences", metadata=_meta("'sentences' (greedy packing) or 'tokens'"))
+    balanced: bool = field(default=True, metadata=_meta("token chunking: near-equal chunks, no tiny tail"))
+    min_chunk_tokens: int = field(default=8, metadata=_meta("drop pairs with a shorter chunk on either side"))
+    single_chunk: str = field(default="skip", metadata=_meta("one-chunk documents: 'skip' or 'ebae' (EBAE-only)"))
+    joiner: str = field(default=" ", metadata=_meta("string between the units of a document"))
+    shuffle_buffer: int = field(default=4096, metadata=_meta("examples in the shuffle buffer (<= 1: no shuffle)"))
+    seed: int = field(default=0, metadata=_meta("shuffle seed (combined with the epoch and the shard)"))
+    max_examples: int | None = field(default=None, metadata=_meta("cap on examples per epoch, over all shards"))
+    tokenize_batch: int = field(default=64, metadata=_meta("documents tokenized per tokenizer call"))
+
+    def __post_init__(self) -> None:
+        choices = {"fmt": FORMATS, "txt_mode": TXT_MODES, "chunking": CHUNKINGS, "single_chunk": SINGLE_CHUNK}
+        for name, allowed in choices.items():
+            if getattr(self, name) not in allowed:
+                raise ValueError(f"{name} must be one of {allowed}, got {getattr(self, name)!r}")
+        if self.chunk_tokens < 1:
+            raise ValueError(f"chunk_tokens must be >= 1, got {self.chunk_tokens}")
+        if self.min_chunk_tokens < 0 or self.tokenize_batch < 1:
+            raise ValueError("min_chunk_tokens must be >= 0 and tokenize_batch >= 1")
+        if self.max_examples is not None and self.max_examples < 0:
+            raise ValueError(f"max_examples must be >= 0, got {self.max_examples}")
+
+
+def shuffle_buffer(items: Iterable[Any], size: int, rng: random.Random) -> Iterator[Any]:
+    """Approximate shuffle of a stream with a buffer of ``size`` items (deterministic given rng)."""
+    if size <= 1:
+        yield from items
+        return
+    buf: list[Any] = []
+    for item in items:
+        if len(buf) < size:
+            buf.append(item)
+            continue
+        j = rng.randrange(size)
+        yield buf[j]
+        buf[j] = item
+    rng.shuffle(buf)
+    yield from buf
+
+
+def _share(total: int, part: int, parts: int) -> int:
+    """part's share when total items are split as evenly as possible over parts."""
+    return total // parts + (1 if part < total % parts else 0)
+
+
+class PretrainDataset(IterableDataset):
+    """Stream of :class:`PretrainExample` from unlabelled files, never holding the corpus in memory.
+
+    Sharding: the stream is split over ``world_size`` ranks x DataLoader workers by document index
+    (document i goes to shard i % shards, shard = rank * num_workers + worker); every shard reads the
+    files but tokenizes only its own documents. Each shard shuffles its examples with a buffer seeded
+    by (seed, epoch, shard), then applies its share of ``max_examples``, then the pending skip.
+    Ranks: by default every process reads the whole stream (rank 0 of 1), which is what
+    ``llara.training.stream.BatchStream`` expects (each process takes every world-th batch and
+    skip(n) counts examples of the whole stream). To split by rank instead, give rank and world_size,
+    or distributed=True to take them from torch.distributed when it is initialised.
+
+    Resuming: ``set_epoch(e)`` (clears any skip), then ``skip(n)`` with n = examples this rank has
+    consumed in epoch e; the next iteration yields exactly the rest of the uninterrupted stream. With
+    num_workers > 1 the DataLoader takes whole in-worker batches round-robin from the workers, so
+    the loader's batch size b is needed (``loader_batch_size=b`` here, or ``skip(n, batch_size=b)``;
+    n a multiple of b): the dataset skips each worker's
+    share, and lets worker p continue the stream of worker (p + n / b) % num_workers, since the loader
+    asks worker 0 first; this is exact while every worker still has batches left at the resume point
+    (i.e. unless resuming within the last num_workers batches of an epoch). The stream depends on world_size and
+    num_workers: resume with the same values. Workers receive a copy of the dataset when the loader's
+    iterator is created, so call set_epoch/skip before ``iter(loader)`` and do not use
+    persistent_workers. Skipped examples are still read and tokenized (cheap next to a training step).
+    """
+
+    def __init__(
+        self,
+        paths: str | os.PathLike | Sequence[str | os.PathLike],
+        tokenizer,
+        config: PretrainDataConfig | None = None,
+        *,
+        rank: int | None = None,
+        world_size: int | None = None,
+        distributed: bool = False,
+        loader_batch_size: int | None = None,
+        **options: Any,
+    ):
+        super().__init__()
+        self.paths = [paths] if isinstance(paths, (str, os.PathLike)) else list(paths)
+        if not self.paths:
+            raise ValueError("no input files")
+        self.config = dataclasses.replace(config or PretrainDataConfig(), **options)
+        if (rank is None) != (world_size is None):
+            raise ValueError("give both rank and world_size, or neither")
+        if world_size is not None and not 0 <= rank < world_size:
+            raise ValueError(f"rank {rank} outside world_size {world_size}")
+        self.rank, self.world_size, self.distributed = rank, world_size, distributed
+        if loader_batch_size is not None and loader_batch_size < 1:
+            raise ValueError(f"loader_batch_size must be >= 1, got {loader_batch_size}")
+        self.loader_batch_size = loader_batch_size
+        self.tokenizer = tokenizer
+        c = self.config
+        self.chunker = Chunker(tokenizer, c.chunk_tokens, c.chunking, balanced=c.balanced, joiner=c.joiner)
+        self.epoch = 0
+        self._skip = 0
+        self._skip_batch: int | None = None
+
+    # -- state
+    def set_epoch(self, epoch: int) -> None:
+        """Select the epoch's shuffle order; clears a pending skip."""
+        self.epoch = int(epoch)
+        self._skip, self._skip_batch = 0, None
+
+    def skip(self, n: int, batch_size: int | None = None) -> None:
+        """Make the next iterations start after the first n examples of this rank's stream."""
+        if n < 0:
+            raise ValueError(f"cannot skip {n} examples")
+        if batch_size is not None and (batch_size < 1 or n % batch_size):
+            raise ValueError(f"skip({n}) with batch size {batch_size}: n must be a multiple of the batch size")
+        self._skip, self._skip_batch = int(n), batch_size
+
+    # -- iteration
+    def _rank_world(self) -> tuple[int, int]:
+        if self.world_size is not None:
+            return self.rank, self.world_size
+        if self.distributed and torch.distributed.is_available() and torch.distributed.is_initialized():
+            return torch.distributed.get_rank(), torch.distributed.get_world_size()
+        return 0, 1
+
+    def _skip_batch_size(self) -> int:
+        size = self._skip_batch or self.loader_batch_size
+        if size is None:
+            raise ValueError("skip(n) with several DataLoader workers needs the loader's batch size: "
+                             "PretrainDataset(..., loader_batch_size=b) or skip(n, batch_size=b)")
+        if self._skip % size:
+            raise ValueError(f"skip({self._skip}) with batch size {size}: n must be a multiple of the batch size")
+        return size
+
+    def _worker_skip(self, worker: int, workers: int) -> int:
+        if workers == 1 or self._skip == 0:
+            return self._skip
+        size = self._skip_batch_size()
+        return len(range(worker, self._skip // size, workers)) * size
+
+    def documents(self) -> Iterator[list[str]]:
+        c = self.config
+        return iter_documents(self.paths, fmt=c.fmt, text_field=c.text_field, title_field=c.title_field,
+                              txt_mode=c.txt_mode)
+
+    def shard_examples(self, shard: int = 0, shards: int = 1) -> Iterator[PretrainExample]:
+        """Unshuffled examples of the documents d with d % shards == shard, in file order."""
+        c = self.config
+
+        def flush(batch: list[tuple[int, list[str]]]) -> Iterator[PretrainExample]:
+            for (doc, _), chunks in zip(batch, self.chunker([units for _, units in batch])):
+                yield from chunk_pairs(chunks, min_chunk_tokens=c.min_chunk_tokens,
+                                       single_chunk=c.single_chunk, doc=doc)
+
+        batch: list[tuple[int, list[str]]] = []
+        docs = 0
+        for doc, units in enumerate(self.documents()):
+            if doc % shards != shard:
+                continue
+            docs += 1
+            batch.append((doc, units))
+            if len(batch) >= c.tokenize_batch:
+                yield from flush(batch)
+                batch = []
+        yield from flush(batch)
+        logger.debug("shard %d/%d: %d documents read", shard, shards, docs)
+
+    def __iter__(self) -> Iterator[PretrainExample]:
+        rank, world = self._rank_world()
+        info = get_worker_info()
+        worker, workers = (info.id, info.num_workers) if info is not None else (0, 1)
+        if workers > 1 and self._skip:
+            # The loader asks worker 0 first, but after k batches the uninterrupted run would ask
+            # worker k % workers next: worker p plays the part of worker (p + k) % workers.
+            worker = (worker + self._skip // self._skip_batch_size()) % workers
+        skip = self._worker_skip(worker, workers)
+        shard, shards = rank * workers + worker, world * workers
+        c = self.config
+        rng = random.Random(f"llara-pretrain|{c.seed}|{self.epoch}|{shard}|{shards}")
+        stream: Iterator[PretrainExample] = shuffle_buffer(self.shard_examples(shard, shards), c.shuffle_buffer, rng)
+        if c.max_examples is not None:
+            stream = itertools.islice(stream, _share(c.max_examples, shard, shards))
+        if skip:
+            stream = itertools.islice(stream, skip, None)
+        yield from stream
+
+
+# --------------------------------------------------------------------------- collator
+
+
+def load_stopwords(spec: str | Iterable[str] | None = DEFAULT_STOPWORDS) -> tuple[str, ...]:
+    """Stopwords for the bag-of-words targets.
+
+    'bm25s' (default): bm25s's English list (33 function words, Lucene's); 'stop-words': the
+    stop-words package's English list (1,333 entries, including content words such as 'large',
+    'information', 'computer': too aggressive for targets); 'none' or None: no stopwords; a path to
+    a file with one word per line; or an iterable of words."""
+    if spec is None or spec == "none":
+        return ()
+    if isinstance(spec, str):
+        if spec == "bm25s":
+            from bm25s.stopwords import STOPWORDS_EN
+
+            return tuple(STOPWORDS_EN)
+        if spec == "stop-words":
+            from stop_words import get_stop_words
+
+            return tuple(get_stop_words("en"))
+        path = Path(spec)
+        if path.is_file():
+            return tuple(w.strip() for w in path.read_text(encoding="utf-8").splitlines() if w.strip())
+        raise ValueError(f"unknown stopword list {spec!r}: use 'bm25s', 'stop-words', 'none' or a file path")
+    return tuple(spec)
+
+
+def _suffix_and_slots(side: EncodedSide, name: str) -> tuple[list[int], list[int]]:
+    """The ids after the text and the positions inside them whose states form the embedding."""
+    suffix = list(side.suffix_ids) + list(side.eos_ids)
+    if side.side.pooling == "slots":
+        return suffix, list(side.slot_offsets)
+    if side.side.pooling == "last":
+        if not suffix:
+            raise TemplateError(f"the joint pass needs a non-empty {name} suffix (or an appended EOS)")
+        return suffix, [len(suffix) - 1]
+    raise TemplateError(f"pretraining reads the {name} embedding at slots or the last token, not {side.side.pooling!r}")
+
+
+_JOINT_FIELDS = tuple(f.name for f in dataclasses.fields(JointBatch))
+
+
+def joint_batch(batch: dict[str, Tensor]) -> JointBatch:
+    """The JointBatch inside a collated dict, for ``llara.modeling.arch.joint_forward_kwargs``."""
+    return JointBatch(**{k: batch[k] for k in _JOINT_FIELDS})
+
+
+class PretrainCollator:
+    """Examples -> one joint SELF + NEXT batch with EBAE / EBAR targets.
+
+    Sequence i = prefix + text_i + SELF suffix + NEXT suffix (``build_joint_batch``, right padding to
+    a multiple of pad_to_multiple_of). Only the text is truncated, to
+    ``text_budget = max_length - len(prefix) - len(SELF suffix) - len(NEXT suffix)``; max_length None
+    means no truncation. The EBAE target is the truncated text itself, the EBAR target the next chunk
+    truncated to the same budget; both go through ``keep`` (default: ``target_filter`` with the
+    ``stopwords`` list, bm25s's by default; punctuation and special tokens, slots included, are
+    dropped) and keep each id once (``unique_targets``).
+
+    Returned dict: the JointBatch fields input_ids (B, L), attention_mask (B, 1, L, L) additive in
+    ``dtype``, position_ids (B, L), self_slots (B, K), next_slots (B, K), text_mask (B, L), lengths (B,),
+    valid (B, L), blocked (B, L, L); self_targets / self_target_mask and next_targets /
+    next_target_mask (B, T) from ``bow_targets``; num_examples, num_tokens (real tokens) and
+    num_text_tokens (0-d long tensors).
+
+    text_mask marks the text tokens only (not the prompt prefix): the causal LM loss predicts the
+    first text token from the prefix and never predicts the prefix itself.
+
+    The mask's dtype: the additive mask must be in the model's compute dtype. Feed the batch to the
+    model through ``joint_forward_kwargs(model, joint_batch(batch))``: it reuses ``attention_mask``
+    when ``dtype`` matches the model's (or autocast's) dtype and otherwise rebuilds it from ``valid``
+    and ``blocked`` in the right dtype (adding sliding windows where the architecture has them), so
+    any ``dtype`` is correct; pass the compute dtype (e.g. torch.bfloat16 on GPU) to skip the rebuild.
+    """
+
+    def __init__(
+        self,
+        tokenizer,
+        template: str | Template | dict | None = "llara",
+        max_length: int | None = None,
+        keep: Tensor | None = None,
+        pad_to_multiple_of: int | None = 8,
+        *,
+        vocab_size: int | None = None,
+        stopwords: str | Iterable[str] | None = DEFAULT_STOPWORDS,
+        dtype: torch.dtype = torch.float32,
+        unique_targets: bool = True,
+    ):
+        self.template = get_template(template)
+        self_side = encode_side(tokenizer, self.template.passage)
+        next_side = encode_side(tokenizer, self.template.query)
+        if self_side.prefix_ids != next_side.prefix_ids:
+            raise TemplateError(
+                f"template {self.template.name!r}: the joint pass needs one prefix for both sides, got "
+                f"{self.template.passage.prefix!r} and {self.template.query.prefix!r}"
+            )
+        self.prefix_ids = list(self_side.prefix_ids)
+        self.self_suffix, self.self_slot_index = _suffix_and_slots(self_side, "SELF (passage)")
+        self.next_suffix, self.next_slot_index = _suffix_and_slots(next_side, "NEXT (query)")
+        overhead = len(self.prefix_ids) + len(self.self_suffix) + len(self.next_suffix)
+        self.prompt_tokens = overhead  # max_length = chunk_tokens + prompt_tokens never cuts a chunk
+        self.max_length = max_length
+        self.text_budget: int | None = None
+        if max_length is not None:
+            self.text_budget = max_length - overhead
+            if self.text_budget < 1:
+                raise TemplateError(
+                    f"max_length {max_length} leaves no room for text: the joint prompt takes {overhead} tokens"
+                )
+        pad_id = tokenizer.pad_token_id
+        if pad_id is None:
+            pad_id = tokenizer.eos_token_id
+        if pad_id is None:
+            raise ValueError("the tokenizer has neither a pad nor an EOS token")
+        self.pad_id = int(pad_id)
+        self.pad_to_multiple_of = pad_to_multiple_of
+        self.dtype = dtype
+        self.unique_targets = unique_targets
+        if keep is None:
+            keep = target_filter(tokenizer, vocab_size, stopwords=load_stopwords(stopwords))
+        self.keep = keep.to(torch.bool).cpu()
+        self.vocab_size = vocab_size or len(self.keep)
+        if len(self.keep) < len(tokenizer):
+            raise ValueError(f"keep has {len(self.keep)} entries for a tokenizer of {len(tokenizer)} ids")
+
+    def truncate(self, ids: Sequence[int]) -> list[int]:
+        return list(ids if self.text_budget is None else ids[: self.text_budget])
+
+    def __call__(self, examples: Sequence[PretrainExample | tuple[Sequence[int], Sequence[int]]]) -> dict[str, Tensor]:
+        if not examples:
+            raise ValueError("empty batch")
+        pairs = [(e.text_ids, e.next_ids) if isinstance(e, PretrainExample) else e for e in examples]
+        texts = [self.truncate(t) for t, _ in pairs]
+        nexts = [self.truncate(n) for _, n in pairs]
+        jb = build_joint_batch(
+            [self.prefix_ids + t for t in texts],
+            self.self_suffix,
+            self.next_suffix,
+            self.pad_id,
+            self.pad_to_multiple_of,
+            self.dtype,
+            self_slot_index=self.self_slot_index,
+            next_slot_index=self.next_slot_index,
+        )
+        out = {k: getattr(jb, k) for k in _JOINT_FIELDS}
+        out["text_mask"] = jb.text_mask.clone()
+        out["text_mask"][:, : len(self.prefix_ids)] = False
+        targets = {}
+        for name, rows in (("self", texts), ("next", nexts)):
+            ids, mask = bow_targets(rows, self.vocab_size, self.keep, unique=self.unique_targets)
+            targets[f"{name}_targets"], targets[f"{name}_target_mask"] = ids, mask
+        out.update(targets)
+        out["num_examples"] = torch.tensor(len(pairs), dtype=torch.long)
+        out["num_tokens"] = jb.lengths.sum()
+        out["num_text_tokens"] = torch.tensor(sum(len(t) for t in texts), dtype=torch.long)
+        return out
