@@ -211,13 +211,14 @@ class _RandState:
 
 
 def grad_cache_step(model, batch: dict, temperature: float, chunk_size: int, *,
-                    cross_device: bool = True, no_sync: Callable | None = None) -> Tensor:
+                    cross_device: bool = True, no_sync: Callable | None = None, scale: float = 1.0) -> Tensor:
     """One contrastive step with gradient caching; runs backward itself and returns the loss
     (detached). Memory is that of one chunk's graph, whatever the batch size.
 
     1. embeddings of every chunk without graphs; 2. loss and its gradient w.r.t. the embeddings;
     3. per chunk, recompute the embeddings with a graph (same dropout) and backpropagate the cached
-    gradient. ``no_sync`` (e.g. DDP's) is entered for all but the last chunk."""
+    gradient. ``no_sync`` (e.g. DDP's) is entered for all but the last chunk. ``scale`` multiplies
+    the gradients (1 / gradient-accumulation steps)."""
     dev = next(model.parameters()).device
     states, embs = {}, {}
     with torch.no_grad():
@@ -228,7 +229,7 @@ def grad_cache_step(model, batch: dict, temperature: float, chunk_size: int, *,
                 parts.append(embed(model, c))
             embs[side] = torch.cat(parts).requires_grad_(True)
     loss = contrastive_loss(embs["query"], embs["passage"], temperature, cross_device)
-    loss.backward()
+    (loss * scale).backward()
     work = [(side, c, s, embs[side].grad[i * chunk_size : i * chunk_size + c["input_ids"].size(0)])
             for side in ("query", "passage")
             for i, (c, s) in enumerate(zip(_chunks(batch[side], chunk_size), states[side]))]

@@ -1,0 +1,77 @@
+"""The final model directory: loadable by ``transformers.AutoModel.from_pretrained`` and by
+``llara.modeling.loading.load_model`` (it carries the tokenizer and ``llara.json``)."""
+from __future__ import annotations
+
+import logging
+import os
+import shutil
+import tempfile
+from pathlib import Path
+from typing import Any
+
+from ..modeling.loading import write_llara_config
+from .lora import is_peft_model, merged_state_dict
+
+logger = logging.getLogger(__name__)
+
+__all__ = ["export_model"]
+
+
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
+def export_model(
+    model,
+    tokenizer,
+    out_dir: str | Path,
+    *,
+    template=None,
+    merge_lora: bool = True,
+    extra: dict[str, Any] | None = None,
+    state_dict: dict | None = None,
+) -> Path:
+    """Write a model directory atomically (temp dir + rename; an existing one is replaced).
+
+    model: a Hugging Face model or a peft model. With ``merge_lora`` the adapter (and trainable
+    token rows) are folded into full weights, without modifying ``model``; otherwise the adapter is
+    written as peft saves it (loading it needs the base model named in ``adapter_config.json``).
+    template: a ``llara.prompts.Template`` (or name) recorded in ``llara.json`` with ``extra``.
+    state_dict: full weights gathered by the caller (DeepSpeed ZeRO-3 / FSDP), for plain models.
+    """
+    from ..prompts import get_template
+
+    out = Path(out_dir)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
+    try:
+        os.chmod(tmp, 0o777 & ~_umask())  # mkdtemp makes it private; an export is meant to be shared
+        if is_peft_model(model) and merge_lora:
+            base = model.get_base_model()
+            base.save_pretrained(tmp, state_dict=merged_state_dict(model), safe_serialization=True)
+            kind = "merged LoRA"
+        elif is_peft_model(model):
+            model.save_pretrained(tmp, safe_serialization=True)
+            kind = "LoRA adapter"
+        else:
+            model.save_pretrained(tmp, safe_serialization=True, **({"state_dict": state_dict} if state_dict else {}))
+            kind = "full weights"
+        if tokenizer is not None:
+            tokenizer.save_pretrained(tmp)
+        info = {"export": kind, **(extra or {})}
+        write_llara_config(tmp, get_template(template), info)
+        if out.exists():
+            old = out.with_name(f".{out.name}.old")
+            shutil.rmtree(old, ignore_errors=True)
+            out.rename(old)
+            tmp.rename(out)
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            tmp.rename(out)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    logger.info("exported %s to %s", kind, out)
+    return out

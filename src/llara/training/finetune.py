@@ -1,0 +1,107 @@
+"""``llara finetune``: contrastive fine-tuning (InfoNCE with hard and in-batch negatives).
+
+Queries go through the template's query side (NEXT prompt for ``llara``), passages through its
+passage side (SELF prompt). With ``grad_cache_chunk > 0`` the step is GradCache-style: embeddings
+first without graphs, then a chunked backward, so large batches fit in small memory.
+"""
+from __future__ import annotations
+
+import logging
+from dataclasses import asdict, dataclass, field
+
+from torch.utils.data import DataLoader
+
+from ..modeling.loading import ensure_slot_tokens, load_model
+from ..prompts import get_template
+from .config import TrainConfig
+from .contrastive import ContrastiveCollator, UniquePositiveBatches, contrastive_loss, embed, grad_cache_step, load_groups
+from .loop import TrainResult, train
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class FinetuneConfig:
+    template: str = field(default="llara", metadata={"help": "template (queries: query side, passages: passage side)"})
+    group_size: int = field(default=16, metadata={"help": "passages per query: 1 positive + group_size-1 hard negatives"})
+    temperature: float = field(default=0.01, metadata={"help": "InfoNCE temperature on cosine similarities"})
+    max_query_length: int = field(default=64, metadata={"help": "tokens per query, prompt included"})
+    max_passage_length: int = field(default=160, metadata={"help": "tokens per passage, prompt included"})
+    cross_device: bool = field(default=True, metadata={"help": "use other processes' passages as negatives"})
+    grad_cache_chunk: int = field(default=0, metadata={"help": "GradCache chunk size in sequences (0: plain step)"})
+    data_seed: int = field(default=0, metadata={"help": "seed of batch composition and negative sampling"})
+
+    def __post_init__(self):
+        if self.group_size < 1 or self.temperature <= 0 or self.grad_cache_chunk < 0:
+            raise ValueError("group_size must be >= 1, temperature > 0 and grad_cache_chunk >= 0")
+
+
+class _Batches:
+    """Collated batches from the unique-positive sampler; ``set_epoch`` reshuffles and resamples."""
+
+    def __init__(self, groups, sampler, collator):
+        self.groups, self.sampler, self.collator = groups, sampler, collator
+        self._skip = 0
+
+    def set_epoch(self, epoch):
+        self.sampler.set_epoch(epoch)
+        self.collator.set_epoch(epoch)
+
+    def skip(self, n: int) -> None:
+        """Start the next iteration after ``n`` examples (whole batches) without collating them."""
+        self._skip = n
+
+    def __len__(self):
+        return len(self.sampler)
+
+    def __iter__(self):
+        skip, self._skip = self._skip, 0
+        done = 0
+        for idx in self.sampler:
+            if done < skip:
+                done += len(idx)
+                continue
+            batch = self.collator([self.groups[i] for i in idx])
+            batch["num_examples"] = len(idx)
+            yield batch
+
+
+def make_loss_fn(cfg: FinetuneConfig, grad_accum: int = 1):
+    if cfg.grad_cache_chunk:
+        def compute_loss(model, batch, no_sync=None):
+            loss = grad_cache_step(model, batch, cfg.temperature, cfg.grad_cache_chunk,
+                                   cross_device=cfg.cross_device, no_sync=no_sync, scale=1.0 / grad_accum)
+            return {"loss": loss, "num_tokens": int(batch["query"]["attention_mask"].sum()
+                                                    + batch["passage"]["attention_mask"].sum())}
+
+        compute_loss.manual_backward = True  # the loop must not call backward on the returned loss
+        return compute_loss
+
+    def compute_loss(model, batch):
+        q, p = embed(model, batch["query"]), embed(model, batch["passage"])
+        return {"loss": contrastive_loss(q, p, cfg.temperature, cfg.cross_device),
+                "num_tokens": int(batch["query"]["attention_mask"].sum() + batch["passage"]["attention_mask"].sum())}
+
+    return compute_loss
+
+
+def finetune(model_spec: str, data_path: str, train_cfg: TrainConfig, cfg: FinetuneConfig | None = None,
+             *, model=None, tokenizer=None) -> TrainResult:
+    cfg = cfg or FinetuneConfig()
+    if model is None:
+        model, tokenizer, resolved = load_model(model_spec, causal_lm=True, device="cpu", dtype="float32")
+        if resolved.template and cfg.template == "llara":
+            log.info("checkpoint template: %s", resolved.template.get("name"))
+    template = get_template(cfg.template)
+    ensure_slot_tokens(tokenizer, model, template.slot_tokens)
+    groups = load_groups(data_path)
+    collator = ContrastiveCollator(tokenizer, template, group_size=cfg.group_size,
+                                   max_query_length=cfg.max_query_length,
+                                   max_passage_length=cfg.max_passage_length, seed=cfg.data_seed)
+    sampler = UniquePositiveBatches(groups, train_cfg.batch_size, seed=cfg.data_seed)
+    data = _Batches(groups, sampler, collator)
+    slot_ids = tokenizer.convert_tokens_to_ids(list(template.slot_tokens)) if template.slot_tokens else []
+    extra = {"finetune": asdict(cfg), "finetune_data": str(data_path), "base_model": model_spec,
+             "max_query_length": cfg.max_query_length, "max_passage_length": cfg.max_passage_length}
+    return train(model, tokenizer, data, make_loss_fn(cfg, train_cfg.grad_accum), train_cfg, template=template,
+                 trainable_token_ids=slot_ids, export_extra=extra)
