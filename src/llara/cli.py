@@ -271,6 +271,50 @@ def cmd_mine(args) -> int:
     return 0
 
 
+def _train_config(args):
+    from .training.config import TrainConfig, config_from_args
+
+    args.output_dir = args.output
+    if args.max_steps is None and args.epochs is None:
+        args.epochs = 1
+    return config_from_args(args, TrainConfig)
+
+
+def cmd_pretrain(args) -> int:
+    """LLaRA adaptation (EBAE + EBAR) on unlabelled text."""
+    from .data.pretrain import PretrainDataConfig
+    from .training.config import config_from_args
+    from .training.pretrain import PretrainLossConfig, pretrain
+
+    train_cfg = _train_config(args)
+    data_cfg = config_from_args(argparse.Namespace(**{**vars(args), "seed": args.seed}), PretrainDataConfig)
+    loss_cfg = config_from_args(args, PretrainLossConfig)
+    result = pretrain(args.model, args.data, train_cfg, data_cfg, loss_cfg)
+    _console().print(f"adapted model: {result.export_dir or args.output}; loss curve: {args.output}/loss.png")
+    return 0
+
+
+def cmd_finetune(args) -> int:
+    """Contrastive fine-tuning on {query, pos, neg} lines (e.g. from `llara mine`)."""
+    from .training.config import config_from_args
+    from .training.finetune import FinetuneConfig, finetune
+
+    train_cfg = _train_config(args)
+    result = finetune(args.model, args.data, train_cfg, config_from_args(args, FinetuneConfig))
+    _console().print(f"fine-tuned model: {result.export_dir or args.output}; loss curve: {args.output}/loss.png")
+    return 0
+
+
+def _add_training_args(p: argparse.ArgumentParser, *extra_configs) -> None:
+    from .training.config import TrainConfig, add_config_arguments
+
+    p.add_argument("--model", default="default", help="model to train (same forms as for evaluate)")
+    p.add_argument("--output", required=True, help="run directory: checkpoints, train_log.jsonl, loss.png, final/")
+    add_config_arguments(p, TrainConfig, skip=("output_dir",))
+    for cls in extra_configs:
+        add_config_arguments(p, cls, skip=("seed",))
+
+
 def build_parser() -> argparse.ArgumentParser:
     from . import __version__
 
@@ -304,6 +348,21 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--output", required=True, help="train.jsonl to write")
     _add_encoder_args(p)
     p.set_defaults(func=cmd_mine)
+
+    from .data.pretrain import PretrainDataConfig
+    from .training.finetune import FinetuneConfig
+    from .training.pretrain import PretrainLossConfig
+
+    p = sub.add_parser("pretrain", help="LLaRA unsupervised adaptation (EBAE + EBAR) on unlabelled text")
+    p.add_argument("--data", action="append", required=True,
+                   help="text file, JSONL (text field), BEIR corpus.jsonl or {doc, idx, text} passages; repeatable")
+    _add_training_args(p, PretrainDataConfig, PretrainLossConfig)
+    p.set_defaults(func=cmd_pretrain)
+
+    p = sub.add_parser("finetune", help="contrastive fine-tuning with hard negatives")
+    p.add_argument("--data", required=True, help="train.jsonl with {query, pos: [...], neg: [...]} lines")
+    _add_training_args(p, FinetuneConfig)
+    p.set_defaults(func=cmd_finetune)
 
     p = sub.add_parser("demo", help="the main job: BM25 vs. LLM embeddings on the shipped demo collection")
     p.add_argument("--dataset", default=str(DEMO_DIR / "med"))

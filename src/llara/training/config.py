@@ -184,7 +184,10 @@ def add_config_arguments(parser: argparse.ArgumentParser, cls=TrainConfig, skip:
         flag = "--" + f.name.replace("_", "-")
         default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
         help_text = f.metadata.get("help", "") + " (default: %(default)s)"
-        if tp is bool:
+        hinted = [a for a in typing.get_args(hints[f.name]) if a is not type(None)]
+        if bool in hinted and str in hinted:  # e.g. resume: bare flag = True, or a value (a path)
+            group.add_argument(flag, dest=f.name, nargs="?", const=True, default=default, help=help_text)
+        elif tp is bool:
             group.add_argument(flag, dest=f.name, action=argparse.BooleanOptionalAction, default=default, help=help_text)
         else:
             group.add_argument(flag, dest=f.name, type=tp, nargs="+" if is_list else None, default=default,

@@ -1,0 +1,67 @@
+"""`llara pretrain` and `llara finetune` end to end on a tiny model, then `llara evaluate` on the result."""
+import json
+
+import pytest
+from tiny import WORDS, make_model, make_tokenizer
+
+from llara.cli import main
+from llara.modeling.encoder import Encoder
+
+
+@pytest.fixture
+def tiny_dir(tmp_path):
+    return str(Encoder(make_model("llama"), make_tokenizer(), "llara", show_progress=False).save(tmp_path / "base"))
+
+
+def _text_file(path, docs=6):
+    import random
+
+    rng = random.Random(0)
+    words = [w for w in WORDS if w.isalpha()]
+    blocks = []
+    for _ in range(docs):
+        sents = [" ".join(rng.choice(words) for _ in range(rng.randint(5, 9))) + " ." for _ in range(6)]
+        blocks.append(" ".join(sents))
+    path.write_text("\n\n".join(blocks) + "\n")
+    return str(path)
+
+
+def test_pretrain_resume_and_evaluate(tiny_dir, tmp_path, adi_dir):
+    data = _text_file(tmp_path / "docs.txt")
+    out = tmp_path / "run"
+    common = ["pretrain", "--model", tiny_dir, "--data", data, "--output", str(out), "--batch-size", "2",
+              "--chunk-tokens", "12", "--min-chunk-tokens", "2", "--no-progress", "--save-every", "2", "--lr", "1e-3"]
+    assert main(common + ["--max-steps", "3"]) == 0
+    log = [json.loads(x) for x in (out / "train_log.jsonl").read_text().splitlines()]
+    assert [e["step"] for e in log] == [1, 2, 3]
+    assert {"loss", "ebae", "ebar", "lm", "tokens_per_s"} <= set(log[0])
+    assert (out / "loss.png").stat().st_size > 1000
+    cfg = json.loads((out / "final" / "llara.json").read_text())
+    assert cfg["template"]["name"] == "llara" and cfg["pretrain_loss"]["bow_scale"] == 0.1
+
+    assert main(common + ["--max-steps", "5", "--resume"]) == 0
+    log = [json.loads(x) for x in (out / "train_log.jsonl").read_text().splitlines()]
+    assert [e["step"] for e in log] == [1, 2, 3, 4, 5]
+
+    res = tmp_path / "eval"
+    assert main(["evaluate", "--model", str(out / "final"), "--dataset", str(adi_dir), "--output", str(res),
+                 "--no-cache"]) == 0
+    m = json.loads((res / "summary.json").read_text())[0]
+    assert m["template"] == "llara" and 0 <= m["metrics"]["ndcg@10"] <= 1
+
+
+def test_mine_then_finetune_with_grad_cache(tiny_dir, tmp_path, adi_dir):
+    train = tmp_path / "train.jsonl"
+    assert main(["mine", "--method", "bm25", "--corpus", str(adi_dir / "corpus.jsonl"), "--queries",
+                 str(adi_dir / "queries.jsonl"), "--qrels", str(adi_dir / "qrels" / "test.tsv"),
+                 "--window", "2", "20", "--negatives", "3", "--output", str(train)]) == 0
+    out = tmp_path / "ft"
+    assert main(["finetune", "--model", tiny_dir, "--data", str(train), "--output", str(out), "--batch-size", "4",
+                 "--group-size", "3", "--grad-cache-chunk", "5", "--max-passage-length", "48", "--max-steps", "2",
+                 "--lora", "--lora-r", "4", "--no-progress", "--lr", "1e-3"]) == 0
+    log = [json.loads(x) for x in (out / "train_log.jsonl").read_text().splitlines()]
+    assert len(log) == 2 and all(e["loss"] > 0 for e in log)
+    cfg = json.loads((out / "final" / "llara.json").read_text())
+    assert cfg["finetune"]["group_size"] == 3 and cfg["template"]["name"] == "llara"
+    enc = Encoder.from_pretrained(str(out / "final"), show_progress=False, device="cpu")
+    assert enc.encode(["fish"], "query").shape == (1, 32)
