@@ -1,7 +1,6 @@
 """Contrastive fine-tuning: loss vs. brute force, GradCache == plain gradients, no duplicate
 positives in a batch, 2 processes (gloo) with cross-device negatives == 1 process, doubled batch."""
 import math
-import os
 
 import pytest
 import torch

@@ -22,6 +22,7 @@ nDCG, so such rows are judged non-relevant rather than dropped.  A query whose j
 """
 from __future__ import annotations
 
+import gzip
 import json
 import logging
 import os
@@ -117,26 +118,35 @@ def _check_file(path: Path) -> None:
         raise DataError(path, None, "not a regular file")
 
 
-def _iter_lines(path: Path) -> Iterator[tuple[int, str]]:
-    """Yield ``(line_no, line)`` for non-blank lines, 1-based, without the line terminator."""
+def iter_lines(path: str | os.PathLike, *, skip_blank: bool = True) -> Iterator[tuple[int, str]]:
+    """Yield ``(line_no, line)`` (1-based, without the terminator) of a text file, ``.gz`` included;
+    invalid UTF-8 and unreadable files raise :class:`DataError` naming the file and line."""
+    path = Path(path)
     _check_file(path)
-    with open(path, "rb") as fh:
-        for line_no, raw in enumerate(fh, start=1):
-            try:
-                line = raw.decode("utf-8")
-            except UnicodeDecodeError as exc:
-                raise DataError(path, line_no, f"invalid UTF-8 ({exc.reason} at byte {exc.start})") from None
-            if line_no == 1 and line.startswith("\ufeff"):
-                line = line[1:]  # byte-order mark
-            line = line.rstrip("\r\n")
-            if not line.strip():
-                continue
-            yield line_no, line
+    opener = gzip.open if path.name.lower().endswith(".gz") else open
+    line_no = 0
+    try:
+        with opener(path, "rb") as fh:
+            for line_no, raw in enumerate(fh, start=1):
+                try:
+                    line = raw.decode("utf-8")
+                except UnicodeDecodeError as exc:
+                    raise DataError(path, line_no, f"invalid UTF-8 ({exc.reason} at byte {exc.start})") from None
+                if line_no == 1 and line.startswith("\ufeff"):
+                    line = line[1:]  # byte-order mark
+                line = line.rstrip("\r\n")
+                if skip_blank and not line.strip():
+                    continue
+                yield line_no, line
+    except (OSError, EOFError) as exc:  # a corrupt or truncated .gz
+        raise DataError(path, line_no + 1 if line_no else None, f"cannot read: {exc}") from None
 
 
-def _iter_json_objects(path: Path) -> Iterator[tuple[int, dict]]:
+def iter_jsonl(path: str | os.PathLike, *, allow_empty: bool = False) -> Iterator[tuple[int, dict]]:
+    """Yield ``(line_no, object)`` for every non-blank line of a JSONL file (file:line errors)."""
+    path = Path(path)
     empty = True
-    for line_no, line in _iter_lines(path):
+    for line_no, line in iter_lines(path):
         empty = False
         try:
             obj = json.loads(line)
@@ -145,7 +155,7 @@ def _iter_json_objects(path: Path) -> Iterator[tuple[int, dict]]:
         if not isinstance(obj, dict):
             raise DataError(path, line_no, f"expected a JSON object, got {type(obj).__name__}")
         yield line_no, obj
-    if empty:
+    if empty and not allow_empty:
         raise DataError(path, None, "file is empty")
 
 
@@ -182,7 +192,7 @@ def load_corpus(path: str | os.PathLike) -> dict[str, dict[str, str]]:
     path = Path(path)
     corpus: dict[str, dict[str, str]] = {}
     seen: dict[str, int] = {}
-    for line_no, obj in _iter_json_objects(path):
+    for line_no, obj in iter_jsonl(path):
         doc_id = _get_id(path, line_no, obj, seen)
         text = _get_str(path, line_no, obj, "text", required=True)
         title = _get_str(path, line_no, obj, "title", required=False)
@@ -196,7 +206,7 @@ def load_queries(path: str | os.PathLike) -> dict[str, str]:
     path = Path(path)
     queries: dict[str, str] = {}
     seen: dict[str, int] = {}
-    for line_no, obj in _iter_json_objects(path):
+    for line_no, obj in iter_jsonl(path):
         qid = _get_id(path, line_no, obj, seen)
         queries[qid] = _get_str(path, line_no, obj, "text", required=True)
     logger.debug("loaded %d queries from %s", len(queries), path)
@@ -229,7 +239,7 @@ def _read_qrels(path: Path) -> tuple[dict[str, dict[str, int]], dict[tuple[str, 
     qrels: dict[str, dict[str, int]] = {}
     lines: dict[tuple[str, str], int] = {}
     first = True
-    for line_no, line in _iter_lines(path):
+    for line_no, line in iter_lines(path):
         cols = line.split("\t")
         if first:
             first = False

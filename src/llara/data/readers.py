@@ -19,15 +19,13 @@ raises :class:`llara.data.beir.DataError` naming ``file:line``.
 """
 from __future__ import annotations
 
-import gzip
 import itertools
-import json
 import logging
 import os
 from pathlib import Path
 from typing import Any, Iterable, Iterator
 
-from .beir import DataError
+from .beir import DataError, iter_jsonl, iter_lines
 
 logger = logging.getLogger(__name__)
 
@@ -61,38 +59,12 @@ def _base_suffix(path: Path) -> str:
 
 def _lines(path: Path) -> Iterator[tuple[int, str]]:
     """(1-based line number, line without its terminator) for every line, blank ones included."""
-    if not path.exists():
-        raise DataError(path, None, "file not found")
-    if not path.is_file():
-        raise DataError(path, None, "not a regular file")
-    opener = gzip.open if path.name.lower().endswith(".gz") else open
-    line_no = 0
-    try:
-        with opener(path, "rb") as fh:
-            for line_no, raw in enumerate(fh, start=1):
-                try:
-                    line = raw.decode("utf-8")
-                except UnicodeDecodeError as exc:
-                    raise DataError(path, line_no, f"invalid UTF-8 ({exc.reason} at byte {exc.start})") from None
-                if line_no == 1 and line.startswith("\ufeff"):
-                    line = line[1:]  # byte-order mark
-                yield line_no, line.rstrip("\r\n")
-    except (OSError, EOFError) as exc:  # a corrupt or truncated .gz
-        raise DataError(path, line_no + 1 if line_no else None, f"cannot read: {exc}") from None
+    return iter_lines(path, skip_blank=False)
 
 
 def _records(path: Path) -> Iterator[tuple[int, dict]]:
     """(line number, object) for every non-blank line of a JSONL file."""
-    for line_no, line in _lines(path):
-        if not line.strip():
-            continue
-        try:
-            obj = json.loads(line)
-        except json.JSONDecodeError as exc:
-            raise DataError(path, line_no, f"malformed JSON: {exc.msg} (column {exc.colno})") from None
-        if not isinstance(obj, dict):
-            raise DataError(path, line_no, f"expected a JSON object, got {type(obj).__name__}")
-        yield line_no, obj
+    return iter_jsonl(path, allow_empty=True)
 
 
 def _str_field(path: Path, line_no: int, obj: dict, key: str, *, required: bool) -> str:

@@ -17,7 +17,7 @@ from typing import Iterator, Mapping
 
 import numpy as np
 
-from ..data.beir import DataError, passage_text
+from ..data.beir import DataError, iter_jsonl, passage_text
 from ..evaluation.metrics import rank_docs
 
 log = logging.getLogger(__name__)
@@ -86,26 +86,19 @@ def positives_from_train_jsonl(path: str | os.PathLike, corpus: Mapping[str, dic
         by_text.setdefault(passage_text(doc).strip(), did)
     queries, positives, unmatched = {}, {}, 0
     path = Path(path)
-    with path.open(encoding="utf-8") as f:
-        for n, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            try:
-                obj = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise DataError(path, n, f"invalid JSON: {e.msg}") from None
-            if not isinstance(obj, dict) or not isinstance(obj.get("query"), str) or not isinstance(obj.get("pos"), list):
-                raise DataError(path, n, "expected {\"query\": str, \"pos\": [str, ...]}")
-            qid = str(obj.get("query_id", f"q{n}"))
-            queries[qid] = obj["query"]
-            ids = set()
-            for p in obj["pos"]:
-                did = by_text.get(str(p).strip())
-                if did is None:
-                    unmatched += 1
-                else:
-                    ids.add(did)
-            positives[qid] = ids
+    for n, obj in iter_jsonl(path):
+        if not isinstance(obj.get("query"), str) or not isinstance(obj.get("pos"), list):
+            raise DataError(path, n, "expected {\"query\": str, \"pos\": [str, ...]}")
+        qid = str(obj.get("query_id", f"q{n}"))
+        queries[qid] = obj["query"]
+        ids = set()
+        for p in obj["pos"]:
+            did = by_text.get(str(p).strip())
+            if did is None:
+                unmatched += 1
+            else:
+                ids.add(did)
+        positives[qid] = ids
     if not queries:
         raise DataError(path, None, "no training examples")
     return queries, positives, unmatched

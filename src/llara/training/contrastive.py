@@ -6,7 +6,6 @@ negatives every query is scored against every passage of the (global) batch.
 """
 from __future__ import annotations
 
-import json
 import logging
 import random
 from contextlib import nullcontext
@@ -19,7 +18,7 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from torch import Tensor
 
-from ..data.beir import DataError
+from ..data.beir import DataError, iter_jsonl
 from ..losses import info_nce
 from ..modeling.encoder import base_model
 from ..prompts import encode_side, get_template
@@ -38,22 +37,15 @@ def load_groups(path: str | Path) -> list[Group]:
     """``{"query", "pos": [...], "neg": [...]}`` lines (``llara mine`` output); file:line errors."""
     path = Path(path)
     groups = []
-    with path.open(encoding="utf-8") as f:
-        for n, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            try:
-                obj = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise DataError(path, n, f"invalid JSON: {e.msg}") from None
-            if not isinstance(obj, dict) or not isinstance(obj.get("query"), str):
-                raise DataError(path, n, "missing string field 'query'")
-            pos, neg = obj.get("pos"), obj.get("neg", [])
-            if not isinstance(pos, list) or not pos or not all(isinstance(p, str) for p in pos):
-                raise DataError(path, n, "'pos' must be a non-empty list of strings")
-            if not isinstance(neg, list) or not all(isinstance(p, str) for p in neg):
-                raise DataError(path, n, "'neg' must be a list of strings")
-            groups.append(Group(obj["query"], pos, neg))
+    for n, obj in iter_jsonl(path):
+        if not isinstance(obj.get("query"), str):
+            raise DataError(path, n, "missing string field 'query'")
+        pos, neg = obj.get("pos"), obj.get("neg", [])
+        if not isinstance(pos, list) or not pos or not all(isinstance(p, str) for p in pos):
+            raise DataError(path, n, "'pos' must be a non-empty list of strings")
+        if not isinstance(neg, list) or not all(isinstance(p, str) for p in neg):
+            raise DataError(path, n, "'neg' must be a list of strings")
+        groups.append(Group(obj["query"], pos, neg))
     if not groups:
         raise DataError(path, None, "no training groups")
     return groups

@@ -9,7 +9,6 @@ from __future__ import annotations
 import logging
 from dataclasses import asdict, dataclass, field
 
-from torch.utils.data import DataLoader
 
 from ..modeling.loading import ensure_slot_tokens, load_model
 from ..prompts import get_template
