@@ -300,7 +300,7 @@ def train(
     scheduler = build_scheduler(optimizer, config, num_steps)
     manual = bool(getattr(compute_loss, "manual_backward", False))
     if manual and acc.distributed_type in (DistributedType.DEEPSPEED, DistributedType.FSDP):
-        raise NotImplementedError("loss functions with manual_backward need DDP or a single process, "
+        raise RuntimeError("loss functions with manual_backward need DDP or a single process, "
                                   f"not {acc.distributed_type}")
     if acc.distributed_type == DistributedType.DEEPSPEED:
         ds = acc.state.deepspeed_plugin

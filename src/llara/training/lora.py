@@ -151,7 +151,7 @@ def merged_state_dict(peft_model, adapter: str = ADAPTER_NAME) -> dict[str, torc
             continue
         if isinstance(module, LoraLayer):
             if getattr(module, "use_dora", {}).get(adapter, False):
-                raise NotImplementedError("merging DoRA adapters is not supported")
+                raise ValueError("merging DoRA adapters is not supported")
             layer = module.get_base_layer()
             sd = {k: v.detach() for k, v in layer.state_dict().items()}
             if adapter in module.lora_A and not module.merged:
