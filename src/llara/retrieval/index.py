@@ -1,0 +1,627 @@
+"""A persistent dense index: a folder you can read by hand, built shard by shard, resumable.
+
+Layout of an index directory::
+
+    manifest.json              model spec, template, lengths, dimension, shards with sha256, factory
+    shards/emb-00000.npy       float32 (rows, dim) embeddings, L2-normalised by the encoder
+    shards/ids-00000.txt       one doc id per line: line i <-> row i of emb-00000.npy
+    shards/titles-00000.jsonl  one JSON string per line: the title of doc i ("" when none)
+    index.faiss                the FAISS index over all shards, rows in shard order
+
+No pickles: ``.npy`` holds plain arrays (loaded with ``allow_pickle=False``), the rest is text.
+
+The corpus is streamed: only one shard of passages is in memory at a time. Every file is written
+to a temporary name and moved into place with ``os.replace``, and the manifest is rewritten after
+each finished shard, so an interrupted run resumes (``resume=True``) after its last finished shard.
+
+``shard=(i, n)`` encodes only the shards whose number ``s`` has ``s % n == i`` (round robin over
+the same global shards a single run writes), into a partial directory; :func:`merge_indexes` joins
+the ``n`` parts into an index byte-for-byte equal, shard by shard, to a single run's.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import shutil
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Iterator, Sequence
+
+import faiss
+import numpy as np
+
+from .. import __version__
+from ..data.beir import DataError, iter_jsonl, passage_text
+
+log = logging.getLogger(__name__)
+
+__all__ = ["build_index", "merge_indexes", "open_index", "DenseIndex", "iter_corpus", "parse_shard_spec"]
+
+MANIFEST = "manifest.json"
+FAISS_FILE = "index.faiss"
+SHARD_DIR = "shards"
+FORMAT = "llara-index"
+FORMAT_VERSION = 1
+DEFAULT_SHARD_SIZE = 10_000
+DEFAULT_TRAIN_SIZE = 200_000
+# Settings that must agree between an interrupted run and its resumption, or between merged parts.
+_SETTINGS = ("model", "shard_size", "factory", "corpus_documents")
+
+
+# ----------------------------------------------------------------------------------------------
+# small file helpers
+# ----------------------------------------------------------------------------------------------
+def sha256_file(path: Path, chunk: int = 1 << 22) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as fh:
+        while block := fh.read(chunk):
+            h.update(block)
+    return h.hexdigest()
+
+
+def _replace_from_tmp(path: Path, write) -> None:
+    """Call ``write(fh)`` on ``path.tmp``, fsync, then move it over ``path``."""
+    tmp = path.with_name(path.name + ".tmp")
+    with open(tmp, "wb") as fh:
+        write(fh)
+        fh.flush()
+        os.fsync(fh.fileno())
+    os.replace(tmp, path)
+
+
+def _write_json(path: Path, data: dict) -> None:
+    _replace_from_tmp(path, lambda fh: fh.write((json.dumps(data, indent=2) + "\n").encode()))
+
+
+def _read_manifest(index_dir: Path) -> dict:
+    path = index_dir / MANIFEST
+    if not path.is_file():
+        raise DataError(path, None, "not a llara index (no manifest.json)")
+    try:
+        manifest = json.loads(path.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise DataError(path, None, f"invalid JSON: {e}") from None
+    if not isinstance(manifest, dict) or manifest.get("format") != FORMAT:
+        raise DataError(path, None, f"not a llara index manifest (format is not {FORMAT!r})")
+    if manifest.get("format_version", 0) > FORMAT_VERSION:
+        raise DataError(path, None, f"index format {manifest['format_version']} is newer than this llara "
+                                    f"reads ({FORMAT_VERSION}); upgrade llara")
+    return manifest
+
+
+def shard_files(number: int) -> dict[str, str]:
+    """Paths, relative to the index directory, of shard ``number``'s three files."""
+    return {
+        "embeddings": f"{SHARD_DIR}/emb-{number:05d}.npy",
+        "ids": f"{SHARD_DIR}/ids-{number:05d}.txt",
+        "titles": f"{SHARD_DIR}/titles-{number:05d}.jsonl",
+    }
+
+
+def parse_shard_spec(spec: "str | Sequence[int] | None") -> tuple[int, int] | None:
+    """``"i/n"`` or ``(i, n)`` -> ``(i, n)`` with ``0 <= i < n``; ``None`` stays ``None``."""
+    if spec is None:
+        return None
+    if isinstance(spec, str):
+        try:
+            i, n = (int(x) for x in spec.split("/"))
+        except ValueError:
+            raise ValueError(f"shard must look like i/n (e.g. 0/4), got {spec!r}") from None
+    else:
+        i, n = (int(x) for x in spec)
+    if n < 1 or not 0 <= i < n:
+        raise ValueError(f"shard {i}/{n}: need n >= 1 and 0 <= i < n")
+    return i, n
+
+
+# ----------------------------------------------------------------------------------------------
+# streaming the corpus
+# ----------------------------------------------------------------------------------------------
+def _id_key(doc_id: str) -> int:
+    return int.from_bytes(hashlib.blake2b(doc_id.encode("utf-8", "surrogatepass"), digest_size=8).digest(), "little")
+
+
+def _first_line_of(path: Path, doc_id: str) -> int | None:
+    """Line where ``doc_id`` first occurs (only called to word an error; rescans the file)."""
+    for line_no, obj in iter_jsonl(path):
+        if obj.get("_id") == doc_id:
+            return line_no
+    return None
+
+
+def _field(path: Path, line_no: int, obj: dict, key: str, *, required: bool) -> str:
+    value = obj.get(key)
+    if value is None:
+        if required:
+            raise DataError(path, line_no, f"missing field '{key}'")
+        return ""
+    if not isinstance(value, str):
+        raise DataError(path, line_no, f"field '{key}' must be a string, got {type(value).__name__} ({value!r})")
+    return value
+
+
+def iter_corpus(path: "str | os.PathLike") -> Iterator[tuple[str, str, str]]:
+    """Stream ``corpus.jsonl`` as ``(doc_id, title, text)``, one line at a time.
+
+    Same rules as :func:`llara.data.beir.load_corpus` (``DataError`` naming file and line), plus:
+    an id may not contain a line break (id files hold one id per line). Duplicate ids are found
+    with a set of 64-bit hashes of the ids seen, not the ids themselves.
+    """
+    path = Path(path)
+    seen: set[int] = set()
+    for line_no, obj in iter_jsonl(path):
+        doc_id = _field(path, line_no, obj, "_id", required=True)
+        if not doc_id.strip():
+            raise DataError(path, line_no, "field '_id' is empty")
+        if "\n" in doc_id or "\r" in doc_id:
+            raise DataError(path, line_no, f"field '_id' {doc_id!r} contains a line break")
+        key = _id_key(doc_id)
+        if key in seen:
+            first = _first_line_of(path, doc_id)
+            if first is not None and first != line_no:
+                raise DataError(path, line_no, f"duplicate _id '{doc_id}' (first seen on line {first})")
+        seen.add(key)
+        text = _field(path, line_no, obj, "text", required=True)
+        title = _field(path, line_no, obj, "title", required=False)
+        yield doc_id, title, text
+
+
+def _iter_shards(path: Path, shard_size: int) -> Iterator[tuple[int, list[tuple[str, str, str]]]]:
+    """Group the streamed corpus into numbered shards of ``shard_size`` documents (the last may be short)."""
+    batch: list[tuple[str, str, str]] = []
+    number = 0
+    for doc in iter_corpus(path):
+        batch.append(doc)
+        if len(batch) == shard_size:
+            yield number, batch
+            number += 1
+            batch = []
+    if batch:
+        yield number, batch
+
+
+# ----------------------------------------------------------------------------------------------
+# shards on disk
+# ----------------------------------------------------------------------------------------------
+def _write_shard(index_dir: Path, number: int, emb: np.ndarray, ids: list[str], titles: list[str]) -> dict:
+    files = shard_files(number)
+    (index_dir / SHARD_DIR).mkdir(parents=True, exist_ok=True)
+    emb = np.ascontiguousarray(emb, dtype=np.float32)
+    _replace_from_tmp(index_dir / files["embeddings"], lambda fh: np.save(fh, emb, allow_pickle=False))
+    _replace_from_tmp(index_dir / files["ids"], lambda fh: fh.write("".join(i + "\n" for i in ids).encode()))
+    _replace_from_tmp(
+        index_dir / files["titles"],
+        lambda fh: fh.write("".join(json.dumps(t, ensure_ascii=False) + "\n" for t in titles).encode()),
+    )
+    return {
+        "number": number,
+        "rows": len(ids),
+        "files": {
+            role: {"path": rel, "sha256": sha256_file(index_dir / rel), "bytes": (index_dir / rel).stat().st_size}
+            for role, rel in files.items()
+        },
+    }
+
+
+def _verify_shard(index_dir: Path, shard: dict, dimension: int | None, *, checksum: bool = True) -> None:
+    """Raise ``DataError`` naming the file when a shard file is missing, truncated or corrupt."""
+    for role, info in shard["files"].items():
+        path = index_dir / info["path"]
+        if not path.is_file():
+            raise DataError(path, None, f"shard {shard['number']} {role} file is missing")
+        size = path.stat().st_size
+        if size != info["bytes"]:
+            raise DataError(path, None, f"shard {shard['number']} {role} file has {size} bytes, the manifest "
+                                        f"says {info['bytes']} (truncated or overwritten); rebuild this shard "
+                                        "(build_index with resume=True re-encodes it)")
+        if checksum and sha256_file(path) != info["sha256"]:
+            raise DataError(path, None, f"shard {shard['number']} {role} file: sha256 mismatch (corrupt); "
+                                        "rebuild this shard (build_index with resume=True re-encodes it)")
+    if dimension is not None:
+        emb = np.load(index_dir / shard["files"]["embeddings"]["path"], mmap_mode="r", allow_pickle=False)
+        if emb.shape != (shard["rows"], dimension) or emb.dtype != np.float32:
+            raise DataError(index_dir / shard["files"]["embeddings"]["path"], None,
+                            f"expected float32 ({shard['rows']}, {dimension}), found {emb.dtype} {emb.shape}")
+
+
+def _read_lines(path: Path) -> list[str]:
+    data = path.read_bytes().decode("utf-8")
+    if data and not data.endswith("\n"):
+        raise DataError(path, None, "last line is not terminated (truncated file)")
+    return data.split("\n")[:-1]
+
+
+def _read_ids(path: Path) -> list[str]:
+    return _read_lines(path)
+
+
+def _read_titles(path: Path) -> list[str]:
+    titles = []
+    for n, line in enumerate(_read_lines(path), start=1):
+        try:
+            t = json.loads(line)
+        except json.JSONDecodeError as e:
+            raise DataError(path, n, f"malformed JSON: {e.msg}") from None
+        if not isinstance(t, str):
+            raise DataError(path, n, f"expected a JSON string, got {type(t).__name__}")
+        titles.append(t)
+    return titles
+
+
+def _load_embeddings(index_dir: Path, shard: dict, mmap: bool = True) -> np.ndarray:
+    return np.load(index_dir / shard["files"]["embeddings"]["path"], mmap_mode="r" if mmap else None,
+                   allow_pickle=False)
+
+
+# ----------------------------------------------------------------------------------------------
+# building
+# ----------------------------------------------------------------------------------------------
+def _model_settings(encoder, model_spec: str) -> dict:
+    p = Path(model_spec)
+    spec = str(p.resolve()) if p.exists() else model_spec  # a path must survive a change of cwd
+    return {
+        "spec": spec,
+        "model_id": encoder.model_id,
+        "template": encoder.template.to_dict(),
+        "max_query_length": encoder.max_length["query"],
+        "max_passage_length": encoder.max_length["passage"],
+    }
+
+
+def _differences(a, b, prefix: str) -> list[str]:
+    """Dotted paths where two JSON-like values differ, e.g. ``model.max_passage_length``."""
+    if isinstance(a, dict) and isinstance(b, dict):
+        return [d for key in sorted(set(a) | set(b)) for d in _differences(a.get(key), b.get(key), f"{prefix}.{key}")]
+    return [] if a == b else [f"{prefix} ({a!r} before, {b!r} now)"]
+
+
+def _check_resumable(manifest: dict, wanted: dict, manifest_path: Path) -> None:
+    diffs = [d for key, value in wanted.items() for d in _differences(manifest.get(key), value, key)]
+    if diffs:
+        raise DataError(manifest_path, None, f"cannot resume with other settings: {'; '.join(diffs)}; "
+                                             "use the same settings or a new output directory")
+
+
+def build_index(
+    encoder,
+    corpus_path: "str | os.PathLike",
+    out_dir: "str | os.PathLike",
+    *,
+    model_spec: str,
+    shard_size: int = DEFAULT_SHARD_SIZE,
+    factory: str = "Flat",
+    resume: bool = False,
+    shard: "tuple[int, int] | str | None" = None,
+    batch_size: int | None = None,
+    train_size: int = DEFAULT_TRAIN_SIZE,
+    seed: int = 0,
+) -> Path:
+    """Encode ``corpus.jsonl`` shard by shard into ``out_dir`` and build ``index.faiss``.
+
+    ``model_spec`` is what :meth:`Encoder.from_pretrained` needs to load the same model again (a
+    path is stored absolute); the searcher reloads it from the manifest. With ``shard=(i, n)`` only
+    part ``i`` of ``n`` is encoded and no FAISS index is built (see :func:`merge_indexes`).
+    Returns ``out_dir``.
+    """
+    corpus_path, out = Path(corpus_path), Path(out_dir)
+    part = parse_shard_spec(shard)
+    if shard_size < 1:
+        raise ValueError(f"shard_size must be >= 1, got {shard_size}")
+    config = getattr(getattr(encoder, "model", None), "config", None)
+    _check_factory(factory, getattr(config, "hidden_size", None))
+    manifest_path = out / MANIFEST
+    wanted = json.loads(json.dumps({  # as it reads back from the manifest (tuples become lists)
+        "model": _model_settings(encoder, model_spec),
+        "shard_size": int(shard_size),
+        "factory": factory,
+        "part": list(part) if part else None,
+    }))
+    done: dict[int, dict] = {}
+    if manifest_path.exists():
+        if not resume:
+            raise DataError(out, None, "already holds an index; resume it (--resume) or choose a new directory")
+        manifest = _read_manifest(out)
+        _check_resumable(manifest, wanted, manifest_path)
+        for s in manifest["shards"]:
+            try:
+                _verify_shard(out, s, manifest.get("dimension"))
+            except DataError as e:
+                log.warning("%s; encoding shard %d again", e, s["number"])
+                continue
+            done[s["number"]] = s
+        log.info("resuming %s: %d finished shards verified", out, len(done))
+    else:
+        if out.exists() and any(out.iterdir()):
+            raise DataError(out, None, "exists and is not empty; choose a new directory")
+        out.mkdir(parents=True, exist_ok=True)
+        manifest = {
+            "format": FORMAT,
+            "format_version": FORMAT_VERSION,
+            "llara_version": __version__,
+            **wanted,
+            "dimension": None,
+            "normalized": bool(encoder.template.normalize),
+            "metric": "inner_product",
+            "corpus": {"path": str(corpus_path.resolve()), "bytes": corpus_path.stat().st_size
+                       if corpus_path.is_file() else None},
+            "corpus_documents": None,
+            "count": 0,
+            "complete": False,
+            "shards": [],
+            "faiss": None,
+        }
+    manifest.update(complete=False, faiss=None)
+
+    t0 = time.perf_counter()
+    total_docs = 0
+    for number, docs in _iter_shards(corpus_path, shard_size):
+        total_docs += len(docs)
+        if part and number % part[1] != part[0]:
+            continue
+        ids = [d[0] for d in docs]
+        if number in done:
+            # The corpus must not have changed under a finished shard.
+            have = _read_ids(out / done[number]["files"]["ids"]["path"])
+            if have != ids:
+                raise DataError(corpus_path, None, f"cannot resume: the documents of shard {number} differ from "
+                                                   f"those already indexed in {out}; the corpus changed")
+            continue
+        texts = [passage_text({"title": t, "text": x}) for _, t, x in docs]
+        ts = time.perf_counter()
+        emb = encoder.encode(texts, "passage", batch_size=batch_size)
+        seconds = time.perf_counter() - ts
+        if manifest["dimension"] is None:
+            manifest["dimension"] = int(emb.shape[1])
+        elif emb.shape[1] != manifest["dimension"]:
+            raise ValueError(f"encoder gives dimension {emb.shape[1]}, the index has {manifest['dimension']}")
+        entry = _write_shard(out, number, emb, ids, [d[1] for d in docs])
+        entry["tokens"] = int(getattr(encoder.last_stats, "tokens", 0))
+        entry["seconds"] = round(seconds, 3)
+        done[number] = entry
+        manifest["shards"] = [done[k] for k in sorted(done)]
+        manifest["count"] = sum(s["rows"] for s in manifest["shards"])
+        _write_json(manifest_path, manifest)
+        log.info("shard %d: %d passages in %.1f s (%.0f passages/s)", number, len(docs), seconds,
+                 len(docs) / max(seconds, 1e-9))
+
+    manifest["corpus_documents"] = total_docs
+    expected = [n for n in range(-(-total_docs // shard_size)) if not part or n % part[1] == part[0]]
+    stale = sorted(set(done) - set(expected))
+    if stale:
+        raise DataError(corpus_path, None, f"cannot resume: {out} holds shards {stale} that the corpus "
+                                           "no longer has; the corpus changed")
+    manifest["shards"] = [done[k] for k in expected]
+    manifest["count"] = sum(s["rows"] for s in manifest["shards"])
+    if manifest["dimension"] is None and not part:
+        raise DataError(corpus_path, None, "no documents to index")
+    if part is None:
+        manifest["faiss"] = _build_faiss(out, manifest, train_size=train_size, seed=seed)
+    manifest["complete"] = True
+    _write_json(manifest_path, manifest)
+    log.info("indexed %d passages into %s in %.1f s", manifest["count"], out, time.perf_counter() - t0)
+    return out
+
+
+def _check_factory(factory: str, dim: int | None) -> None:
+    """Fail before encoding, not after, on a factory string FAISS rejects for this dimension."""
+    if not dim:
+        return
+    try:
+        faiss.index_factory(int(dim), factory, faiss.METRIC_INNER_PRODUCT)
+    except RuntimeError as e:
+        msg = str(e).strip().splitlines()[-1] if str(e).strip() else repr(e)
+        raise ValueError(f"invalid FAISS factory string {factory!r}: {msg}") from None
+
+
+def _sample_rows(manifest: dict, index_dir: Path, n: int, seed: int) -> np.ndarray:
+    """``n`` rows drawn without replacement (seeded) from all shards, read through memory maps."""
+    count = manifest["count"]
+    rows = np.sort(np.random.default_rng(seed).choice(count, size=min(n, count), replace=False))
+    out = np.empty((len(rows), manifest["dimension"]), dtype=np.float32)
+    offset = filled = 0
+    for s in manifest["shards"]:
+        sel = rows[(rows >= offset) & (rows < offset + s["rows"])] - offset
+        if len(sel):
+            out[filled : filled + len(sel)] = _load_embeddings(index_dir, s)[sel]
+            filled += len(sel)
+        offset += s["rows"]
+    return out
+
+
+def new_faiss_index(dim: int, factory: str) -> "faiss.Index":
+    """``faiss.index_factory`` with inner product, minus IVF-PQ's polysemous training: it serves
+    only Hamming-filtered search (``polysemous_ht``, off by default) and took 90% of the training
+    time of IVF1024,PQ64 on 576-d vectors here."""
+    index = faiss.index_factory(dim, factory, faiss.METRIC_INNER_PRODUCT)
+    inner = faiss.downcast_index(index.index) if isinstance(index, faiss.IndexPreTransform) else index
+    if isinstance(inner, faiss.IndexIVFPQ):
+        inner.do_polysemous_training = False
+    return index
+
+
+def _build_faiss(index_dir: Path, manifest: dict, *, train_size: int, seed: int) -> dict:
+    dim, factory = manifest["dimension"], manifest["factory"]
+    index = new_faiss_index(dim, factory)
+    trained_on = 0
+    if not index.is_trained:
+        t = time.perf_counter()
+        sample = _sample_rows(manifest, index_dir, train_size, seed)
+        log.info("training %s on %d of %d vectors", factory, len(sample), manifest["count"])
+        try:
+            index.train(sample)
+        except RuntimeError as e:
+            raise ValueError(f"cannot train {factory!r} on {len(sample)} vectors: "
+                             f"{str(e).strip().splitlines()[-1]}") from None
+        trained_on = len(sample)
+        log.info("trained in %.1f s", time.perf_counter() - t)
+    for s in manifest["shards"]:
+        index.add(np.ascontiguousarray(_load_embeddings(index_dir, s, mmap=False)))
+    path = index_dir / FAISS_FILE
+    tmp = path.with_name(path.name + ".tmp")
+    faiss.write_index(index, str(tmp))
+    os.replace(tmp, path)
+    return {"path": FAISS_FILE, "sha256": sha256_file(path), "bytes": path.stat().st_size,
+            "ntotal": int(index.ntotal), "trained_on": trained_on}
+
+
+# ----------------------------------------------------------------------------------------------
+# merging parts
+# ----------------------------------------------------------------------------------------------
+def merge_indexes(
+    part_dirs: Sequence["str | os.PathLike"],
+    out_dir: "str | os.PathLike",
+    *,
+    factory: str | None = None,
+    train_size: int = DEFAULT_TRAIN_SIZE,
+    seed: int = 0,
+) -> Path:
+    """Join the parts written by ``build_index(..., shard=(i, n))`` for every ``i`` into one index.
+
+    The parts must come from the same corpus and settings; every shard is checked (sha256) and
+    copied. ``factory`` overrides the parts' FAISS factory string.
+    """
+    out = Path(out_dir)
+    if not part_dirs:
+        raise ValueError("no part directories to merge")
+    manifests = [(Path(d), _read_manifest(Path(d))) for d in part_dirs]
+    first_dir, first = manifests[0]
+    shards: dict[int, tuple[Path, dict]] = {}
+    parts_seen: dict[int, Path] = {}
+    n_parts = None
+    for d, m in manifests:
+        if not m.get("complete"):
+            raise DataError(d / MANIFEST, None, "this part is unfinished; finish it with --resume before merging")
+        for key in _SETTINGS:
+            if m.get(key) != first.get(key):
+                raise DataError(d / MANIFEST, None, f"cannot merge: '{key}' is {m.get(key)!r} here but "
+                                                    f"{first.get(key)!r} in {first_dir}")
+        part = m.get("part") or [0, 1]
+        if n_parts is None:
+            n_parts = part[1]
+        if part[1] != n_parts:
+            raise DataError(d / MANIFEST, None, f"part {part[0]}/{part[1]} does not belong to a {n_parts}-way split")
+        if part[0] in parts_seen:
+            raise DataError(d / MANIFEST, None, f"part {part[0]}/{n_parts} given twice (also {parts_seen[part[0]]})")
+        parts_seen[part[0]] = d
+        for s in m["shards"]:
+            _verify_shard(d, s, m["dimension"])
+            if s["number"] in shards:
+                raise DataError(d / MANIFEST, None, f"shard {s['number']} is also in {shards[s['number']][0]}")
+            shards[s["number"]] = (d, s)
+    dims = {m["dimension"] for _, m in manifests if m["dimension"] is not None}
+    if len(dims) != 1:
+        raise DataError(first_dir, None, f"cannot merge: parts have dimensions {sorted(dims)}")
+    missing = sorted(set(range(n_parts)) - set(parts_seen))
+    if missing:
+        raise DataError(Path(part_dirs[0]), None, f"cannot merge: parts {missing} of {n_parts} are missing")
+    expected = range(-(-first["corpus_documents"] // first["shard_size"]))
+    if sorted(shards) != list(expected):
+        raise DataError(Path(part_dirs[0]), None, f"cannot merge: shards {sorted(set(expected) - set(shards))} "
+                                                  "are missing")
+    if (out / MANIFEST).exists() or (out.exists() and any(out.iterdir())):
+        raise DataError(out, None, "exists and is not empty; choose a new directory")
+    (out / SHARD_DIR).mkdir(parents=True, exist_ok=True)
+    entries = []
+    for number in expected:
+        d, s = shards[number]
+        for info in s["files"].values():
+            dst = out / info["path"]
+            tmp = dst.with_name(dst.name + ".tmp")
+            shutil.copyfile(d / info["path"], tmp)
+            os.replace(tmp, dst)
+        entries.append(s)
+    manifest = {k: v for k, v in first.items()}
+    manifest.update(part=None, dimension=dims.pop(), shards=entries, count=sum(s["rows"] for s in entries),
+                    complete=False, faiss=None, merged_from=[str(Path(d).resolve()) for d, _ in manifests],
+                    llara_version=__version__)
+    if factory is not None:
+        _check_factory(factory, manifest["dimension"])
+        manifest["factory"] = factory
+    _write_json(out / MANIFEST, manifest)
+    manifest["faiss"] = _build_faiss(out, manifest, train_size=train_size, seed=seed)
+    manifest["complete"] = True
+    _write_json(out / MANIFEST, manifest)
+    log.info("merged %d parts (%d passages) into %s", len(manifests), manifest["count"], out)
+    return out
+
+
+# ----------------------------------------------------------------------------------------------
+# opening
+# ----------------------------------------------------------------------------------------------
+@dataclass
+class DenseIndex:
+    """An opened index: the FAISS index plus row -> doc id and title."""
+
+    path: Path
+    manifest: dict
+    index: "faiss.Index"
+    ids: list[str]
+    titles: list[str] = field(repr=False)
+
+    @property
+    def dimension(self) -> int:
+        return int(self.manifest["dimension"])
+
+    def __len__(self) -> int:
+        return len(self.ids)
+
+    def set_params(self, params: str | None) -> None:
+        """FAISS run-time parameters, e.g. ``"nprobe=32"`` (IVF) or ``"efSearch=128"`` (HNSW)."""
+        if params:
+            faiss.ParameterSpace().set_index_parameters(self.index, params)
+
+    def search(self, queries: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+        """``(scores, rows)``, both ``(Q, k')`` with ``k' = min(k, len(self))``; rows may hold -1
+        where an approximate index finds fewer than ``k'`` neighbours."""
+        q = np.ascontiguousarray(queries, dtype=np.float32)
+        if q.ndim != 2 or q.shape[1] != self.dimension:
+            raise ValueError(f"queries must be (n, {self.dimension}), got {q.shape}")
+        if k < 1:
+            raise ValueError(f"k must be positive, got {k}")
+        return self.index.search(q, min(k, len(self)))
+
+    def embeddings(self) -> np.ndarray:
+        """All stored vectors, in row order (loads every shard)."""
+        return np.concatenate([_load_embeddings(self.path, s, mmap=False) for s in self.manifest["shards"]])
+
+
+def open_index(index_dir: "str | os.PathLike", *, verify: bool = True) -> DenseIndex:
+    """Open a finished index. ``verify`` checks every file's sha256 (sizes are always checked).
+
+    A missing, truncated or corrupt file raises ``DataError`` naming it.
+    """
+    d = Path(index_dir)
+    manifest = _read_manifest(d)
+    if manifest.get("part"):
+        i, n = manifest["part"]
+        raise DataError(d, None, f"this is part {i}/{n} of an index; merge the parts first (llara merge)")
+    if not manifest.get("complete") or not manifest.get("faiss"):
+        raise DataError(d, None, "the index is unfinished; finish it with --resume")
+    ids: list[str] = []
+    titles: list[str] = []
+    for s in manifest["shards"]:
+        _verify_shard(d, s, manifest["dimension"], checksum=verify)
+        shard_ids = _read_ids(d / s["files"]["ids"]["path"])
+        shard_titles = _read_titles(d / s["files"]["titles"]["path"])
+        if not len(shard_ids) == len(shard_titles) == s["rows"]:
+            raise DataError(d / s["files"]["ids"]["path"], None,
+                            f"{len(shard_ids)} ids and {len(shard_titles)} titles for {s['rows']} vectors")
+        ids += shard_ids
+        titles += shard_titles
+    info = manifest["faiss"]
+    path = d / info["path"]
+    if not path.is_file():
+        raise DataError(path, None, "FAISS index file is missing")
+    if path.stat().st_size != info["bytes"] or (verify and sha256_file(path) != info["sha256"]):
+        raise DataError(path, None, "FAISS index file does not match its checksum (truncated or corrupt)")
+    try:
+        index = faiss.read_index(str(path))
+    except RuntimeError as e:
+        raise DataError(path, None, f"cannot read FAISS index: {str(e).strip().splitlines()[-1]}") from None
+    if index.ntotal != len(ids) or index.d != manifest["dimension"]:
+        raise DataError(path, None, f"FAISS index holds {index.ntotal} x {index.d}, the manifest "
+                                    f"{len(ids)} x {manifest['dimension']}")
+    return DenseIndex(d, manifest, index, ids, titles)
