@@ -22,6 +22,11 @@ def pytest_collection_modifyitems(config, items):
             item.add_marker(skip)
 
 
+# Tiny models run many times faster on one thread than with OpenMP threads fighting over 2 shared
+# cores; the slow tests with the real model set their own.
+torch.set_num_threads(1)
+
+
 @pytest.fixture(autouse=True)
 def _seed():
     torch.manual_seed(0)

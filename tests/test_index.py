@@ -6,7 +6,6 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-import torch
 from tiny_index import save_model, write_corpus
 
 from llara.cli import main
@@ -16,15 +15,6 @@ from llara.retrieval.index import build_index, iter_corpus, merge_indexes, open_
 from llara.retrieval.searcher import Hit, Searcher
 
 QUERIES = ["the retrieval of a passage", "fish in the river water", "capital city of france", "brain cell study"]
-
-
-@pytest.fixture(scope="module", autouse=True)
-def _one_thread():
-    # Tiny models on a shared 2-core machine run ~20x faster on one thread (no OpenMP contention).
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
 
 
 @pytest.fixture(scope="module")

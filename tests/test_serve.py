@@ -11,7 +11,6 @@ import sys
 import time
 
 import pytest
-import torch
 from tiny_index import make_encoder, save_model, write_corpus
 
 httpx = pytest.importorskip("httpx", reason="the serve extra: pip install -e '.[serve]'")
@@ -23,14 +22,6 @@ from llara.retrieval.searcher import Searcher  # noqa: E402
 from llara.serve import create_app  # noqa: E402
 
 LOAD_REQUESTS = 500  # bounded for the test suite; the 2,000-request run is in benchmarks/index_bench.py
-
-
-@pytest.fixture(scope="module", autouse=True)
-def _one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
 
 
 @pytest.fixture(scope="module")

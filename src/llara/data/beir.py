@@ -159,7 +159,7 @@ def iter_jsonl(path: str | os.PathLike, *, allow_empty: bool = False) -> Iterato
         raise DataError(path, None, "file is empty")
 
 
-def _get_str(path: Path, line_no: int, obj: dict, key: str, *, required: bool) -> str:
+def get_str_field(path: Path, line_no: int, obj: dict, key: str, *, required: bool) -> str:
     if key not in obj or (not required and obj[key] is None):
         if required:
             raise DataError(path, line_no, f"missing field '{key}'")
@@ -171,7 +171,7 @@ def _get_str(path: Path, line_no: int, obj: dict, key: str, *, required: bool) -
 
 
 def _get_id(path: Path, line_no: int, obj: dict, seen: dict[str, int]) -> str:
-    doc_id = _get_str(path, line_no, obj, "_id", required=True)
+    doc_id = get_str_field(path, line_no, obj, "_id", required=True)
     if not doc_id.strip():
         raise DataError(path, line_no, "field '_id' is empty")
     if doc_id in seen:
@@ -194,8 +194,8 @@ def load_corpus(path: str | os.PathLike) -> dict[str, dict[str, str]]:
     seen: dict[str, int] = {}
     for line_no, obj in iter_jsonl(path):
         doc_id = _get_id(path, line_no, obj, seen)
-        text = _get_str(path, line_no, obj, "text", required=True)
-        title = _get_str(path, line_no, obj, "title", required=False)
+        text = get_str_field(path, line_no, obj, "text", required=True)
+        title = get_str_field(path, line_no, obj, "title", required=False)
         corpus[doc_id] = {"title": title, "text": text}
     logger.debug("loaded %d documents from %s", len(corpus), path)
     return corpus
@@ -208,7 +208,7 @@ def load_queries(path: str | os.PathLike) -> dict[str, str]:
     seen: dict[str, int] = {}
     for line_no, obj in iter_jsonl(path):
         qid = _get_id(path, line_no, obj, seen)
-        queries[qid] = _get_str(path, line_no, obj, "text", required=True)
+        queries[qid] = get_str_field(path, line_no, obj, "text", required=True)
     logger.debug("loaded %d queries from %s", len(queries), path)
     return queries
 

@@ -25,7 +25,7 @@ import os
 from pathlib import Path
 from typing import Any, Iterable, Iterator
 
-from .beir import DataError, iter_jsonl, iter_lines
+from .beir import DataError, get_str_field, iter_jsonl, iter_lines
 
 logger = logging.getLogger(__name__)
 
@@ -68,14 +68,9 @@ def _records(path: Path) -> Iterator[tuple[int, dict]]:
 
 
 def _str_field(path: Path, line_no: int, obj: dict, key: str, *, required: bool) -> str:
-    if key not in obj or obj[key] is None:
-        if required:
-            raise DataError(path, line_no, f"missing field '{key}'")
-        return ""
-    value = obj[key]
-    if not isinstance(value, str):
-        raise DataError(path, line_no, f"field '{key}' must be a string, got {type(value).__name__} ({value!r})")
-    return value
+    if obj.get(key) is None and required:
+        raise DataError(path, line_no, f"missing field '{key}'")
+    return get_str_field(path, line_no, obj, key, required=False)
 
 
 def _classify(obj: dict) -> str:

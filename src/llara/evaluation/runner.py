@@ -13,7 +13,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Sequence
 
-from ..data.beir import BeirDataset
+from ..data.beir import BeirDataset, passage_text
 from .metrics import evaluate_run, write_trec_run
 
 log = logging.getLogger(__name__)
@@ -86,8 +86,6 @@ def evaluate_dense(ds: BeirDataset, encoder, templates: Sequence, k: int = 100) 
     t0 = time.perf_counter()
     q_emb = encoder.encode_multi([ds.queries[q] for q in qids], "query", templates)
     q_stats = encoder.last_stats
-    from ..data.beir import passage_text
-
     d_emb = encoder.encode_multi([passage_text(ds.corpus[d]) for d in dids], "passage", templates)
     d_stats = encoder.last_stats
     enc_seconds = time.perf_counter() - t0
