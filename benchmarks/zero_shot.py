@@ -187,7 +187,8 @@ def throughput(args) -> None:
         "mean_length": float(lengths.mean()), "p50_length": float(np.median(lengths)),
         "max_passage_length": args.max_passage_length, "batch_size": args.batch_size,
         "raw_forward_tokens_per_s": max(raw), "encoder_tokens_per_s": max(full),
-        "ratio": max(full) / max(raw), "padding_fraction": 1 - n_tokens / sum(b[0].numel() for b in batches),
+        "ratio": max(full) / max(raw), "ratio_median": float(np.median(full) / np.median(raw)),
+        "padding_fraction": 1 - n_tokens / sum(b[0].numel() for b in batches),
         "runs_raw": raw, "runs_encoder": full, "machine": machine(),
     }
     (RESULTS / "throughput.json").write_text(json.dumps(res, indent=2) + "\n")
@@ -201,10 +202,15 @@ def throughput(args) -> None:
         "| | tokens/s |\n|---|---|\n"
         f"| raw forward pass (limit) | {res['raw_forward_tokens_per_s']:.0f} |\n"
         f"| `Encoder.encode` | {res['encoder_tokens_per_s']:.0f} |\n"
-        f"| ratio | **{100 * res['ratio']:.1f}%** (target ≥ 90%) |\n\n"
+        f"| ratio, best of each | **{100 * res['ratio']:.1f}%** (target ≥ 90%) |\n"
+        f"| ratio, median of each | {100 * res['ratio_median']:.1f}% |\n\n"
         f"Padding in the sorted batches: {100 * res['padding_fraction']:.1f}% of the tokens. "
-        f"Best of {args.repeats} interleaved runs each.\n\n"
-        "Command: `.venv/bin/python benchmarks/zero_shot.py --throughput-only`\n"
+        f"Best of {args.repeats} interleaved runs each (all runs, tokens/s: raw "
+        f"{', '.join(f'{x:.0f}' for x in raw)}; encoder {', '.join(f'{x:.0f}' for x in full)}). "
+        "The encoder runs the same model on the same batches, so a ratio above 100% only says that its "
+        "own overhead is below what this measurement resolves (runs vary by ±10% on this machine).\n\n"
+        "Command: `.venv/bin/python benchmarks/zero_shot.py --throughput-only "
+        f"--throughput-sample {args.throughput_sample} --repeats {args.repeats}`\n"
     )
     print(json.dumps({k: v for k, v in res.items() if not k.startswith("runs")}, indent=2))
 
