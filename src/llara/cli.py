@@ -113,10 +113,10 @@ def run_evaluation(datasets, methods, templates, args, out_dir: Path):
             for res, run in pairs:
                 save_result(res, run, out_dir)
                 results.append(res)
-                tr = res.settings.get("truncated_passages")
-                if tr:
-                    log.info("%s: %d of %d passages truncated to %d tokens (prompt included)",
-                             ds.name, tr, res.num_docs, res.settings["max_passage_length"])
+            tr = pairs[0][0].settings.get("truncated_passages")
+            if tr:
+                log.info("%s: %d of %d passages truncated to %d tokens (prompt included)",
+                         ds.name, tr, pairs[0][0].num_docs, pairs[0][0].settings["max_passage_length"])
     write_summary(results, out_dir)
     return results
 

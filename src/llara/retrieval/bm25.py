@@ -21,6 +21,8 @@ import Stemmer
 from llara.data.beir import passage_text
 
 logger = logging.getLogger(__name__)
+# bm25s sets its own logger to DEBUG on import; keep its per-call chatter out of our output.
+logging.getLogger("bm25s").setLevel(logging.WARNING)
 
 __all__ = ["bm25_search", "bm25_tokenize"]
 
