@@ -46,9 +46,9 @@ def plot_log(log_path: str | Path, png_path: str | Path, title: str | None = Non
     for k in keys:
         ys = [float(r[k]) if isinstance(r.get(k), (int, float)) else float("nan") for r in rows]
         if k == "loss":
-            ax.plot(steps, ys, color="tab:blue", alpha=0.3 if window > 1 else 1.0, lw=1, label=None if window > 1 else "loss")
+            ax.plot(steps, ys, color="black", alpha=0.3 if window > 1 else 1.0, lw=1, label=None if window > 1 else "loss")
             if window > 1:
-                ax.plot(steps, _smooth(ys, window), color="tab:blue", lw=2, label=f"loss (mean of {window})")
+                ax.plot(steps, _smooth(ys, window), color="black", lw=2, label=f"loss (mean of {window})")
         else:
             ax.plot(steps, _smooth(ys, window), lw=1, label=k)
     ax.set_ylabel("loss")
