@@ -21,7 +21,8 @@ log = logging.getLogger(__name__)
 
 @dataclass
 class FinetuneConfig:
-    template: str = field(default="llara", metadata={"help": "template (queries: query side, passages: passage side)"})
+    template: str = field(default="", metadata={"help": "template (queries: query side, passages: passage side); "
+                                                      "default: the checkpoint's, else llara"})
     group_size: int = field(default=16, metadata={"help": "passages per query: 1 positive + group_size-1 hard negatives"})
     temperature: float = field(default=0.01, metadata={"help": "InfoNCE temperature on cosine similarities"})
     max_query_length: int = field(default=64, metadata={"help": "tokens per query, prompt included"})
@@ -87,11 +88,12 @@ def make_loss_fn(cfg: FinetuneConfig, grad_accum: int = 1):
 def finetune(model_spec: str, data_path: str, train_cfg: TrainConfig, cfg: FinetuneConfig | None = None,
              *, model=None, tokenizer=None) -> TrainResult:
     cfg = cfg or FinetuneConfig()
+    checkpoint_template = None
     if model is None:
         model, tokenizer, resolved = load_model(model_spec, causal_lm=True, device="cpu", dtype="float32")
-        if resolved.template and cfg.template == "llara":
-            log.info("checkpoint template: %s", resolved.template.get("name"))
-    template = get_template(cfg.template)
+        checkpoint_template = resolved.template
+    template = get_template(cfg.template or checkpoint_template or "llara")
+    log.info("fine-tuning with template %r", template.name)
     ensure_slot_tokens(tokenizer, model, template.slot_tokens)
     groups = load_groups(data_path)
     collator = ContrastiveCollator(tokenizer, template, group_size=cfg.group_size,
