@@ -170,7 +170,8 @@ def get_str_field(path: Path, line_no: int, obj: dict, key: str, *, required: bo
     return value
 
 
-def _get_id(path: Path, line_no: int, obj: dict, seen: dict[str, int]) -> str:
+def get_doc_id(path: Path, line_no: int, obj: dict, seen: dict[str, int]) -> str:
+    """The non-empty, unique ``_id`` of a record (``seen`` maps ids to their first line)."""
     doc_id = get_str_field(path, line_no, obj, "_id", required=True)
     if not doc_id.strip():
         raise DataError(path, line_no, "field '_id' is empty")
@@ -193,7 +194,7 @@ def load_corpus(path: str | os.PathLike) -> dict[str, dict[str, str]]:
     corpus: dict[str, dict[str, str]] = {}
     seen: dict[str, int] = {}
     for line_no, obj in iter_jsonl(path):
-        doc_id = _get_id(path, line_no, obj, seen)
+        doc_id = get_doc_id(path, line_no, obj, seen)
         text = get_str_field(path, line_no, obj, "text", required=True)
         title = get_str_field(path, line_no, obj, "title", required=False)
         corpus[doc_id] = {"title": title, "text": text}
@@ -207,7 +208,7 @@ def load_queries(path: str | os.PathLike) -> dict[str, str]:
     queries: dict[str, str] = {}
     seen: dict[str, int] = {}
     for line_no, obj in iter_jsonl(path):
-        qid = _get_id(path, line_no, obj, seen)
+        qid = get_doc_id(path, line_no, obj, seen)
         queries[qid] = get_str_field(path, line_no, obj, "text", required=True)
     logger.debug("loaded %d queries from %s", len(queries), path)
     return queries

@@ -25,7 +25,7 @@ import os
 from pathlib import Path
 from typing import Any, Iterable, Iterator
 
-from .beir import DataError, get_str_field, iter_jsonl, iter_lines
+from .beir import DataError, get_doc_id, get_str_field, iter_jsonl, iter_lines
 
 logger = logging.getLogger(__name__)
 
@@ -160,12 +160,7 @@ def read_beir(path: str | os.PathLike) -> Iterator[list[str]]:
     path = _resolve_path(Path(path))
     seen: dict[str, int] = {}
     for line_no, obj in _records(path):
-        doc_id = _str_field(path, line_no, obj, "_id", required=True)
-        if not doc_id.strip():
-            raise DataError(path, line_no, "field '_id' is empty")
-        if doc_id in seen:
-            raise DataError(path, line_no, f"duplicate _id '{doc_id}' (first seen on line {seen[doc_id]})")
-        seen[doc_id] = line_no
+        get_doc_id(path, line_no, obj, seen)
         title = _str_field(path, line_no, obj, "title", required=False)
         text = _str_field(path, line_no, obj, "text", required=True)
         yield [title, text] if title.strip() else [text]
