@@ -88,6 +88,15 @@ def test_text_reader_blocks_and_file(tmp_path):
         list(iter_documents(bad))
 
 
+def test_interleave_takes_documents_from_each_file_in_turn(tmp_path):
+    a, b = tmp_path / "a.txt", tmp_path / "b.txt"
+    a.write_text("a1\n\na2\n\na3\n\na4", encoding="utf-8")
+    b.write_text("b1\n\nb2", encoding="utf-8")
+    flat = lambda docs: [d[0] for d in docs]  # noqa: E731
+    assert flat(iter_documents([a, b])) == ["a1", "a2", "a3", "a4", "b1", "b2"]
+    assert flat(iter_documents([a, b], interleave=True)) == ["a1", "b1", "a2", "b2", "a3", "a4"]
+
+
 def test_jsonl_reader_fields_title_and_errors(tmp_path):
     f = tmp_path / "a.jsonl.gz"
     rows = [

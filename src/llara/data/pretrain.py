@@ -102,6 +102,8 @@ class PretrainDataConfig:
     text_field: str = field(default="text", metadata=_meta("text field of generic JSONL records"))
     title_field: str | None = field(default="title", metadata=_meta("title field of generic JSONL (None: ignore)"))
     txt_mode: str = field(default="blocks", metadata=_meta("plain text: a document per 'blocks' or per 'file'"))
+    interleave: bool = field(default=False, metadata=_meta(
+        "several inputs: take one document from each in turn instead of one file after the other"))
     chunk_tokens: int = field(default=120, metadata=_meta("maximum tokens per chunk"))
     chunking: str = field(default="sentences", metadata=_meta("'sentences' (greedy packing) or 'tokens'"))
     balanced: bool = field(default=True, metadata=_meta("token chunking: near-equal chunks, no tiny tail"))
@@ -245,7 +247,7 @@ class PretrainDataset(IterableDataset):
     def documents(self) -> Iterator[list[str]]:
         c = self.config
         return iter_documents(self.paths, fmt=c.fmt, text_field=c.text_field, title_field=c.title_field,
-                              txt_mode=c.txt_mode)
+                              txt_mode=c.txt_mode, interleave=c.interleave)
 
     def shard_examples(self, shard: int = 0, shards: int = 1) -> Iterator[PretrainExample]:
         """Unshuffled examples of the documents d with d % shards == shard, in file order."""

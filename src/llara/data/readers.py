@@ -222,8 +222,13 @@ def iter_documents(
     text_field: str = "text",
     title_field: str | None = "title",
     txt_mode: str = "blocks",
+    interleave: bool = False,
 ) -> Iterator[list[str]]:
-    """Stream documents (lists of non-blank, stripped text units) from files, in file order.
+    """Stream documents (lists of non-blank, stripped text units) from files.
+
+    In file order by default; ``interleave=True`` takes one document from each file in turn (files
+    that run out drop out), so that a short run over several sources sees all of them. Every file
+    stays a stream either way.
 
     fmt: 'auto' (per file, see the module docstring), or one of 'text', 'jsonl', 'beir', 'passages'
     for every file. Documents without any non-blank unit are skipped."""
@@ -231,18 +236,32 @@ def iter_documents(
         raise ValueError(f"fmt must be one of {FORMATS}, got {fmt!r}")
     if isinstance(paths, (str, os.PathLike)):
         paths = [paths]
-    for raw in paths:
-        path = _resolve_path(Path(raw))
-        kind = detect_format(path) if fmt == "auto" else fmt
-        if kind == "text":
-            docs = read_text(path, txt_mode)
-        elif kind == "passages":
-            docs = read_passages(path)
-        elif kind == "beir":
-            docs = read_beir(path)
-        else:
-            docs = read_jsonl(path, text_field, title_field)
-        for units in docs:
-            units = [u.strip() for u in units if u.strip()]
-            if units:
+    streams = [_file_documents(raw, fmt, text_field, title_field, txt_mode) for raw in paths]
+    if not interleave:
+        yield from itertools.chain.from_iterable(streams)
+        return
+    while streams:
+        alive = []
+        for stream in streams:
+            units = next(stream, None)
+            if units is not None:
                 yield units
+                alive.append(stream)
+        streams = alive
+
+
+def _file_documents(raw, fmt: str, text_field: str, title_field: str | None, txt_mode: str) -> Iterator[list[str]]:
+    path = _resolve_path(Path(raw))
+    kind = detect_format(path) if fmt == "auto" else fmt
+    if kind == "text":
+        docs = read_text(path, txt_mode)
+    elif kind == "passages":
+        docs = read_passages(path)
+    elif kind == "beir":
+        docs = read_beir(path)
+    else:
+        docs = read_jsonl(path, text_field, title_field)
+    for units in docs:
+        units = [u.strip() for u in units if u.strip()]
+        if units:
+            yield units
