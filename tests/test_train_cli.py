@@ -65,3 +65,23 @@ def test_mine_then_finetune_with_grad_cache(tiny_dir, tmp_path, adi_dir):
     assert cfg["finetune"]["group_size"] == 3 and cfg["template"]["name"] == "llara"
     enc = Encoder.from_pretrained(str(out / "final"), show_progress=False, device="cpu")
     assert enc.encode(["fish"], "query").shape == (1, 32)
+
+
+def test_demo_evaluates_adapts_and_evaluates_again(tiny_dir, tmp_path, adi_dir, capsys):
+    out = tmp_path / "demo"
+    args = ["demo", "--model", tiny_dir, "--dataset", str(adi_dir), "--output", str(out), "--adapt-steps", "2",
+            "--adapt-batch-size", "2", "--adapt-chunk-tokens", "16", "--max-passage-length", "48"]
+    assert main(args) == 0
+    text = capsys.readouterr().out
+    assert "before adaptation" in text and "nDCG@10 of the LLaRA slots" in text
+    rows = json.loads((out / "summary.json").read_text())
+    assert {(r["model"], r["template"]) for r in rows} >= {("bm25", "bm25"), ("adapted", "llara")}
+    assert all(r["dataset"] == "adi" for r in rows)
+    assert "| ndcg@10 |" in (out / "summary.md").read_text()
+    assert (out / "adapt" / "loss.png").is_file() and (out / "adapt" / "final" / "llara.json").is_file()
+    steps = [json.loads(x)["step"] for x in (out / "adapt" / "train_log.jsonl").read_text().splitlines()]
+    assert steps == [1, 2]
+    # a second run resumes the finished adaptation instead of training again
+    assert main(args) == 0
+    steps = [json.loads(x)["step"] for x in (out / "adapt" / "train_log.jsonl").read_text().splitlines()]
+    assert steps == [1, 2]
