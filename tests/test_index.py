@@ -211,6 +211,15 @@ def test_cli_index_and_search(setup, tmp_path, capsys, adi_dir):
                  "--output", str(out)]) == 2  # exists, no --resume
     assert "already holds an index" in capsys.readouterr().err
     assert main(["search", "--index", str(tmp_path / "nowhere"), "q"]) == 2
+    # a same-size change to a shard: caught by its sha256, unless --no-verify skips the hashing
+    emb = sorted((out / "shards").glob("emb-*.npy"))[0]
+    raw = bytearray(emb.read_bytes())
+    raw[-1] ^= 0xFF
+    emb.write_bytes(bytes(raw))
+    capsys.readouterr()
+    assert main(["search", "--index", str(out), "library"]) == 2
+    assert "sha256 mismatch" in capsys.readouterr().err
+    assert main(["search", "--index", str(out), "library", "--no-verify", "--json"]) == 0
 
 
 def test_cli_parts_resume_and_merge(setup, tmp_path, capsys):

@@ -244,7 +244,8 @@ def cmd_search(args) -> int:
     from .retrieval.searcher import Searcher
 
     try:
-        searcher = Searcher.from_index(args.index, device=args.device, params=args.faiss_params)
+        searcher = Searcher.from_index(args.index, device=args.device, params=args.faiss_params,
+                                       verify=args.verify)
         results = searcher.search(args.query, k=args.k)
     except ValueError as e:
         return _fail(e)
@@ -271,7 +272,7 @@ def cmd_serve(args) -> int:
     try:
         run(args.index, host=args.host, port=args.port, device=args.device, params=args.faiss_params,
             max_batch=args.max_batch, max_wait_ms=args.max_wait_ms, max_k=args.max_k,
-            max_query_chars=args.max_query_chars, max_body_bytes=args.max_body_bytes)
+            max_query_chars=args.max_query_chars, max_body_bytes=args.max_body_bytes, verify=args.verify)
     except ValueError as e:
         return _fail(e)
     return 0
@@ -447,6 +448,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", action="store_true", help="one JSON object per query on stdout")
     p.add_argument("--device", default=None)
     p.add_argument("--faiss-params", default=None, help="FAISS run-time parameters, e.g. nprobe=32 or efSearch=128")
+    p.add_argument("--no-verify", dest="verify", action="store_false",
+                   help="skip the sha256 of every index file on open (sizes are still checked); for large indexes")
     p.set_defaults(func=cmd_search)
 
     p = sub.add_parser("serve", help="HTTP search service over an index (POST /search, GET /health, GET /info)")
@@ -461,6 +464,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-k", type=int, default=1000)
     p.add_argument("--max-query-chars", type=int, default=2048)
     p.add_argument("--max-body-bytes", type=int, default=1 << 20)
+    p.add_argument("--no-verify", dest="verify", action="store_false",
+                   help="skip the sha256 of every index file on open (sizes are still checked); for large indexes")
     p.set_defaults(func=cmd_serve)
     return parser
 

@@ -330,6 +330,7 @@ def run(
     device: str | None = None,
     params: str | None = None,
     limit_concurrency: int = 256,
+    verify: bool = True,
     **app_kwargs,
 ) -> None:
     """Load the index and its model, then serve until interrupted (binds to loopback by default)."""
@@ -339,7 +340,7 @@ def run(
 
     if not _is_loopback(host):
         log.warning("serving on %s: reachable from other machines; the service has no authentication", host)
-    searcher = Searcher.from_index(index_dir, device=device, params=params)
+    searcher = Searcher.from_index(index_dir, device=device, params=params, verify=verify)
     app = create_app(searcher, **app_kwargs)
     log.info("serving %d passages on http://%s:%d", len(searcher.index), host, port)
     uvicorn.run(app, host=host, port=port, log_level="warning", access_log=False,
