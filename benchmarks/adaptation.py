@@ -190,13 +190,16 @@ def read_log(name: str) -> list[dict]:
 
 
 def step_stats(log: list[dict]) -> dict:
+    """Per-step wall time and tokens/s as medians (robust to a step slowed by another job on the CPU);
+    ``slow_steps`` counts the steps that took more than 3x the median."""
     if len(log) < 3:
         return {}
     secs = [b["elapsed_s"] - a["elapsed_s"] for a, b in zip(log, log[1:])]
     toks = [b["tokens"] - a["tokens"] for a, b in zip(log, log[1:])]
-    return {"steps": log[-1]["step"], "median_step_s": statistics.median(secs),
-            "tokens_per_s": sum(toks) / sum(secs), "tokens_per_step": statistics.median(toks),
-            "wall_s": log[-1]["elapsed_s"]}
+    med = statistics.median(secs)
+    return {"steps": log[-1]["step"], "median_step_s": med, "tokens_per_s": statistics.median(
+            t / s for t, s in zip(toks, secs)), "tokens_per_step": statistics.median(toks),
+            "wall_s": log[-1]["elapsed_s"], "slow_steps": sum(s > 3 * med for s in secs)}
 
 
 def table(rows: list[dict], methods: dict[str, str], names: list[str]) -> list[str]:
@@ -269,7 +272,7 @@ def report(args) -> None:
         f"{args.steps} steps of 8 (chunk, next chunk) pairs, chunks of at most {args.chunk_tokens} tokens "
         "(sentence packing), AdamW lr 5e-5 with warm-up, seed 0, authors' loss form (max-pooled slot logits, "
         "unique targets, bag-of-words losses x 0.1, LM loss weight 1 unless switched off). Data, read in turn "
-        "document by document: " + ", ".join(f"`{p.relative_to(DATA.parent.parent)}`" for p in TRAIN_FILES)
+        "document by document: " + ", ".join(f"`../{p.relative_to(DATA.parent.parent)}`" for p in TRAIN_FILES)
         + " (text only; no queries or judgments).",
         "",
         settings_line(args),
@@ -287,8 +290,8 @@ def report(args) -> None:
         "",
         "## Training cost and losses",
         "",
-        "| variant | steps | wall (s) | median step (s) | tokens/step | tokens/s | first → last loss | first → last bag-of-words |",
-        "|---|---|---|---|---|---|---|---|",
+        "| variant | steps | wall (s) | slow steps | median step (s) | tokens/step | tokens/s | first → last loss | first → last bag-of-words |",
+        "|---|---|---|---|---|---|---|---|---|",
     ]
     for n, log in logs.items():
         s = step_stats(log)
@@ -297,10 +300,13 @@ def report(args) -> None:
         k = 5  # mean of the first / last 5 steps: single steps are noisy
         first = lambda key: np.mean([r[key] for r in log[:k] if key in r])  # noqa: E731
         last = lambda key: np.mean([r[key] for r in log[-k:] if key in r])  # noqa: E731
-        lines.append(f"| {VARIANTS[n][0]} | {s['steps']} | {s['wall_s']:.0f} | {s['median_step_s']:.2f} | "
+        lines.append(f"| {VARIANTS[n][0]} | {s['steps']} | {s['wall_s']:.0f} | {s['slow_steps']} | {s['median_step_s']:.2f} | "
                      f"{s['tokens_per_step']:.0f} | {s['tokens_per_s']:.0f} | {first('loss'):.2f} → {last('loss'):.2f} | "
                      f"{first('bow'):.2f} → {last('bow'):.2f} |")
-    lines += ["", "Losses are the means of the first and of the last 5 logged steps. Curves: "
+    lines += ["", "tokens/s: median over steps of real (unpadded) tokens per second of a whole training step (joint "
+              "forward, losses, backward, AdamW). Slow steps took more than 3x the median: another job was using the "
+              "2 cores at the time; the wall time includes them, the medians do not. "
+              "Losses are the means of the first and of the last 5 logged steps. Curves: "
               + ", ".join(f"[{n}](adaptation/{n}/loss.png)" for n in logs if logs[n]) + "; the chart below overlays "
               "the bag-of-words losses.", "", "![losses](adaptation_losses.png)", ""]
     if cost:
@@ -317,7 +323,8 @@ def report(args) -> None:
         lines += ["", "Target: at most 1.15x a single-prompt pass.", ""]
     lines += ["## Commands", "", "```bash", ".venv/bin/python benchmarks/adaptation.py   # all stages", "```", "",
               "Each variant's training command (the script runs these):", "", "```bash"]
-    lines += [" ".join(str(c).replace(str(ROOT) + "/", "") for c in train_command(n, args)) for n in args.variants]
+    lines += [" ".join(str(c).replace(str(ROOT) + "/", "").replace(str(ROOT.parent) + "/", "../")
+                       for c in train_command(n, args)) for n in args.variants]
     lines += ["```", ""]
     (RESULTS / "adaptation.md").write_text("\n".join(lines))
 

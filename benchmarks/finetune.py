@@ -42,7 +42,7 @@ METHODS = {"bm25": "BM25", "default:llara": "raw (untrained slots)",
 
 
 def rel(p) -> str:
-    return str(p).replace(str(ROOT) + "/", "")
+    return str(p).replace(str(ROOT) + "/", "").replace(str(ROOT.parent) + "/", "../")
 
 
 def run(cmd: list[str], log: Path) -> None:
