@@ -230,7 +230,7 @@ def main(argv=None) -> None:
     p.add_argument("--datasets", nargs="+", default=list(DATASETS))
     p.add_argument("--window", nargs=2, type=int, default=[5, 100])
     p.add_argument("--negatives", type=int, default=7)
-    p.add_argument("--steps", type=int, default=30)
+    p.add_argument("--steps", type=int, default=24)
     p.add_argument("--batch-size", type=int, default=8)
     p.add_argument("--group-size", type=int, default=2)
     p.add_argument("--lr", type=float, default=3e-4)
