@@ -414,7 +414,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--adapt-steps", type=int, default=40, help="adaptation steps; 0: zero-shot only (default: 40)")
     p.add_argument("--adapt-batch-size", type=int, default=8)
     p.add_argument("--adapt-lr", type=float, default=5e-5)
-    p.add_argument("--adapt-chunk-tokens", type=int, default=120)
+    p.add_argument("--adapt-chunk-tokens", type=int, default=96)
     p.add_argument("--split", default="test")
     p.add_argument("-k", type=int, default=100)
     _add_encoder_args(p)
