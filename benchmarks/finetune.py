@@ -240,7 +240,7 @@ def main(argv=None) -> None:
     p.add_argument("--memory-batch", type=int, default=16)
     p.add_argument("--memory-group", type=int, default=4)
     p.add_argument("--memory-chunk", type=int, default=8)
-    p.add_argument("--memory-steps", type=int, default=2)
+    p.add_argument("--memory-steps", type=int, default=1)
     args = p.parse_args(argv)
     stages = ["mine", "train", "eval", "memory", "report"] if args.stage == "all" else args.stage.split(",")
     RUNS.mkdir(parents=True, exist_ok=True)
