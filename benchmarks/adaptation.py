@@ -282,8 +282,9 @@ def report(args) -> None:
     ] + table(rows, methods, list(args.datasets)) + [
         "",
         "The adapted rows use the authors' slot template (`llara`: passages through the SELF prompt, queries "
-        "through the NEXT prompt, mean of the 8 slot states). EBAE-only training never trains the NEXT prompt's "
-        "slots and EBAR-only never the SELF prompt's, so those rows show what one task alone gives the "
+        "through the NEXT prompt, mean of the 8 slot states). With EBAE only, the NEXT prompt's slot-token "
+        "embeddings get no gradient (with EBAR only, the SELF prompt's), but the shared transformer weights "
+        "still change, so queries and passages both move; those rows show what one task alone gives the "
         "two-sided template.",
         "",
         "![nDCG@10](adaptation.png)",
