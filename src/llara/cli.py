@@ -159,7 +159,7 @@ def cmd_demo(args) -> int:
                   f"of {args.adapt_batch_size} (chunk, next chunk) pairs: unlabelled text only")
     train_cfg = TrainConfig(output_dir=str(out / "adapt"), max_steps=args.adapt_steps, batch_size=args.adapt_batch_size,
                             lr=args.adapt_lr, save_every=max(args.adapt_steps // 2, 1), seed=0, resume=True,
-                            cpu=args.device in (None, "cpu"), progress=sys.stderr.isatty())
+                            cpu=args.device == "cpu", progress=sys.stderr.isatty())
     result = pretrain(args.model, [str(corpus)], train_cfg, PretrainDataConfig(chunk_tokens=args.adapt_chunk_tokens))
 
     console.print("[bold]3/3[/bold] the adapted model's slot embeddings")
