@@ -234,9 +234,15 @@ def bar_chart(rows: list[dict], methods: dict[str, str], names: list[str], ax, t
 
 
 def settings_line(args) -> str:
-    n = SUBSAMPLED.get("scifact")
-    sub = (f" SciFact's corpus subsampled to {n[0]} documents (all {n[1]} judged test documents plus a seeded "
-           "random sample), so its scores are higher than on the full 5,183." if n else "")
+    parts = []
+    for name, (n, judged) in SUBSAMPLED.items():
+        full = load_beir(DATA / name, split="test")
+        bm25 = evaluate_bm25(full)[0].metrics["ndcg@10"]
+        parts.append(f"{name} {n} of {len(full.corpus):,} (BM25 nDCG@10 on the full corpus: {bm25:.3f})")
+    sub = ("" if not parts else " **Corpora subsampled** to fit the CPU budget (--max-docs "
+           f"{args.max_docs}): every document judged for a test query is kept, plus a seeded random sample of the "
+           "others up to the cap, so every method sees the same, smaller corpus and scores are higher than on the "
+           "full corpora: " + "; ".join(parts) + ".")
     return (f"Evaluation: passages cut to {args.max_passage_length} tokens and queries to {args.max_query_length}, "
             "prompt included (only the text is cut); exact inner-product search on L2-normalised vectors; "
             f"pytrec_eval on the test qrels.{sub}")
