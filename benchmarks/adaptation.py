@@ -230,7 +230,7 @@ def bar_chart(rows: list[dict], methods: dict[str, str], names: list[str], ax, t
     ax.set_xticks(np.arange(len(names) + 1) + w * (len(methods) - 1) / 2, list(names) + ["average"])
     ax.set_ylabel("nDCG@10")
     ax.set_title(title)
-    ax.legend(fontsize=7)
+    ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1.0))
 
 
 def findings(rows: list[dict], names: list[str], args) -> list[str]:
@@ -370,7 +370,7 @@ def report(args) -> None:
     lines += ["```", ""]
     (RESULTS / "adaptation.md").write_text("\n".join(lines))
 
-    fig, ax = plt.subplots(figsize=(10, 4.8))
+    fig, ax = plt.subplots(figsize=(12, 4.8))
     bar_chart(rows, methods, list(args.datasets), ax, "LLaRA adaptation of SmolLM2-135M: nDCG@10")
     fig.tight_layout()
     fig.savefig(RESULTS / "adaptation.png", dpi=120)

@@ -217,7 +217,7 @@ def report(args) -> None:
               for b in ("raw", "adapted")]
     lines += ["```", ""]
     (RESULTS / "finetune.md").write_text("\n".join(lines))
-    fig, ax = plt.subplots(figsize=(10, 4.8))
+    fig, ax = plt.subplots(figsize=(12, 4.8))
     bar_chart(rows, METHODS, list(args.datasets), ax, "Contrastive fine-tuning of SmolLM2-135M: nDCG@10")
     fig.tight_layout()
     fig.savefig(RESULTS / "finetune.png", dpi=120)
