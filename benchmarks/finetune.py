@@ -8,7 +8,7 @@
    with the settings of benchmarks/adaptation.py (cached embeddings are reused).
 4. memory: peak memory (RSS) and throughput of a large-batch step with and without gradient caching.
 
-Reproduce (from the repository root, after the README's set-up and benchmarks/adaptation.py's training):
+Reproduce (from the repository root, after the README's set-up and benchmarks/adaptation.py; about 30 min on 2 CPU cores):
 
     .venv/bin/python benchmarks/finetune.py                    # every stage, resumable
     .venv/bin/python benchmarks/finetune.py --stage memory     # one stage: mine, train, eval, memory, report
