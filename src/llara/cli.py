@@ -134,7 +134,6 @@ def cmd_demo(args) -> int:
     """The README's main job: evaluate the embedded model, adapt it with LLaRA on the demo collection's
     own corpus (unsupervised: no queries, no judgments), evaluate again, print before/after."""
     import json
-    from dataclasses import replace
 
     from .data.pretrain import PretrainDataConfig
     from .evaluation.runner import comparison_table
