@@ -88,27 +88,33 @@ def datasets(args):
 
 
 def evaluate_models(models: dict[str, tuple[str, list[str]]], out_json: Path, args, bm25: bool = True) -> list[dict]:
-    """models: label -> (model spec, templates). Rows keyed by (label:template, dataset); resumable."""
+    """models: label -> (model spec, templates). Rows keyed by (label:template, dataset); resumable.
+    Each model is loaded once, and only when one of its rows is missing."""
     rows = load_rows(out_json)
     done = {(r["method"], r["dataset"]) for r in rows}
-    for ds in datasets(args):
+    sets = list(datasets(args))
+    for ds in sets:
         if bm25 and ("bm25", ds.name) not in done:
             r = evaluate_bm25(ds)[0]
             rows.append({"method": "bm25", **r.to_dict()})
             save_rows(out_json, rows)
-        for label, (spec, templates) in models.items():
+    for label, (spec, templates) in models.items():
+        enc = None
+        for ds in sets:
             todo = [t for t in templates if (f"{label}:{t}", ds.name) not in done]
             if not todo:
                 continue
-            enc = Encoder.from_pretrained(spec, template=todo[0], device="cpu", max_query_length=args.max_query_length,
-                                          max_passage_length=args.max_passage_length, batch_size=32,
-                                          cache_dir=cache_root() / "embeddings")
+            if enc is None:
+                enc = Encoder.from_pretrained(spec, template=templates[0], device="cpu",
+                                              max_query_length=args.max_query_length,
+                                              max_passage_length=args.max_passage_length, batch_size=32,
+                                              cache_dir=cache_root() / "embeddings")
             for r, _ in evaluate_dense(ds, enc, todo):
                 rows.append({"method": f"{label}:{r.template}", **r.to_dict()})
                 print(f"{ds.name:10s} {label}:{r.template:8s} nDCG@10={r.metrics['ndcg@10']:.4f} "
                       f"R@100={r.metrics['recall@100']:.4f} ({r.seconds:.0f}s)", flush=True)
             save_rows(out_json, rows)
-            del enc
+        del enc
     return rows
 
 

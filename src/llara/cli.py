@@ -133,10 +133,8 @@ def cmd_evaluate(args) -> int:
 def cmd_demo(args) -> int:
     """The README's main job: evaluate the embedded model, adapt it with LLaRA on the demo collection's
     own corpus (unsupervised: no queries, no judgments), evaluate again, print before/after."""
-    import json
-
     from .data.pretrain import PretrainDataConfig
-    from .evaluation.runner import comparison_table
+    from .evaluation.runner import write_summary
     from .training.config import TrainConfig
     from .training.pretrain import pretrain
 
@@ -173,11 +171,7 @@ def cmd_demo(args) -> int:
     for k in ("ndcg@10", "recall@100", "mrr@10"):
         lines.append(f"| {k} | {get['llara'][k]:.4f} | {get['adapted'][k]:.4f} | {get['mean'][k]:.4f} | "
                      f"{get['bm25'][k]:.4f} |")
-    summary = "\n".join(lines) + "\n\n" + comparison_table(rows) + "\n"
-    tmp = out / "summary.md.tmp"
-    tmp.write_text(summary)
-    os.replace(tmp, out / "summary.md")
-    (out / "summary.json").write_text(json.dumps([r.to_dict() for r in rows], indent=2) + "\n")
+    write_summary(rows, out, header="\n".join(lines))
     console.print(f"nDCG@10 of the LLaRA slots: {get['llara']['ndcg@10']:.3f} untrained -> "
                   f"[bold]{get['adapted']['ndcg@10']:.3f}[/bold] adapted ({args.adapt_steps} steps); "
                   f"loss curve: {result.plot_path}; adapted model: {result.export_dir}")

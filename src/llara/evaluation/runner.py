@@ -119,6 +119,7 @@ def comparison_table(results: Sequence[Result]) -> str:
     return "\n".join(rows)
 
 
-def write_summary(results: Sequence[Result], out_dir: Path) -> None:
+def write_summary(results: Sequence[Result], out_dir: Path, header: str = "") -> None:
+    """summary.json and summary.md (``header`` markdown, then the comparison table), written atomically."""
     _atomic_write(Path(out_dir) / "summary.json", json.dumps([r.to_dict() for r in results], indent=2) + "\n")
-    _atomic_write(Path(out_dir) / "summary.md", comparison_table(results) + "\n")
+    _atomic_write(Path(out_dir) / "summary.md", (header + "\n\n" if header else "") + comparison_table(results) + "\n")
