@@ -167,12 +167,14 @@ def cmd_demo(args) -> int:
     rows = [r for r in before if r.template != "eos"] + after
     print_table(rows, f"before and after {args.adapt_steps} adaptation steps")
     get = {r.template if r.model != "adapted" else "adapted": r.metrics for r in rows}
-    lines = ["| metric | untrained slots | adapted slots | untrained mean pooling | BM25 |", "|---|---|---|---|---|"]
+    names = {"llara": "untrained slots", "adapted": "adapted slots", "mean": "untrained mean pooling", "bm25": "BM25"}
+    cols = [c for c in names if c in get]  # --template may leave out mean (or the untrained slots)
+    lines = ["| metric | " + " | ".join(names[c] for c in cols) + " |", "|---|" + "---|" * len(cols)]
     for k in ("ndcg@10", "recall@100", "mrr@10"):
-        lines.append(f"| {k} | {get['llara'][k]:.4f} | {get['adapted'][k]:.4f} | {get['mean'][k]:.4f} | "
-                     f"{get['bm25'][k]:.4f} |")
+        lines.append(f"| {k} | " + " | ".join(f"{get[c][k]:.4f}" for c in cols) + " |")
     write_summary(rows, out, header="\n".join(lines))
-    console.print(f"nDCG@10 of the LLaRA slots: {get['llara']['ndcg@10']:.3f} untrained -> "
+    untrained = f"{get['llara']['ndcg@10']:.3f} untrained -> " if "llara" in get else ""
+    console.print(f"nDCG@10 of the LLaRA slots: {untrained}"
                   f"[bold]{get['adapted']['ndcg@10']:.3f}[/bold] adapted ({args.adapt_steps} steps); "
                   f"loss curve: {result.plot_path}; adapted model: {result.export_dir}")
     console.print(f"done in {time.perf_counter() - t0:.0f} s; results in {out}/ (summary.md, before/, after/, adapt/)")
