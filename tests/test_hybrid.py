@@ -8,7 +8,7 @@ import shutil
 
 import pytest
 from tiny import make_model, make_tokenizer
-from tiny_index import save_model, write_corpus
+from tiny_index import build_tiny_index
 
 import llara.retrieval.bm25 as bm25_module
 from llara.cli import main
@@ -110,13 +110,7 @@ def test_cli_evaluate_hybrid_and_bad_fusion(adi_dir, tmp_path, capsys):
 # ---------------------------------------------------------------------------------------- index
 @pytest.fixture(scope="module")
 def built(tmp_path_factory):
-    root = tmp_path_factory.mktemp("hybrid")
-    model = save_model(root / "model")
-    corpus = write_corpus(root / "corpus.jsonl", n=30)
-    enc = Encoder.from_pretrained(str(model), show_progress=False)
-    index = build_index(enc, corpus, root / "index", model_spec=str(model), shard_size=8,
-                        fusion=FusionConfig(alpha=0.4, depth=12))
-    return {"root": root, "model": model, "corpus": corpus, "encoder": enc, "index": index}
+    return build_tiny_index(tmp_path_factory.mktemp("hybrid"), 30, 8, fusion=FusionConfig(alpha=0.4, depth=12))
 
 
 def test_index_has_checksummed_bm25_and_fusion(built):

@@ -6,7 +6,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from tiny_index import save_model, write_corpus
+from tiny_index import build_tiny_index, save_model, write_corpus
 
 from llara.cli import main
 from llara.data.beir import DataError
@@ -19,12 +19,8 @@ QUERIES = ["the retrieval of a passage", "fish in the river water", "capital cit
 
 @pytest.fixture(scope="module")
 def setup(tmp_path_factory):
-    root = tmp_path_factory.mktemp("index")
-    model_dir = save_model(root / "model")
-    corpus = write_corpus(root / "corpus.jsonl", n=23)
-    encoder = Encoder.from_pretrained(str(model_dir), show_progress=False)
-    ref = build_index(encoder, corpus, root / "ref", model_spec=str(model_dir), shard_size=5)
-    return {"root": root, "model": model_dir, "corpus": corpus, "encoder": encoder, "ref": ref}
+    b = build_tiny_index(tmp_path_factory.mktemp("index"), 23, 5)
+    return {**b, "ref": b["index"]}
 
 
 def _files(index_dir: Path) -> dict[str, bytes]:

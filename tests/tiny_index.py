@@ -31,3 +31,14 @@ def make_encoder(**kw) -> Encoder:
 def save_model(out_dir: Path) -> Path:
     """A llara checkpoint directory that ``Encoder.from_pretrained`` loads (template ``eos``)."""
     return make_encoder().save(out_dir)
+
+
+def build_tiny_index(root: Path, n: int, shard_size: int, **kw) -> dict:
+    """A saved tiny model, an ``n``-document corpus and its index under ``root``, built with ``kw``."""
+    from llara.retrieval.index import build_index
+
+    model = save_model(root / "model")
+    corpus = write_corpus(root / "corpus.jsonl", n=n)
+    encoder = Encoder.from_pretrained(str(model), show_progress=False)
+    index = build_index(encoder, corpus, root / "index", model_spec=str(model), shard_size=shard_size, **kw)
+    return {"root": root, "model": model, "corpus": corpus, "encoder": encoder, "index": index}
