@@ -18,7 +18,7 @@ from llara.evaluation.runner import evaluate_datasets
 from llara.modeling.encoder import Encoder
 from llara.retrieval.bm25 import bm25_search
 from llara.retrieval.fusion import FusionConfig, fuse, linear
-from llara.retrieval.index import build_index, open_index
+from llara.retrieval.index import build_index, merge_indexes, open_index
 from llara.retrieval.searcher import Searcher
 
 QUERIES = ["the retrieval of a passage", "fish in the river water", "capital city of france", "brain cell study"]
@@ -168,6 +168,15 @@ def test_resume_keeps_bm25_and_corruption_is_named(built, tmp_path, monkeypatch)
     build_index(built["encoder"], built["corpus"], idx, model_spec=str(built["model"]), shard_size=8, resume=True)
     assert calls == [1]  # corrupt: rebuilt
     assert len(Searcher.from_index(idx).search("fish", mode="bm25")[0]) > 0
+
+
+def test_merged_parts_get_bm25_too(built, tmp_path):
+    parts = [build_index(built["encoder"], built["corpus"], tmp_path / f"part{i}", model_spec=str(built["model"]),
+                         shard_size=8, shard=(i, 2)) for i in range(2)]
+    assert all("bm25" not in json.loads((p / "manifest.json").read_text()) for p in parts)
+    merged = merge_indexes(parts, tmp_path / "merged", fusion=FusionConfig(alpha=0.4, depth=12))
+    one, two = Searcher.from_index(built["index"]), Searcher.from_index(merged)
+    assert two.default_mode == "hybrid" and one.search(QUERIES, k=6) == two.search(QUERIES, k=6)
 
 
 def test_no_bm25_and_old_index_serve_dense(built, tmp_path, capsys):
