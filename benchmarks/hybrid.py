@@ -5,8 +5,8 @@ For the zero-shot, adapted and adapted + fine-tuned embedded models on the four 
 
 1. models: the adapted model (benchmarks/adaptation.py, variant ebae_ebar_lm) and its fine-tuned
    version (benchmarks/finetune.py, mine + train of the adapted base) when they are missing.
-2. runs: one BM25 run and one dense run per (model, collection), 100 deep, saved as TREC files
-   under runs/bench/hybrid/ (resumable; embeddings are cached as well).
+2. runs: one BM25 run and one dense run per (model, collection), 1,000 deep (whole subsampled
+   corpora), saved as TREC files under runs/bench/hybrid/ (resumable; embeddings are cached too).
 3. report: linear fusion (min-max, alpha 0 to 1 by 0.1; z-score too) and RRF (k 60) of each pair of
    runs; alpha chosen by leave-one-collection-out (the alpha with the best mean nDCG@10 on the
    other three collections is reported on the fourth), and the default alpha (best mean on all
@@ -63,12 +63,12 @@ def run_path(model: str, dataset: str, kind: str):
 
 
 def runs(args) -> None:
-    """BM25 and dense runs, ``args.depth`` deep, one model loaded at a time; skips the runs on disk."""
+    """BM25 and dense runs, ``args.run_depth`` deep, one model loaded at a time; skips the runs on disk."""
     sets = list(datasets(args))
     for ds in sets:
         p = run_path("bm25", ds.name, "bm25")
         if not p.is_file():
-            res, run = evaluate_bm25(ds, k=args.depth)
+            res, run = evaluate_bm25(ds, k=args.run_depth)
             write_trec_run(run, p, tag="bm25")
             print(f"{ds.name:10s} bm25 nDCG@10={res.metrics['ndcg@10']:.4f}", flush=True)
     for name in args.models:
@@ -83,7 +83,7 @@ def runs(args) -> None:
                                       max_passage_length=args.max_passage_length, batch_size=32,
                                       cache_dir=cache_root() / "embeddings")
         for ds in todo:
-            res, run = evaluate_dense(ds, enc, ["llara"], k=args.depth)[0]
+            res, run = evaluate_dense(ds, enc, ["llara"], k=args.run_depth)[0]
             write_trec_run(run, run_path(name, ds.name, "dense"), tag=name)
             meta = {"model": name, "spec": spec, "seconds": res.seconds, "dataset": ds.name, **res.settings}
             save_rows(run_path(name, ds.name, "meta").with_suffix(".json"), meta)
@@ -93,8 +93,9 @@ def runs(args) -> None:
 
 
 # --------------------------------------------------------------------------- report
-def sweep(args) -> dict:
-    """nDCG@10 (and Recall@100) of every fusion setting, per model and collection."""
+def sweep(args, depth: int, norms=("minmax", "zscore")) -> dict:
+    """nDCG@10 (and Recall@100) of every fusion setting with ``depth`` candidates per run, per model
+    and collection; fused runs are 100 deep."""
     out = {}
     for ds in datasets(args):
         bm25 = read_trec_run(run_path("bm25", ds.name, "bm25"))
@@ -105,10 +106,10 @@ def sweep(args) -> dict:
                 continue
             dense = read_trec_run(p)
             row = {"dense": _scores(ds.qrels, dense), "rrf": _scores(ds.qrels, fuse(dense, bm25, FusionConfig(
-                method="rrf", depth=args.depth), k=args.depth))}
-            for norm in ("minmax", "zscore"):
+                method="rrf", depth=depth), k=100))}
+            for norm in norms:
                 row[norm] = {str(a): _scores(ds.qrels, fuse(dense, bm25, FusionConfig(
-                    alpha=a, normalization=norm, depth=args.depth), k=args.depth)) for a in ALPHAS}
+                    alpha=a, normalization=norm, depth=depth), k=100)) for a in ALPHAS}
             out.setdefault(name, {})[ds.name] = row
     return out
 
@@ -139,14 +140,16 @@ def report(args) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    res = sweep(args)
+    res = sweep(args, args.depth)
+    deep = sweep(args, args.run_depth, norms=("minmax",))
     names = [d for d in args.datasets if d in res["bm25"]]
     have = [m for m in args.models if m in res and all(d in res[m] for d in names)]
     bm = {d: res["bm25"][d]["ndcg@10"] for d in names}
-    summary = {"machine": machine(), "depth": args.depth, "alphas": ALPHAS, "sweep": res, "models": {}}
+    summary = {"machine": machine(), "depth": args.depth, "run_depth": args.run_depth, "alphas": ALPHAS, "sweep": res, "models": {}}
     for m in have:
         lo = loco(res[m], names)
         summary["models"][m] = {"loco": lo, "loco_zscore": loco(res[m], names, "zscore"),
+                                f"loco_depth_{args.run_depth}": loco(deep[m], names),
                                 "alpha_all_four": best_alpha(res[m], names)}
     default = summary["models"].get("adapted_ft", {}).get("alpha_all_four")
     summary["default_alpha"] = default
@@ -195,10 +198,13 @@ def report(args) -> None:
         for a in ALPHAS:
             v = [res[m][d]["minmax"][str(a)]["ndcg@10"] for d in names]
             lines.append(f"| {a:g} | " + " | ".join(f"{x:.3f}" for x in v) + f" | {np.mean(v):.3f} |")
-        zs = summary["models"][m]["loco_zscore"]
-        lines += ["", f"z-score normalisation instead, leave-one-collection-out: " + ", ".join(
-            f"{d} {zs[d]['ndcg@10']:.3f} (alpha {zs[d]['alpha']:g})" for d in names)
-            + f"; average {avg(zs[d]['ndcg@10'] for d in names):.3f}.", ""]
+        for key, what in (("loco_zscore", "z-score normalisation instead of min-max"),
+                          (f"loco_depth_{args.run_depth}", f"{args.run_depth} candidates per run instead of {args.depth}")):
+            zs = summary["models"][m][key]
+            lines += ["", f"{what}, leave-one-collection-out: " + ", ".join(
+                f"{d} {zs[d]['ndcg@10']:.3f} (alpha {zs[d]['alpha']:g})" for d in names)
+                + f"; average {avg(zs[d]['ndcg@10'] for d in names):.3f}."]
+        lines.append("")
     lines += ["## Commands", "", "```bash",
               "flock /tmp/llara-heavy.lock .venv/bin/python benchmarks/hybrid.py --stage models   # adaptation + fine-tuning",
               "flock /tmp/llara-heavy.lock .venv/bin/python benchmarks/hybrid.py --stage runs",
@@ -257,7 +263,9 @@ def main(argv=None) -> None:
     p.add_argument("--stage", default="all", help="all, or a comma list of models, runs, report")
     p.add_argument("--models", nargs="+", default=list(MODELS), choices=list(MODELS))
     p.add_argument("--datasets", nargs="+", default=list(DATASETS))
-    p.add_argument("--depth", type=int, default=100, help="candidates per run (default: %(default)s)")
+    p.add_argument("--depth", type=int, default=100, help="candidates per run for the fusion (default: %(default)s)")
+    p.add_argument("--run-depth", type=int, default=1000,
+                   help="depth of the saved runs, and of the deeper fusion compared in the report (default: %(default)s)")
     p.add_argument("--max-docs", type=int, default=800)
     p.add_argument("--max-passage-length", type=int, default=96)
     p.add_argument("--max-query-length", type=int, default=64)
