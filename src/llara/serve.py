@@ -96,13 +96,13 @@ class MicroBatcher:
         return batch
 
     async def _work(self) -> None:
+        from .retrieval.searcher import Request
+
         loop = asyncio.get_running_loop()
         while True:
             batch = [b for b in await self._collect() if not b[2].done()]  # done = client went away
             if not batch:
                 continue
-            from .retrieval.searcher import Request
-
             queries = [q for b in batch for q in b[0]]
             requests = [Request(tuple(qs), k, mode, fusion) for qs, k, _, _, mode, fusion in batch]
             try:
