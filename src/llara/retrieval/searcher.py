@@ -46,6 +46,7 @@ class Searcher:
 
     >>> s = Searcher.from_index("runs/index")                     # doctest: +SKIP
     >>> s.search("what is dense retrieval?", k=3)[0][0].doc_id     # doctest: +SKIP
+    >>> s.search("dense retrieval", k=3, mode="bm25")              # doctest: +SKIP
     """
 
     def __init__(self, encoder, index: DenseIndex, bm25=None, fusion: FusionConfig | None = None):
