@@ -6,12 +6,11 @@ import json
 
 import numpy as np
 import pytest
-from tiny_index import save_model, write_corpus
+from tiny_index import index_setup
 
 ray = pytest.importorskip("ray", reason="the ray extra: pip install -e '.[ray]'")
 
 from llara.cli import main  # noqa: E402
-from llara.modeling.encoder import Encoder  # noqa: E402
 from llara.retrieval.index import build_index, open_index  # noqa: E402
 from llara.retrieval.ray_engine import RayEngine  # noqa: E402
 
@@ -27,12 +26,8 @@ def cluster():
 
 @pytest.fixture(scope="module")
 def setup(tmp_path_factory):
-    root = tmp_path_factory.mktemp("ray")
-    model = save_model(root / "model")
-    corpus = write_corpus(root / "corpus.jsonl", n=50)
-    encoder = Encoder.from_pretrained(str(model), show_progress=False)
-    single = build_index(encoder, corpus, root / "single", model_spec=str(model), shard_size=8)
-    return {"root": root, "model": model, "corpus": corpus, "encoder": encoder, "single": single}
+    setup = index_setup(tmp_path_factory.mktemp("ray"), n=50, shard_size=8)
+    return {**setup, "single": setup["ref"]}
 
 
 def _manifest(path) -> dict:

@@ -206,8 +206,6 @@ class QdrantIndex:
     CACHE = 100_000  # payloads kept for ids[row] / titles[row] after a search
 
     def __init__(self, client, collection: str, uri: str):
-        from qdrant_client import models
-
         self.client, self.collection, self.uri = client, collection, uri
         self.path = f"{uri}#{collection}"
         if not client.collection_exists(collection):
@@ -221,7 +219,7 @@ class QdrantIndex:
                                              "with --resume")
         self.manifest = meta
         self.ids, self.titles = _RowView(self, "doc_id"), _RowView(self, "title")
-        self._params: "models.SearchParams | None" = None
+        self._params = None  # models.SearchParams (servers only)
         self._cache: OrderedDict[int, dict] = OrderedDict()
 
     @property
