@@ -248,7 +248,8 @@ def check_encoder(args, device: torch.device) -> dict:
     _sync(device)
     enc.encode(texts, "passage")
     st = enc.last_stats
-    return {"passages": st.texts, "tokens": st.tokens, "padded_tokens": st.padded_tokens, "seconds": round(st.seconds, 3),
+    return {"passages": st.texts, "tokens": st.tokens, "padded_tokens": st.padded_tokens,
+            "seconds": round(st.seconds, 3),
             "tokens_per_s": round(st.tokens_per_second, 1), "passages_per_s": round(st.texts / st.seconds, 1),
             "batch_size": args.encode_batch, "max_passage_length": args.encode_max_length, "dtype": "bfloat16"}
 

@@ -11,12 +11,14 @@ Reproduce (from the repository root, after `make setup`; about 5 minutes on 2 CP
 2. The single-process index exported to embedded Qdrant (``QdrantClient(path=...)``), and the 30
    med test queries searched through FAISS Flat and Qdrant: top-10 overlap, time of the vector search.
 
-Each heavy step runs under ``flock /tmp/llara-heavy.lock`` (a machine shared with other jobs).
+The whole run holds ``/tmp/llara-heavy.lock`` (flock; a machine shared with other jobs), so both
+commands meet the same conditions.
 Writes benchmarks/results/scaleout.{json,md}.
 """
 from __future__ import annotations
 
 import argparse
+import fcntl
 import json
 import os
 import platform
@@ -37,7 +39,7 @@ LOCK = "/tmp/llara-heavy.lock"
 
 def run_timed(cmd: list[str], env: dict) -> float:
     t0 = time.perf_counter()
-    subprocess.run(["flock", LOCK, *cmd], env=env, check=True, stdout=subprocess.DEVNULL)
+    subprocess.run(cmd, env=env, check=True, stdout=subprocess.DEVNULL)
     return time.perf_counter() - t0
 
 
@@ -69,8 +71,10 @@ def ray_overhead(args, work: Path, env: dict) -> dict:
     same = sum(x == y for x, y in zip(shard_checksums(work / "single"), shard_checksums(work / "ray")))
     return {
         "passages": args.passages, "shard_size": args.shard_size, "max_passage_length": args.max_passage_length,
-        "commands": {"single": "llara index " + " ".join(single_cmd[4:]), "ray": "llara index " + " ".join(ray_cmd[4:])},
-        "single_wall_s": round(single_s, 1), "ray_wall_s": round(ray_s, 1), "overhead_ratio": round(ray_s / single_s, 3),
+        "commands": {"single": "llara index " + " ".join(single_cmd[4:]),
+                     "ray": "llara index " + " ".join(ray_cmd[4:])},
+        "single_wall_s": round(single_s, 1), "ray_wall_s": round(ray_s, 1),
+        "overhead_ratio": round(ray_s / single_s, 3),
         "single_encode_s": round(encode_seconds(work / "single"), 1),
         "ray_encode_s_sum_over_actors": round(encode_seconds(work / "ray"), 1),
         "identical_shards": f"{same}/{len(a.manifest['shards'])}", "max_abs_diff": diff,
@@ -116,11 +120,16 @@ def main(argv=None) -> None:
     args = p.parse_args(argv)
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false",
            "PYTHONPATH": os.pathsep.join([str(ROOT / "src"), os.environ.get("PYTHONPATH", "")])}
+    lock = open(LOCK, "a")
+    fcntl.flock(lock, fcntl.LOCK_EX)
     t0 = time.perf_counter()
     work = Path(tempfile.mkdtemp(prefix="llara-scaleout-"))
     try:
+        from llara.modeling.precision import resolve_dtype
+
         result = {"machine": {"cpu": platform.processor() or platform.machine(), "cores": os.cpu_count(),
                               "load_average_at_start": os.getloadavg()[0]},
+                  "dtype": str(resolve_dtype("cpu")).replace("torch.", ""),
                   "command": "python benchmarks/scaleout.py " + " ".join(argv if argv is not None else sys.argv[1:]),
                   "ray": ray_overhead(args, work, env)}
         result["qdrant"] = qdrant_vs_faiss(work)
@@ -139,7 +148,8 @@ def main(argv=None) -> None:
         "",
         "## `llara index`: one process vs. `--engine ray --workers 2` (local Ray cluster, same machine)",
         "",
-        f"Embedded model (SmolLM2-135M, fp32, CPU), first {r['passages']} passages of med truncated to "
+        f"Embedded model (SmolLM2-135M, {result['dtype']} (`--dtype auto`), CPU), first {r['passages']} "
+        "passages of med truncated to "
         f"{r['max_passage_length']} tokens, shards of {r['shard_size']}.",
         "",
         "| | wall s (whole command) | encoding s (manifest) |",

@@ -1,7 +1,8 @@
 """Run by test_training_loop.py under ``torchrun --nproc_per_node 2``: two LLaRA adaptation steps (joint
 SELF + NEXT pass, EBAE + EBAR + LM loss) of the tiny model sharded with PyTorch FSDP2 (``fully_shard``
 on every decoder layer, then the root, the loop's ``LossModule``: what accelerate does with
-configs/accelerate_fsdp.yaml) over gloo on CPU. Writes the losses and the gathered weights to OUT/rank<r>.json. Usage: _fsdp_train.py OUT"""
+configs/accelerate_fsdp.yaml) over gloo on CPU. Writes the losses and the gathered weights to
+OUT/rank<r>.json. Usage: _fsdp_train.py OUT"""
 from __future__ import annotations
 
 import json

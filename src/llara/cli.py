@@ -301,7 +301,8 @@ def cmd_serve(args) -> int:
     from .serve import run
 
     try:
-        run(_index_location(args), backend=args.backend, collection=args.collection, host=args.host, port=args.port, device=args.device, params=args.faiss_params,
+        run(_index_location(args), backend=args.backend, collection=args.collection,
+            host=args.host, port=args.port, device=args.device, params=args.faiss_params,
             max_batch=args.max_batch, max_wait_ms=args.max_wait_ms, max_k=args.max_k,
             max_query_chars=args.max_query_chars, max_body_bytes=args.max_body_bytes, verify=args.verify)
     except ValueError as e:

@@ -118,67 +118,69 @@ def export_to_qdrant(
     if not manifest.get("complete"):
         raise DataError(index_dir, None, "the index is unfinished; finish it with --resume before exporting")
     client = connect(uri)
-    wanted = {
-        "format": FORMAT, "format_version": FORMAT_VERSION, "llara_version": manifest["llara_version"],
-        **{k: manifest.get(k) for k in _SETTINGS}, "normalized": manifest.get("normalized"),
-        "count": manifest["count"], "factory": "qdrant", "source_index": str(index_dir.resolve()),
-    }
-    where = f"{uri} (collection {collection!r})"
-    if client.collection_exists(collection):
-        meta = _metadata(client, collection)
-        if meta is None:
-            raise DataError(where, None, "the collection exists and was not written by llara; choose another "
-                                         "--collection")
-        diffs = [d for k in _SETTINGS for d in _differences(meta.get(k), wanted[k], k)]
-        if diffs:
-            raise DataError(where, None, f"the collection holds another index: {'; '.join(diffs)}; choose "
-                                         "another --collection or delete it")
-        exported = dict(meta.get("exported_shards") or {})
-        log.info("resuming the export into %s: %d of %d shards already there", where, len(exported),
-                 len(manifest["shards"]))
-    else:
-        client.create_collection(
-            collection,
-            vectors_config=models.VectorParams(size=manifest["dimension"], distance=models.Distance.DOT),
-            hnsw_config=models.HnswConfigDiff(m=hnsw_m, ef_construct=hnsw_ef_construct),
-            metadata={META_KEY: {**wanted, "complete": False, "exported_shards": {}}},
-        )
-        if is_server(uri):  # embedded mode has no payload indexes (it scans)
-            for field, schema in (("row", models.PayloadSchemaType.INTEGER),
-                                  ("doc_id", models.PayloadSchemaType.KEYWORD)):
-                client.create_payload_index(collection, field, field_schema=schema)
-        exported = {}
-    meta = {**wanted, "complete": False, "exported_shards": exported}
-    _set_metadata(client, collection, meta)
-    written = 0
-    for s, offset in _shard_rows(manifest):
-        sha = s["files"]["embeddings"]["sha256"]
-        if exported.get(str(s["number"])) == sha:
-            continue
-        _verify_shard(index_dir, s, manifest["dimension"], checksum=verify)
-        emb = _load_embeddings(index_dir, s, mmap=False)
-        ids = _read_ids(index_dir / s["files"]["ids"]["path"])
-        titles = _read_titles(index_dir / s["files"]["titles"]["path"])
-        for start in range(0, len(ids), batch_size):
-            stop = min(start + batch_size, len(ids))
-            client.upsert(collection, wait=True, points=models.Batch(
-                ids=[point_id(d) for d in ids[start:stop]],
-                vectors=emb[start:stop].tolist(),
-                payloads=[{"doc_id": d, "title": t, "row": offset + start + i}
-                          for i, (d, t) in enumerate(zip(ids[start:stop], titles[start:stop]))],
-            ))
-            written += stop - start
-            if on_batch is not None:
-                on_batch(written)
-        exported[str(s["number"])] = sha
-        _set_metadata(client, collection, {**meta, "exported_shards": exported})
-        log.info("exported shard %d (%d passages) into %s", s["number"], len(ids), where)
-    count = client.count(collection, exact=True).count
-    if count != manifest["count"]:
-        raise DataError(where, None, f"the collection holds {count} points, the index {manifest['count']} passages")
-    meta = {**meta, "exported_shards": exported, "complete": True}
-    _set_metadata(client, collection, meta)
-    client.close()
+    try:
+        wanted = {
+            "format": FORMAT, "format_version": FORMAT_VERSION, "llara_version": manifest["llara_version"],
+            **{k: manifest.get(k) for k in _SETTINGS}, "normalized": manifest.get("normalized"),
+            "count": manifest["count"], "factory": "qdrant", "source_index": str(index_dir.resolve()),
+        }
+        where = f"{uri} (collection {collection!r})"
+        if client.collection_exists(collection):
+            meta = _metadata(client, collection)
+            if meta is None:
+                raise DataError(where, None, "the collection exists and was not written by llara; choose another "
+                                             "--collection")
+            diffs = [d for k in _SETTINGS for d in _differences(meta.get(k), wanted[k], k)]
+            if diffs:
+                raise DataError(where, None, f"the collection holds another index: {'; '.join(diffs)}; choose "
+                                             "another --collection or delete it")
+            exported = dict(meta.get("exported_shards") or {})
+            log.info("resuming the export into %s: %d of %d shards already there", where, len(exported),
+                     len(manifest["shards"]))
+        else:
+            client.create_collection(
+                collection,
+                vectors_config=models.VectorParams(size=manifest["dimension"], distance=models.Distance.DOT),
+                hnsw_config=models.HnswConfigDiff(m=hnsw_m, ef_construct=hnsw_ef_construct),
+                metadata={META_KEY: {**wanted, "complete": False, "exported_shards": {}}},
+            )
+            if is_server(uri):  # embedded mode has no payload indexes (it scans)
+                for field, schema in (("row", models.PayloadSchemaType.INTEGER),
+                                      ("doc_id", models.PayloadSchemaType.KEYWORD)):
+                    client.create_payload_index(collection, field, field_schema=schema)
+            exported = {}
+        meta = {**wanted, "complete": False, "exported_shards": exported}
+        _set_metadata(client, collection, meta)
+        written = 0
+        for s, offset in _shard_rows(manifest):
+            sha = s["files"]["embeddings"]["sha256"]
+            if exported.get(str(s["number"])) == sha:
+                continue
+            _verify_shard(index_dir, s, manifest["dimension"], checksum=verify)
+            emb = _load_embeddings(index_dir, s, mmap=False)
+            ids = _read_ids(index_dir / s["files"]["ids"]["path"])
+            titles = _read_titles(index_dir / s["files"]["titles"]["path"])
+            for start in range(0, len(ids), batch_size):
+                stop = min(start + batch_size, len(ids))
+                client.upsert(collection, wait=True, points=models.Batch(
+                    ids=[point_id(d) for d in ids[start:stop]],
+                    vectors=emb[start:stop].tolist(),
+                    payloads=[{"doc_id": d, "title": t, "row": offset + start + i}
+                              for i, (d, t) in enumerate(zip(ids[start:stop], titles[start:stop]))],
+                ))
+                written += stop - start
+                if on_batch is not None:
+                    on_batch(written)
+            exported[str(s["number"])] = sha
+            _set_metadata(client, collection, {**meta, "exported_shards": exported})
+            log.info("exported shard %d (%d passages) into %s", s["number"], len(ids), where)
+        count = client.count(collection, exact=True).count
+        if count != manifest["count"]:
+            raise DataError(where, None, f"the collection holds {count} points, the index {manifest['count']} passages")
+        meta = {**meta, "exported_shards": exported, "complete": True}
+        _set_metadata(client, collection, meta)
+    finally:
+        client.close()
     return meta
 
 
