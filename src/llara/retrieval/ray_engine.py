@@ -74,7 +74,10 @@ class RayEngine:
 
     @classmethod
     def from_encoder(cls, encoder, model_spec: str, **kw) -> "RayEngine":
-        """Actors that load ``model_spec`` with ``encoder``'s template and lengths."""
+        """Actors that load ``model_spec`` with ``encoder``'s template, lengths and (unless ``dtype`` is
+        given) dtype: the precision the manifest records is the one the actors encode in."""
+        if kw.get("dtype") in (None, "auto"):
+            kw["dtype"] = str(next(encoder.model.parameters()).dtype).replace("torch.", "")
         return cls(model_spec, encoder.template.to_dict(), encoder.max_length["query"],
                    encoder.max_length["passage"], **kw)
 
