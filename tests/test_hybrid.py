@@ -8,7 +8,7 @@ import shutil
 
 import pytest
 from tiny import make_model, make_tokenizer
-from tiny_index import build_tiny_index
+from tiny_index import index_setup
 
 import llara.retrieval.bm25 as bm25_module
 from llara.cli import main
@@ -110,7 +110,8 @@ def test_cli_evaluate_hybrid_and_bad_fusion(adi_dir, tmp_path, capsys):
 # ---------------------------------------------------------------------------------------- index
 @pytest.fixture(scope="module")
 def built(tmp_path_factory):
-    return build_tiny_index(tmp_path_factory.mktemp("hybrid"), 30, 8, fusion=FusionConfig(alpha=0.4, depth=12))
+    b = index_setup(tmp_path_factory.mktemp("hybrid"), 30, 8, fusion=FusionConfig(alpha=0.4, depth=12))
+    return {**b, "index": b["ref"]}
 
 
 def test_index_has_checksummed_bm25_and_fusion(built):

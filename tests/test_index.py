@@ -6,11 +6,10 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from tiny_index import build_tiny_index, save_model, write_corpus
+from tiny_index import index_setup
 
 from llara.cli import main
 from llara.data.beir import DataError
-from llara.modeling.encoder import Encoder
 from llara.retrieval.index import build_index, iter_corpus, merge_indexes, open_index, parse_shard_spec
 from llara.retrieval.searcher import Hit, Searcher
 
@@ -19,8 +18,7 @@ QUERIES = ["the retrieval of a passage", "fish in the river water", "capital cit
 
 @pytest.fixture(scope="module")
 def setup(tmp_path_factory):
-    b = build_tiny_index(tmp_path_factory.mktemp("index"), 23, 5)
-    return {**b, "ref": b["index"]}
+    return index_setup(tmp_path_factory.mktemp("index"), n=23, shard_size=5)
 
 
 def _files(index_dir: Path) -> dict[str, bytes]:

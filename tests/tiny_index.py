@@ -33,12 +33,13 @@ def save_model(out_dir: Path) -> Path:
     return make_encoder().save(out_dir)
 
 
-def build_tiny_index(root: Path, n: int, shard_size: int, **kw) -> dict:
-    """A saved tiny model, an ``n``-document corpus and its index under ``root``, built with ``kw``."""
+def index_setup(root: Path, n: int, shard_size: int, **kw) -> dict:
+    """A saved tiny model, a corpus of ``n`` documents, the model loaded back and a Flat index of the corpus
+    (``kw``: more ``build_index`` arguments)."""
     from llara.retrieval.index import build_index
 
-    model = save_model(root / "model")
+    model_dir = save_model(root / "model")
     corpus = write_corpus(root / "corpus.jsonl", n=n)
-    encoder = Encoder.from_pretrained(str(model), show_progress=False)
-    index = build_index(encoder, corpus, root / "index", model_spec=str(model), shard_size=shard_size, **kw)
-    return {"root": root, "model": model, "corpus": corpus, "encoder": encoder, "index": index}
+    encoder = Encoder.from_pretrained(str(model_dir), show_progress=False)
+    ref = build_index(encoder, corpus, root / "ref", model_spec=str(model_dir), shard_size=shard_size, **kw)
+    return {"root": root, "model": model_dir, "corpus": corpus, "encoder": encoder, "ref": ref}
