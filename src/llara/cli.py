@@ -72,6 +72,9 @@ def _add_encoder_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"],
                    help="auto: bfloat16 on GPUs and on CPUs whose bf16 matmul is measured faster than fp32 "
                         "(AMX, AVX512-BF16), else float32 (default: %(default)s)")
+    p.add_argument("--runtime", default="torch", choices=["torch", "onnx-int8"],
+                   help="onnx-int8: the forward pass int8 in ONNX Runtime on the CPU (needs the int8 extra; "
+                        "exported once and cached; pooling unchanged) (default: %(default)s)")
     p.add_argument("--cache-dir", default=None,
                    help="embedding cache keyed by weights, template and text (default: $LLARA_CACHE/embeddings)")
     p.add_argument("--no-cache", action="store_true", help="do not read or write the embedding cache")
@@ -91,6 +94,7 @@ def _make_encoder(args, templates=None):
         dtype=args.dtype,
         batch_size=args.batch_size,
         cache_dir=cache,
+        runtime=args.runtime,
         **lengths,
     )
 
@@ -241,7 +245,7 @@ def cmd_search(args) -> int:
 
     try:
         searcher = Searcher.from_index(args.index, device=args.device, params=args.faiss_params,
-                                       verify=args.verify)
+                                       verify=args.verify, runtime=args.runtime)
         results = searcher.search(args.query, k=args.k)
     except ValueError as e:
         return _fail(e)
@@ -267,7 +271,7 @@ def cmd_serve(args) -> int:
 
     try:
         run(args.index, host=args.host, port=args.port, device=args.device, params=args.faiss_params,
-            max_batch=args.max_batch, max_wait_ms=args.max_wait_ms, max_k=args.max_k,
+            runtime=args.runtime, max_batch=args.max_batch, max_wait_ms=args.max_wait_ms, max_k=args.max_k,
             max_query_chars=args.max_query_chars, max_body_bytes=args.max_body_bytes, verify=args.verify)
     except ValueError as e:
         return _fail(e)
@@ -444,6 +448,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", action="store_true", help="one JSON object per query on stdout")
     p.add_argument("--device", default=None)
     p.add_argument("--faiss-params", default=None, help="FAISS run-time parameters, e.g. nprobe=32 or efSearch=128")
+    p.add_argument("--runtime", default=None, choices=["torch", "onnx-int8"],
+                   help="forward pass for the queries (default: the one the index was built with)")
     p.add_argument("--no-verify", dest="verify", action="store_false",
                    help="skip the sha256 of every index file on open (sizes are still checked); for large indexes")
     p.set_defaults(func=cmd_search)
@@ -454,6 +460,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--port", type=int, default=8000)
     p.add_argument("--device", default=None)
     p.add_argument("--faiss-params", default=None, help="FAISS run-time parameters, e.g. nprobe=32")
+    p.add_argument("--runtime", default=None, choices=["torch", "onnx-int8"],
+                   help="forward pass for the queries (default: the one the index was built with)")
     p.add_argument("--max-batch", type=int, default=32, help="queries per encoder call (default: %(default)s)")
     p.add_argument("--max-wait-ms", type=float, default=5.0,
                    help="how long a request may wait for others to share its batch (default: %(default)s)")

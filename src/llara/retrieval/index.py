@@ -262,13 +262,17 @@ def _load_embeddings(index_dir: Path, shard: dict, mmap: bool = True) -> np.ndar
 def _model_settings(encoder, model_spec: str) -> dict:
     p = Path(model_spec)
     spec = str(p.resolve()) if p.exists() else model_spec  # a path must survive a change of cwd
-    return {
+    settings = {
         "spec": spec,
         "model_id": encoder.model_id,
         "template": encoder.template.to_dict(),
         "max_query_length": encoder.max_length["query"],
         "max_passage_length": encoder.max_length["passage"],
     }
+    runtime = getattr(encoder, "runtime", "torch")
+    if runtime != "torch":  # recorded only when not torch: manifests written before stay resumable
+        settings["runtime"] = runtime
+    return settings
 
 
 def _differences(a, b, prefix: str) -> list[str]:

@@ -46,11 +46,13 @@ class Searcher:
         batch_size: int = 32,
         params: str | None = None,
         verify: bool = True,
+        runtime: str | None = None,
     ) -> "Searcher":
         """Open ``index_dir`` and load the model its manifest names, with its template and lengths.
 
         ``model`` overrides the recorded model spec (e.g. the checkpoint moved); ``params`` are FAISS
-        run-time parameters such as ``"nprobe=32"`` or ``"efSearch=128"``.
+        run-time parameters such as ``"nprobe=32"`` or ``"efSearch=128"``. ``runtime`` (``torch`` or
+        ``onnx-int8``) defaults to the one the index was built with.
         """
         from ..modeling.encoder import Encoder
 
@@ -66,8 +68,10 @@ class Searcher:
             max_passage_length=m["max_passage_length"],
             batch_size=batch_size,
             show_progress=False,
+            runtime=runtime or m.get("runtime", "torch"),
         )
-        log.info("searcher: %d passages, model %s, template %s", len(index), encoder.model_id, encoder.template.name)
+        log.info("searcher: %d passages, model %s, template %s, runtime %s", len(index), encoder.model_id,
+                 encoder.template.name, encoder.runtime)
         return cls(encoder, index)
 
     def search(self, queries: "Sequence[str] | str", k: int = 10) -> list[list[Hit]]:
