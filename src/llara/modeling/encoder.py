@@ -280,8 +280,9 @@ class Encoder:
         if self.cache_dir is None or self.fingerprint is None:
             return None
         h = hashlib.sha256()
-        key = [self.fingerprint, side, self.max_length[side], template.side(side).__dict__, template.normalize]
-        if self.runtime != "torch":  # other vectors (torch keys unchanged, so existing caches stay valid)
+        dtype = str(next(self.model.parameters()).dtype)  # bf16 and fp32 vectors differ: never mix them
+        key = [self.fingerprint, side, self.max_length[side], template.side(side).__dict__, template.normalize, dtype]
+        if self.runtime != "torch":  # int8 vectors differ too (torch keys unchanged)
             key.append(self.runtime)
         h.update(json.dumps(key, sort_keys=True, default=str).encode())
         for t in texts:
