@@ -463,8 +463,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--runtime", default=None, choices=["torch", "onnx-int8"],
                    help="forward pass for the queries (default: the one the index was built with)")
     p.add_argument("--max-batch", type=int, default=32, help="queries per encoder call (default: %(default)s)")
-    p.add_argument("--max-wait-ms", type=float, default=5.0,
-                   help="how long a request may wait for others to share its batch (default: %(default)s)")
+    p.add_argument("--max-wait-ms", type=float, default=50.0,
+                   help="how long a free encoder may wait for the clients it expects back (those answered by "
+                        "its last batch) before it runs a batch; one client never waits (default: %(default)s)")
     p.add_argument("--max-k", type=int, default=1000)
     p.add_argument("--max-query-chars", type=int, default=2048)
     p.add_argument("--max-body-bytes", type=int, default=1 << 20)

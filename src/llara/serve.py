@@ -270,7 +270,7 @@ def create_app(
     searcher,
     *,
     max_batch: int = 32,
-    max_wait_ms: float = 5,
+    max_wait_ms: float = 50,
     max_query_chars: int = DEFAULT_MAX_QUERY_CHARS,
     max_k: int = DEFAULT_MAX_K,
     max_queries: int | None = None,

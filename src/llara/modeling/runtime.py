@@ -120,6 +120,9 @@ class OnnxInt8Forward:
         opts = ort.SessionOptions()
         opts.intra_op_num_threads = threads or torch.get_num_threads()
         opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+        # Idle threads sleep instead of spinning: between requests a server shares its cores with
+        # the event loop that parses them.
+        opts.add_session_config_entry("session.intra_op.allow_spinning", "0")
         self.path = Path(path)
         self.vocab_size = vocab_size
         self.session = ort.InferenceSession(str(path), opts, providers=["CPUExecutionProvider"])
