@@ -20,13 +20,13 @@ from __future__ import annotations
 import argparse
 import contextlib
 import json
-import os
 import statistics
 import subprocess
 import sys
 import time
 from pathlib import Path
 
+from adaptation import load_rows, save_rows
 from index_bench import machine, run_load, serving
 from zero_shot import DATA, RESULTS, ROOT
 
@@ -48,14 +48,8 @@ def build_index(runtime: str) -> Path:
     return out
 
 
-def load(data: dict) -> dict:
-    return json.loads(OUT_JSON.read_text()) if OUT_JSON.is_file() else data
-
-
 def save(data: dict) -> None:
-    tmp = OUT_JSON.with_suffix(".tmp")
-    tmp.write_text(json.dumps(data, indent=2) + "\n")
-    os.replace(tmp, OUT_JSON)
+    save_rows(OUT_JSON, data)
 
 
 def curve(args, data: dict) -> None:
@@ -222,7 +216,7 @@ def main(argv=None) -> None:
     import inspect
 
     sig = inspect.signature(create_app).parameters
-    data = load({})
+    data = load_rows(OUT_JSON) or {}
     data.update(machine=machine(), command="flock /tmp/llara-heavy.lock .venv/bin/python benchmarks/serve_curve.py"
                 + " ".join([""] + (argv if argv is not None else sys.argv[1:])),
                 settings={"threads": args.threads}, defaults={"max_batch": sig["max_batch"].default,
