@@ -7,7 +7,8 @@ so every pooled position is the same as with torch.
 ``onnx-int8``: the decoder stack (after the template's slot tokens were added to the vocabulary)
 is exported once with ``torch.onnx`` in fp32, then quantised by ONNX Runtime's dynamic
 quantisation: weights int8 per output channel, activations quantised per batch at run time (u8 x s8
-matrix products, VNNI kernels on CPUs that have them). The result is cached under
+matrix products, VNNI kernels on CPUs that have them), except the MLP's output products, whose
+input carries the outlier activations of LLMs (they stay fp32). The result is cached under
 ``$LLARA_CACHE/runtimes/<key>/model.onnx``, keyed by the weights' fingerprint, the vocabulary size
 and the onnx / onnxruntime / torch versions, so later loads take seconds. The export uses torch's
 ``torch.export``-based ONNX exporter (batch and length stay dynamic; it needs onnxscript).
@@ -33,6 +34,7 @@ __all__ = ["RUNTIMES", "OnnxInt8Forward", "export_onnx_int8", "load_runtime"]
 RUNTIMES = ("torch", "onnx-int8")
 MODEL_FILE = "model.onnx"
 OPSET = 18
+QUANTISATION = "onnx-int8|dynamic|matmul|per-channel|mlp-output-fp32"  # part of the cache key
 # Above this many bytes of fp32 weights, ONNX's 2 GB protobuf limit needs the weights beside the graph.
 _EXTERNAL_DATA_BYTES = 1_500_000_000
 
@@ -63,7 +65,7 @@ def _versions() -> str:
 
 def runtime_key(fingerprint: str, vocab_size: int) -> str:
     """Cache key of an exported model: the weights, the vocabulary (slot tokens) and the tool versions."""
-    return hashlib.sha256(f"onnx-int8|{fingerprint}|{vocab_size}|{_versions()}".encode()).hexdigest()[:16]
+    return hashlib.sha256(f"{QUANTISATION}|{fingerprint}|{vocab_size}|{_versions()}".encode()).hexdigest()[:16]
 
 
 def export_onnx_int8(model, out_dir: "str | os.PathLike") -> Path:
@@ -96,7 +98,8 @@ def export_onnx_int8(model, out_dir: "str | os.PathLike") -> Path:
         program.save(str(tmp / "fp32.onnx"), external_data=external)
         # Matrix products only: the embedding table stays fp32 (a lookup gains no speed from int8).
         quantize_dynamic(tmp / "fp32.onnx", tmp / MODEL_FILE, weight_type=QuantType.QInt8, per_channel=True,
-                         op_types_to_quantize=["MatMul"], use_external_data_format=external)
+                         op_types_to_quantize=["MatMul"], use_external_data_format=external,
+                         nodes_to_exclude=_mlp_output_products(tmp / "fp32.onnx", model.config.intermediate_size))
         for f in tmp.glob("fp32.onnx*"):
             f.unlink()
         try:
@@ -107,6 +110,19 @@ def export_onnx_int8(model, out_dir: "str | os.PathLike") -> Path:
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     return out_dir / MODEL_FILE
+
+
+def _mlp_output_products(path: Path, intermediate_size: int) -> list[str]:
+    """MatMul nodes that multiply the MLP's intermediate activations (weight rows = intermediate_size).
+
+    Their input holds the few very large activations LLMs are known for; one int8 scale per batch
+    for such a tensor rounds every other value away, so these products stay fp32 (~25% of the
+    FLOPs of a LLaMA-style layer). Found by shape, not by module name."""
+    import onnx
+
+    graph = onnx.load(str(path), load_external_data=False).graph
+    rows = {i.name: i.dims[0] for i in graph.initializer if len(i.dims) == 2}
+    return [n.name for n in graph.node if n.op_type == "MatMul" and rows.get(n.input[1]) == intermediate_size]
 
 
 class OnnxInt8Forward:
