@@ -10,7 +10,7 @@ micro-batching and `--max-batch 1` (one request at a time). For each number of c
 both servers get the same load one right after the other (same run, same machine load), from
 `python -m llara.loadtest` in a third process: adi's 35 queries cycled, k=10. `--requests`
 requests at the concurrency the target is about (16) and `--curve-requests` at the others.
-A last stage tunes `--max-batch` / `--max-wait-ms` at 64 clients. Also measured: what one query
+A tuning stage tries other `--max-batch` / `--max-wait-ms` at 16 and 64 clients. Also measured: what one query
 costs inside `Searcher.search` beside the model (tokenisation, tensors, pooling, FAISS).
 
 Writes benchmarks/results/serve_curve.{md,json,png}.
@@ -78,16 +78,15 @@ def tune(args, data: dict) -> None:
     rows = data.setdefault("tuning", [])
     done = {(r["runtime"], r["max_batch"], r["max_wait_ms"], r["concurrency"]) for r in rows}
     index = build_index("bf16")
-    for max_batch, max_wait in args.grid:
-        for c in args.tune_concurrency:
-            if ("bf16", max_batch, max_wait, c) in done:
-                continue
-            with serving(index, args.threads, ["--max-batch", str(max_batch), "--max-wait-ms", str(max_wait)]) as (url, pid):
-                r = run_load(url, pid, args.curve_requests, c, QUERIES, args.threads)
-            rows.append({"runtime": "bf16", "max_batch": max_batch, "max_wait_ms": max_wait, "concurrency": c, **r})
-            print(f"tune max_batch={max_batch} max_wait={max_wait} c={c}: {r['requests_per_s']} req/s "
-                  f"p99 {r['latency_ms']['p99']} ms batch {r['mean_batch']}", flush=True)
-            save(data)
+    for max_batch, max_wait, c in args.grid:
+        if ("bf16", max_batch, max_wait, c) in done:
+            continue
+        with serving(index, args.threads, ["--max-batch", str(max_batch), "--max-wait-ms", str(max_wait)]) as (url, pid):
+            r = run_load(url, pid, args.curve_requests, c, QUERIES, args.threads)
+        rows.append({"runtime": "bf16", "max_batch": max_batch, "max_wait_ms": max_wait, "concurrency": c, **r})
+        print(f"tune max_batch={max_batch} max_wait={max_wait} c={c}: {r['requests_per_s']} req/s "
+              f"p99 {r['latency_ms']['p99']} ms batch {r['mean_batch']}", flush=True)
+        save(data)
 
 
 def overhead(args, data: dict) -> None:
@@ -204,12 +203,11 @@ def main(argv=None) -> None:
     p.add_argument("--concurrency", nargs="+", type=int, default=[1, 4, 16, 64])
     p.add_argument("--target", type=int, default=16, help="concurrency that gets --requests")
     p.add_argument("--requests", type=int, default=2000)
-    p.add_argument("--curve-requests", type=int, default=300)
+    p.add_argument("--curve-requests", type=int, default=200)
     p.add_argument("--threads", type=int, default=2, help="torch threads in the server")
-    p.add_argument("--grid", nargs="+", default=["32:5", "32:50", "64:50"],
+    p.add_argument("--grid", nargs="+", default=["32:5:16", "32:5:64", "64:50:64"],
                    type=lambda s: tuple(float(x) if "." in x else int(x) for x in s.split(":")),
-                   help="max_batch:max_wait_ms pairs for the tuning stage")
-    p.add_argument("--tune-concurrency", nargs="+", type=int, default=[16, 64])
+                   help="max_batch:max_wait_ms:clients runs for the tuning stage, beside the defaults in the curve")
     p.add_argument("--overhead-queries", type=int, default=30)
     args = p.parse_args(argv)
     from llara.serve import create_app
