@@ -53,25 +53,26 @@ def save(data: dict) -> None:
 
 
 def curve(args, data: dict) -> None:
+    """Every server (runtime x policy) up at once; concurrency outermost, so that the target
+    concurrency, listed first, is measured for both runtimes before anything else."""
     rows = data.setdefault("curve", [])
     done = {(r["runtime"], r["policy"], r["concurrency"]) for r in rows}
-    for runtime in args.runtimes:
-        index = build_index(runtime)
-        todo = [c for c in args.concurrency if any((runtime, p, c) not in done for p in POLICIES)]
-        if not todo:
-            continue
-        with contextlib.ExitStack() as stack:
-            servers = {p: stack.enter_context(serving(index, args.threads, extra)) for p, extra in POLICIES.items()}
-            for c in todo:
-                n = args.requests if c == args.target else args.curve_requests
-                for policy, (url, pid) in servers.items():
-                    r = run_load(url, pid, n, c, QUERIES, args.threads)
-                    row = {"runtime": runtime, "policy": policy, "concurrency": c, **r}
-                    rows.append(row)
-                    print(f"{runtime} {policy:10s} c={c:3d} n={n} {r['requests_per_s']} req/s p50 "
-                          f"{r['latency_ms']['p50']} ms p99 {r['latency_ms']['p99']} ms batch {r['mean_batch']} "
-                          f"statuses {r['statuses']}", flush=True)
-                    save(data)
+    todo = [(c, rt) for c in args.concurrency for rt in args.runtimes if any((rt, p, c) not in done for p in POLICIES)]
+    if not todo:
+        return
+    with contextlib.ExitStack() as stack:
+        servers = {(rt, p): stack.enter_context(serving(build_index(rt), args.threads, extra))
+                   for rt in dict.fromkeys(rt for _, rt in todo) for p, extra in POLICIES.items()}
+        for c, runtime in todo:
+            n = args.requests if c == args.target else args.curve_requests
+            for policy in POLICIES:
+                url, pid = servers[(runtime, policy)]
+                r = run_load(url, pid, n, c, QUERIES, args.threads)
+                rows.append({"runtime": runtime, "policy": policy, "concurrency": c, **r})
+                print(f"{runtime} {policy:10s} c={c:3d} n={n} {r['requests_per_s']} req/s p50 "
+                      f"{r['latency_ms']['p50']} ms p99 {r['latency_ms']['p99']} ms batch {r['mean_batch']} "
+                      f"statuses {r['statuses']}", flush=True)
+                save(data)
 
 
 def tune(args, data: dict) -> None:
@@ -200,7 +201,7 @@ def main(argv=None) -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--stage", choices=["all", "curve", "tune", "overhead", "report"], default="all")
     p.add_argument("--runtimes", nargs="+", default=list(RUNTIMES), choices=RUNTIMES)
-    p.add_argument("--concurrency", nargs="+", type=int, default=[1, 4, 16, 64])
+    p.add_argument("--concurrency", nargs="+", type=int, default=[16, 1, 4, 64])
     p.add_argument("--target", type=int, default=16, help="concurrency that gets --requests")
     p.add_argument("--requests", type=int, default=2000)
     p.add_argument("--curve-requests", type=int, default=200)
