@@ -204,12 +204,12 @@ def main(argv=None) -> None:
     p.add_argument("--concurrency", nargs="+", type=int, default=[16, 1, 4, 64])
     p.add_argument("--target", type=int, default=16, help="concurrency that gets --requests")
     p.add_argument("--requests", type=int, default=2000)
-    p.add_argument("--curve-requests", type=int, default=200)
+    p.add_argument("--curve-requests", type=int, default=100)
     p.add_argument("--threads", type=int, default=2, help="torch threads in the server")
-    p.add_argument("--grid", nargs="+", default=["32:5:16", "32:5:64", "64:50:64"],
+    p.add_argument("--grid", nargs="+", default=["32:5:16"],
                    type=lambda s: tuple(float(x) if "." in x else int(x) for x in s.split(":")),
                    help="max_batch:max_wait_ms:clients runs for the tuning stage, beside the defaults in the curve")
-    p.add_argument("--overhead-queries", type=int, default=30)
+    p.add_argument("--overhead-queries", type=int, default=20)
     args = p.parse_args(argv)
     from llara.serve import create_app
     import inspect
