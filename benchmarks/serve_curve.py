@@ -1,6 +1,6 @@
 """The search service with the real model: micro-batching against one request at a time.
 
-Reproduce (from the repository root, after the README's set-up with the int8 extra; ~25 min on 2 CPU cores):
+Reproduce (from the repository root, after the README's set-up with the int8 extra; ~12 min on 2 CPU cores):
 
     flock /tmp/llara-heavy.lock .venv/bin/python benchmarks/serve_curve.py
 
@@ -10,7 +10,7 @@ micro-batching and `--max-batch 1` (one request at a time). For each number of c
 both servers get the same load one right after the other (same run, same machine load), from
 `python -m llara.loadtest` in a third process: adi's 35 queries cycled, k=10. `--requests`
 requests at the concurrency the target is about (16) and `--curve-requests` at the others.
-A tuning stage tries other `--max-batch` / `--max-wait-ms` at 16 and 64 clients. Also measured: what one query
+A tuning stage runs other `--max-batch:--max-wait-ms:clients` (default: the old 5 ms wait at 16 clients). Also measured: what one query
 costs inside `Searcher.search` beside the model (tokenisation, tensors, pooling, FAISS).
 
 Writes benchmarks/results/serve_curve.{md,json,png}.
