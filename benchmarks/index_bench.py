@@ -18,6 +18,7 @@ Four parts, each written to benchmarks/results/index_bench.{json,md}:
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import platform
@@ -27,6 +28,7 @@ import sys
 import tempfile
 import time
 from pathlib import Path
+from typing import Sequence
 
 import faiss
 import numpy as np
@@ -62,6 +64,7 @@ def raw_forward_seconds(enc: Encoder, texts: list[str], batch_size: int) -> tupl
     ids, _ = enc._tokenize_texts(texts, max_len - side.overhead)
     seqs = sorted((side.build(x, max_len)[0] for x in ids), key=len, reverse=True)
     model = base_model(enc.model)
+    forward = enc._forward or (lambda i, a: model(input_ids=i, attention_mask=a))  # int8 runtime or torch
     seconds = 0.0
     for i in range(0, len(seqs), batch_size):
         chunk = seqs[i : i + batch_size]
@@ -71,7 +74,7 @@ def raw_forward_seconds(enc: Encoder, texts: list[str], batch_size: int) -> tupl
             inp[r, : len(s)] = torch.tensor(s)
             att[r, : len(s)] = 1
         t = time.perf_counter()
-        model(input_ids=inp, attention_mask=att)
+        forward(inp, att)
         seconds += time.perf_counter() - t
     return seconds, sum(map(len, seqs))
 
@@ -122,14 +125,17 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def load_test(index_dir: Path, requests: int, concurrency: int, queries: Path | None, threads: int) -> dict:
+@contextlib.contextmanager
+def serving(index_dir: Path, threads: int, serve_args: Sequence[str] = ()):
+    """``llara serve`` on a free loopback port in its own process; yields (url, pid)."""
     import httpx
 
     env = {**os.environ, "OMP_NUM_THREADS": str(threads), "HF_HUB_OFFLINE": "1"}
     port = _free_port()
     url = f"http://127.0.0.1:{port}"
     server = subprocess.Popen([sys.executable, "-m", "llara.cli", "serve", "--index", str(index_dir),
-                               "--port", str(port)], env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+                               "--port", str(port), *serve_args], env=env, stdout=subprocess.DEVNULL,
+                              stderr=subprocess.DEVNULL)
     try:
         deadline = time.monotonic() + 180
         while True:
@@ -143,17 +149,34 @@ def load_test(index_dir: Path, requests: int, concurrency: int, queries: Path | 
             if time.monotonic() > deadline:
                 raise RuntimeError("server did not start")
             time.sleep(0.3)
-        cmd = [sys.executable, "-m", "llara.loadtest", "--url", url, "--requests", str(requests),
-               "--concurrency", str(concurrency), "--pid", str(server.pid)]
-        if queries:
-            cmd += ["--queries", str(queries)]
-        out = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=1800)
-        result = json.loads(out.stdout)
-        result["server_batches"] = httpx.get(f"{url}/info").json()["batches"]
-        return result
+        yield url, server.pid
     finally:
         server.terminate()
         server.wait(timeout=30)
+
+
+def run_load(url: str, pid: int, requests: int, concurrency: int, queries: Path | None, threads: int) -> dict:
+    """One ``llara.loadtest`` run from its own process; adds the encoder calls the server made."""
+    import httpx
+
+    env = {**os.environ, "OMP_NUM_THREADS": str(threads), "HF_HUB_OFFLINE": "1"}
+    before = httpx.get(f"{url}/info").json()
+    cmd = [sys.executable, "-m", "llara.loadtest", "--url", url, "--requests", str(requests),
+           "--concurrency", str(concurrency), "--pid", str(pid)]
+    if queries:
+        cmd += ["--queries", str(queries)]
+    out = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=1800)
+    result = json.loads(out.stdout)
+    after = httpx.get(f"{url}/info").json()
+    result["server_batches"] = after["batches"] - before["batches"]
+    result["mean_batch"] = round((after["queries_answered"] - before["queries_answered"])
+                                 / max(result["server_batches"], 1), 2)
+    return result
+
+
+def load_test(index_dir: Path, requests: int, concurrency: int, queries: Path | None, threads: int) -> dict:
+    with serving(index_dir, threads) as (url, pid):
+        return run_load(url, pid, requests, concurrency, queries, threads)
 
 
 def tiny_index(work: Path) -> Path:

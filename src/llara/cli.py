@@ -72,6 +72,9 @@ def _add_encoder_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"],
                    help="auto: bfloat16 on GPUs and on CPUs whose bf16 matmul is measured faster than fp32 "
                         "(AMX, AVX512-BF16), else float32 (default: %(default)s)")
+    p.add_argument("--runtime", default="torch", choices=["torch", "onnx-int8"],
+                   help="onnx-int8: the forward pass int8 in ONNX Runtime on the CPU (needs the int8 extra; "
+                        "exported once and cached; pooling unchanged) (default: %(default)s)")
     p.add_argument("--cache-dir", default=None,
                    help="embedding cache keyed by weights, template and text (default: $LLARA_CACHE/embeddings)")
     p.add_argument("--no-cache", action="store_true", help="do not read or write the embedding cache")
@@ -91,6 +94,7 @@ def _make_encoder(args, templates=None):
         dtype=args.dtype,
         batch_size=args.batch_size,
         cache_dir=cache,
+        runtime=args.runtime,
         **lengths,
     )
 
@@ -323,7 +327,8 @@ def cmd_search(args) -> int:
 
     try:
         searcher = Searcher.from_index(_index_location(args), device=args.device, params=args.faiss_params,
-                                       verify=args.verify, backend=args.backend, collection=args.collection)
+                                       verify=args.verify, backend=args.backend, collection=args.collection,
+                                       runtime=args.runtime)
         mode = searcher.check_mode(args.mode)
         given = any(v is not None for v in (args.fusion, args.alpha, args.normalization, args.rrf_k, args.depth))
         if given and mode != "hybrid":
@@ -354,7 +359,7 @@ def cmd_serve(args) -> int:
 
     try:
         run(_index_location(args), backend=args.backend, collection=args.collection,
-            host=args.host, port=args.port, device=args.device, params=args.faiss_params,
+            host=args.host, port=args.port, device=args.device, params=args.faiss_params, runtime=args.runtime,
             max_batch=args.max_batch, max_wait_ms=args.max_wait_ms, max_k=args.max_k,
             max_query_chars=args.max_query_chars, max_body_bytes=args.max_body_bytes, verify=args.verify)
     except ValueError as e:
@@ -552,6 +557,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--device", default=None)
     p.add_argument("--faiss-params", "--search-params", dest="faiss_params", default=None,
                    help="FAISS run-time parameters, e.g. nprobe=32 or efSearch=128; Qdrant: exact=1 or hnsw_ef=128")
+    p.add_argument("--runtime", default=None, choices=["torch", "onnx-int8"],
+                   help="forward pass for the queries (default: the one the index was built with)")
     p.add_argument("--no-verify", dest="verify", action="store_false",
                    help="skip the sha256 of every index file on open (sizes are still checked); for large indexes")
     p.set_defaults(func=cmd_search)
@@ -564,9 +571,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--device", default=None)
     p.add_argument("--faiss-params", "--search-params", dest="faiss_params", default=None,
                    help="FAISS run-time parameters, e.g. nprobe=32; Qdrant: exact=1 or hnsw_ef=128")
+    p.add_argument("--runtime", default=None, choices=["torch", "onnx-int8"],
+                   help="forward pass for the queries (default: the one the index was built with)")
     p.add_argument("--max-batch", type=int, default=32, help="queries per encoder call (default: %(default)s)")
-    p.add_argument("--max-wait-ms", type=float, default=5.0,
-                   help="how long a request may wait for others to share its batch (default: %(default)s)")
+    p.add_argument("--max-wait-ms", type=float, default=50.0,
+                   help="how long a free encoder may wait for the clients it expects back (those answered by "
+                        "its last batch) before it runs a batch; one client never waits (default: %(default)s)")
     p.add_argument("--max-k", type=int, default=1000)
     p.add_argument("--max-query-chars", type=int, default=2048)
     p.add_argument("--max-body-bytes", type=int, default=1 << 20)

@@ -9,10 +9,10 @@ Endpoints::
     GET  /info     model, template, index size and the request limits
 
 Concurrent requests are micro-batched: each request puts its queries on an asyncio queue, and a
-single worker takes whatever has arrived within ``max_wait_ms`` of the oldest waiting request (up
-to ``max_batch`` queries) and runs *one* encoder call + FAISS search for all of them (the dense
-half of hybrid requests included; BM25 and fusion are per query) in a dedicated thread, so the
-event loop keeps accepting requests meanwhile.
+single worker collects them (up to ``max_batch`` queries, waiting at most ``max_wait_ms`` for the
+clients it expects; see :class:`MicroBatcher`) and runs *one* encoder call + FAISS search for all
+of them (the dense half of hybrid requests included; BM25 and fusion are per query) in a dedicated
+thread, so the event loop keeps accepting requests meanwhile.
 
 Every malformed request gets a 4xx with ``{"error": "<what is wrong>"}``: bodies over
 ``max_body_bytes`` (by Content-Length and by the bytes actually received), bad JSON, wrong types,
@@ -42,7 +42,17 @@ DEFAULT_MAX_BODY_BYTES = 1 << 20
 # micro-batching
 # ----------------------------------------------------------------------------------------------
 class MicroBatcher:
-    """Collect concurrent searches into one ``searcher.search`` call, run in one worker thread."""
+    """Collect concurrent searches into one ``searcher.search`` call, run in one worker thread.
+
+    Batching policy: when the worker is free it takes the oldest request, then keeps collecting
+    until the batch holds as many queries as are expected, or ``max_wait_ms`` have passed since it
+    started collecting, or ``max_batch`` is reached. Expected = the queries of the batch just
+    answered (their clients tend to send again within milliseconds) plus those that queued while
+    it ran. Counting the wait from when the *worker* is free, not from when the oldest request
+    arrived, matters: requests that queued during a long encoder call have already used up their
+    wait, and would otherwise leave at once without the clients just answered, so that two
+    half-size groups take turns on the encoder. One client never waits (expected = 1).
+    """
 
     def __init__(self, searcher, max_batch: int, max_wait_ms: float):
         if max_batch < 1:
@@ -52,13 +62,17 @@ class MicroBatcher:
         self.max_wait = max(max_wait_ms, 0) / 1000
         self.executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="llara-search")
         self.queue: asyncio.Queue | None = None
+        self.arrived: asyncio.Event | None = None  # set on every new request
         self.task: asyncio.Task | None = None
         self.batches = 0  # encoder calls so far
         self.queries = 0  # queries answered so far
+        self.waiting = 0  # queries queued, not yet taken into a batch
+        self.expected = 1  # queries the next batch waits for (see the class docstring)
 
     def start(self) -> None:
         if self.task is None or self.task.done():
             self.queue = asyncio.Queue()
+            self.arrived = asyncio.Event()
             self.task = asyncio.get_running_loop().create_task(self._work())
 
     async def stop(self) -> None:
@@ -75,23 +89,34 @@ class MicroBatcher:
         self.start()
         loop = asyncio.get_running_loop()
         fut = loop.create_future()
+        self.waiting += len(queries)
         await self.queue.put((queries, k, fut, loop.time(), mode, fusion))
+        self.arrived.set()
         return await fut
+
+    def _take(self, item: tuple) -> tuple:
+        self.waiting -= len(item[0])
+        return item
 
     async def _collect(self) -> list[tuple]:
         loop = asyncio.get_running_loop()
-        batch = [await self.queue.get()]
+        batch = [self._take(await self.queue.get())]
         n = len(batch[0][0])
-        deadline = batch[0][3] + self.max_wait  # counted from when the oldest request arrived
+        target = min(self.max_batch, max(self.expected, 1))
+        deadline = loop.time() + self.max_wait
         while n < self.max_batch:
             if self.queue.empty():
                 remaining = deadline - loop.time()
-                if remaining <= 0:
+                if n >= target or remaining <= 0:
                     break
-                await asyncio.sleep(min(remaining, 0.0005))
+                self.arrived.clear()
+                try:  # waits on an event, not on queue.get(): a timed-out get could drop a request
+                    await asyncio.wait_for(self.arrived.wait(), remaining)
+                except asyncio.TimeoutError:
+                    break
                 continue
             item = self.queue.get_nowait()
-            batch.append(item)
+            batch.append(self._take(item))
             n += len(item[0])
         return batch
 
@@ -115,6 +140,7 @@ class MicroBatcher:
                 continue
             self.batches += 1
             self.queries += len(queries)
+            self.expected = len(queries) + self.waiting
             for b, h in zip(batch, hits):
                 if not b[2].done():
                     b[2].set_result(h)
@@ -267,7 +293,7 @@ def create_app(
     searcher,
     *,
     max_batch: int = 32,
-    max_wait_ms: float = 5,
+    max_wait_ms: float = 50,
     max_query_chars: int = DEFAULT_MAX_QUERY_CHARS,
     max_k: int = DEFAULT_MAX_K,
     max_queries: int | None = None,
@@ -356,6 +382,7 @@ def run(
     *,
     device: str | None = None,
     params: str | None = None,
+    runtime: str | None = None,
     limit_concurrency: int = 256,
     verify: bool = True,
     backend: str = "faiss",
@@ -370,7 +397,7 @@ def run(
     if not _is_loopback(host):
         log.warning("serving on %s: reachable from other machines; the service has no authentication", host)
     searcher = Searcher.from_index(index_dir, device=device, params=params, verify=verify, backend=backend,
-                                   collection=collection)
+                                   collection=collection, runtime=runtime)
     app = create_app(searcher, **app_kwargs)
     log.info("serving %d passages on http://%s:%d", len(searcher.index), host, port)
     uvicorn.run(app, host=host, port=port, log_level="warning", access_log=False,

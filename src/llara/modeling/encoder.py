@@ -22,6 +22,7 @@ from tqdm.auto import tqdm
 from ..data.beir import passage_text
 from ..prompts import EncodedSide, PromptSide, Template, encode_side, get_template
 from .loading import ensure_slot_tokens, load_model, write_llara_config
+from .runtime import load_runtime
 
 log = logging.getLogger(__name__)
 
@@ -88,6 +89,7 @@ class Encoder:
         model_id: str | None = None,
         cache_dir: str | os.PathLike | None = None,
         fingerprint: str | None = None,
+        runtime: str = "torch",
     ):
         self.model = model
         self.tokenizer = tokenizer
@@ -102,8 +104,11 @@ class Encoder:
         self.cache_dir = Path(cache_dir) if cache_dir else None
         self.fingerprint = fingerprint  # identifies the weights; without it nothing is cached
         self.last_stats = EncodeStats()
-        ensure_slot_tokens(tokenizer, model, self.template.slot_tokens)
         self._encoded: dict[tuple, EncodedSide] = {}
+        self._slots_checked: set[tuple] = set()
+        self._ensure_slots(self.template)
+        self.runtime = runtime
+        self._forward = load_runtime(runtime, base_model(model), fingerprint)  # None: torch
 
     # ------------------------------------------------------------------ construction / saving
     @classmethod
@@ -115,12 +120,19 @@ class Encoder:
         device: str | None = None,
         dtype: "torch.dtype | str | None" = None,
         attn_implementation: str = "sdpa",
+        runtime: str = "torch",
         **kwargs,
     ) -> "Encoder":
         """Load from ``default``, a .gguf file, a llara checkpoint, or an HF directory / hub id.
 
         The template is, in order: the one given, the checkpoint's own, the authors' form.
+        ``runtime="onnx-int8"`` runs the forward pass int8 in ONNX Runtime on the CPU (exported once
+        from fp32 weights and cached, see :mod:`llara.modeling.runtime`); pooling is unchanged.
         """
+        if runtime != "torch":
+            if dtype not in (None, "auto", "float32", torch.float32):
+                raise ValueError(f"runtime {runtime} quantises fp32 weights; drop dtype={dtype!r}")
+            dtype, device = torch.float32, device or "cpu"
         m, tok, resolved = load_model(model, device=device, dtype=dtype, attn_implementation=attn_implementation)
         cfg = resolved.llara_config or {}
         for key in ("max_query_length", "max_passage_length"):
@@ -128,7 +140,7 @@ class Encoder:
                 kwargs[key] = cfg[key]
         kwargs.setdefault("model_id", resolved.model_id)
         kwargs.setdefault("fingerprint", resolved.fingerprint())
-        return cls(m, tok, template if template is not None else resolved.template, **kwargs)
+        return cls(m, tok, template if template is not None else resolved.template, runtime=runtime, **kwargs)
 
     def save(self, out_dir: str | os.PathLike) -> Path:
         """Weights + tokenizer + llara.json (template and max lengths), loadable by from_pretrained."""
@@ -162,7 +174,7 @@ class Encoder:
         templates = [get_template(t) for t in templates]
         self.last_stats = EncodeStats(texts=len(texts))
         for t in templates:
-            ensure_slot_tokens(self.tokenizer, self.model, t.slot_tokens)
+            self._ensure_slots(t)
         out: dict[str, np.ndarray] = {}
         groups: dict[tuple, list[Template]] = {}
         for t in templates:
@@ -182,6 +194,18 @@ class Encoder:
         return out
 
     # ------------------------------------------------------------------ internals
+    def _ensure_slots(self, template: Template) -> None:
+        # Once per template and vocabulary size: reading the vocabulary costs ~30 ms on a 49k-token
+        # tokenizer, more than encoding one short query.
+        key = (tuple(template.slot_tokens), len(self.tokenizer))
+        if key in self._slots_checked:
+            return
+        before = self.model.get_input_embeddings().weight.shape[0]
+        ensure_slot_tokens(self.tokenizer, self.model, template.slot_tokens)
+        self._slots_checked.add((tuple(template.slot_tokens), len(self.tokenizer)))
+        if getattr(self, "_forward", None) is not None and self.model.get_input_embeddings().weight.shape[0] != before:
+            self._forward = load_runtime(self.runtime, base_model(self.model), self.fingerprint)  # new vocabulary
+
     def _side(self, prompt: PromptSide) -> EncodedSide:
         key = (prompt, len(self.tokenizer))
         if key not in self._encoded:
@@ -232,9 +256,12 @@ class Encoder:
                 spans.append((len(ids), start, end))
             stats.padded_tokens += len(idx) * L
             tm = time.perf_counter()
-            hidden = model(
-                input_ids=input_ids.to(self.device), attention_mask=attention.to(self.device)
-            ).last_hidden_state
+            if self._forward is not None:
+                hidden = self._forward(input_ids, attention)
+            else:
+                hidden = model(
+                    input_ids=input_ids.to(self.device), attention_mask=attention.to(self.device)
+                ).last_hidden_state
             w = pooling_weights(sides, spans, L).to(self.device)
             pooled = torch.einsum("pbl,blh->pbh", w, hidden.float()).cpu().numpy()
             stats.model_seconds += time.perf_counter() - tm
@@ -254,8 +281,10 @@ class Encoder:
             return None
         h = hashlib.sha256()
         dtype = str(next(self.model.parameters()).dtype)  # bf16 and fp32 vectors differ: never mix them
-        h.update(json.dumps([self.fingerprint, side, self.max_length[side], template.side(side).__dict__,
-                             template.normalize, dtype], sort_keys=True, default=str).encode())
+        key = [self.fingerprint, side, self.max_length[side], template.side(side).__dict__, template.normalize, dtype]
+        if self.runtime != "torch":  # int8 vectors differ too (torch keys unchanged)
+            key.append(self.runtime)
+        h.update(json.dumps(key, sort_keys=True, default=str).encode())
         for t in texts:
             h.update(t.encode("utf-8", "surrogatepass"))
             h.update(b"\0")

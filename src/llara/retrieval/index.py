@@ -295,7 +295,7 @@ class LocalEngine:
 def _model_settings(encoder, model_spec: str) -> dict:
     p = Path(model_spec)
     spec = str(p.resolve()) if p.exists() else model_spec  # a path must survive a change of cwd
-    return {
+    settings = {
         "spec": spec,
         "model_id": encoder.model_id,
         "template": encoder.template.to_dict(),
@@ -304,6 +304,10 @@ def _model_settings(encoder, model_spec: str) -> dict:
         # shards encoded in another precision would differ slightly: a resume must not mix them
         "dtype": str(next(encoder.model.parameters()).dtype).replace("torch.", ""),
     }
+    runtime = getattr(encoder, "runtime", "torch")
+    if runtime != "torch":  # recorded only when not torch: manifests written before stay resumable
+        settings["runtime"] = runtime
+    return settings
 
 
 def _differences(a, b, prefix: str) -> list[str]:

@@ -94,6 +94,7 @@ class Searcher:
         verify: bool = True,
         backend: str = "faiss",
         collection: str | None = None,
+        runtime: str | None = None,
     ) -> "Searcher":
         """Open ``index_dir`` and load the model its manifest names, with its template and lengths.
 
@@ -101,6 +102,7 @@ class Searcher:
         run-time parameters such as ``"nprobe=32"`` or ``"efSearch=128"``. ``backend="qdrant"``:
         ``index_dir`` is a Qdrant URI (server URL or local directory) holding ``collection``
         (see :mod:`llara.retrieval.qdrant`; ``params`` such as ``"exact=1"`` or ``"hnsw_ef=128"``).
+        ``runtime`` (``torch`` or ``onnx-int8``) defaults to the one the index was built with.
         """
         from ..modeling.encoder import Encoder
         from .lexical import open_bm25
@@ -126,9 +128,10 @@ class Searcher:
             max_passage_length=m["max_passage_length"],
             batch_size=batch_size,
             show_progress=False,
+            runtime=runtime or m.get("runtime", "torch"),
         )
-        log.info("searcher: %d passages, model %s, template %s, modes %s", len(index), encoder.model_id,
-                 encoder.template.name, "/".join(MODES if bm25 is not None else ("dense",)))
+        log.info("searcher: %d passages, model %s, template %s, runtime %s, modes %s", len(index), encoder.model_id,
+                 encoder.template.name, encoder.runtime, "/".join(MODES if bm25 is not None else ("dense",)))
         return cls(encoder, index, bm25)
 
     def search(self, queries: "Sequence[str] | str", k: int = 10, *, mode: str | None = None,
