@@ -1,5 +1,6 @@
-"""The final model directory: loadable by ``transformers.AutoModel.from_pretrained`` and by
-``llara.modeling.loading.load_model`` (it carries the tokenizer and ``llara.json``)."""
+"""The final model directory: loadable by ``transformers.AutoModel.from_pretrained``, by
+``llara.modeling.loading.load_model`` (it carries the tokenizer and ``llara.json``) and, for full
+weights, by ``sentence_transformers.SentenceTransformer`` (see ``llara.interop.st_config``)."""
 from __future__ import annotations
 
 import logging
@@ -9,6 +10,8 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
+from ..interop.st_config import write_st_files
+from ..modeling.encoder import DEFAULT_MAX_PASSAGE_LENGTH, DEFAULT_MAX_QUERY_LENGTH
 from ..modeling.loading import write_llara_config
 from .lora import is_peft_model, merged_state_dict
 
@@ -61,7 +64,12 @@ def export_model(
         if tokenizer is not None:
             tokenizer.save_pretrained(tmp)
         info = {"export": kind, **(extra or {})}
-        write_llara_config(tmp, get_template(template), info)
+        template = get_template(template)
+        write_llara_config(tmp, template, info)
+        if kind != "LoRA adapter" and tokenizer is not None:
+            write_st_files(tmp, template, eos_token=tokenizer.eos_token, hidden_size=model.config.hidden_size,
+                           max_query_length=info.get("max_query_length", DEFAULT_MAX_QUERY_LENGTH),
+                           max_passage_length=info.get("max_passage_length", DEFAULT_MAX_PASSAGE_LENGTH))
         if out.exists():
             old = out.with_name(f".{out.name}.old")
             shutil.rmtree(old, ignore_errors=True)
