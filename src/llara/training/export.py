@@ -56,7 +56,9 @@ def export_model(
             base.save_pretrained(tmp, state_dict=merged_state_dict(model), safe_serialization=True)
             kind = "merged LoRA"
         elif is_peft_model(model):
-            model.save_pretrained(tmp, safe_serialization=True)
+            # The slot rows are in the adapter (trainable tokens or modules_to_save): no copy of the
+            # whole resized embedding, which peft would otherwise add (as large as the vocabulary).
+            model.save_pretrained(tmp, safe_serialization=True, save_embedding_layers=False)
             kind = "LoRA adapter"
         else:
             model.save_pretrained(tmp, safe_serialization=True, **({"state_dict": state_dict} if state_dict else {}))
