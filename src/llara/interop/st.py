@@ -27,6 +27,7 @@ from ..modeling.encoder import (
     pooling_weights,
     tokenize_texts,
 )
+from ..modeling.loading import match_sentencepiece
 from ..prompts import EncodedSide, Template, encode_side
 from .st_config import template_prompts
 
@@ -50,6 +51,7 @@ class LlaraTransformer(Transformer):
         **kwargs,
     ) -> None:
         super().__init__(model_name_or_path, **kwargs)
+        match_sentencepiece(self.tokenizer)  # the ids llara.modeling.loading.load_tokenizer gives
         self.llara_template = llara_template
         self.template = Template.from_dict(llara_template, source=f"{model_name_or_path}/sentence_bert_config.json")
         self.max_query_length = int(max_query_length)

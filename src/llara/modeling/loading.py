@@ -157,11 +157,31 @@ def default_dtype(device: torch.device) -> torch.dtype:
 def load_tokenizer(path: str):
     from transformers import AutoTokenizer
 
-    tok = AutoTokenizer.from_pretrained(path)
+    tok = match_sentencepiece(AutoTokenizer.from_pretrained(path))
     if tok.pad_token_id is None:
         # Right padding with explicit masks: the pad id's value never reaches a pooled state.
         tok.pad_token = tok.eos_token if tok.eos_token is not None else tok.unk_token
     return tok
+
+
+def match_sentencepiece(tokenizer):
+    """Make a LLaMA-style SentencePiece tokenizer give SentencePiece's own ids again.
+
+    transformers 5 has no slow tokenizers and rebuilds LLaMA's with a ``Metaspace`` pre-tokenizer
+    that adds no word-boundary marker to a text that starts with a space, where SentencePiece
+    (``add_dummy_prefix``, what the slow tokenizer of the released LLaMA models ran) always adds
+    one: ``" x"`` gives ``▁ x`` instead of ``▁ ▁ x``. The normaliser the library used before (prepend
+    ``▁``, spaces to ``▁``) restores SentencePiece's ids for every input. Other tokenizers pass through.
+    """
+    from tokenizers import normalizers, pre_tokenizers
+
+    backend = getattr(tokenizer, "backend_tokenizer", None)
+    pre = getattr(backend, "pre_tokenizer", None)
+    if (type(tokenizer).__name__ in ("LlamaTokenizer", "LlamaTokenizerFast") and isinstance(pre, pre_tokenizers.Metaspace)
+            and pre.prepend_scheme != "never" and pre.replacement == "▁" and backend.normalizer is None):
+        backend.normalizer = normalizers.Sequence([normalizers.Prepend("▁"), normalizers.Replace(" ", "▁")])
+        backend.pre_tokenizer = None
+    return tokenizer
 
 
 def ensure_slot_tokens(tokenizer, model, slots) -> list[str]:
