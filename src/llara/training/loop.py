@@ -108,13 +108,11 @@ class TrainResult:
 
 # --------------------------------------------------------------------------- setup pieces
 def resolve_precision(config: TrainConfig) -> str:
-    """'bf16' or 'fp32'. auto: bf16 on a CUDA device that supports it, fp32 otherwise (CPU bf16
-    is several times slower than fp32)."""
-    if config.precision != "auto":
-        return config.precision
-    if not config.cpu and torch.cuda.is_available() and torch.cuda.is_bf16_supported():
-        return "bf16"
-    return "fp32"
+    """'bf16' or 'fp32'. auto: bf16 on a CUDA device that supports it, and on a CPU whose matmul
+    units run bf16 faster than fp32 (measured once, see ``modeling/precision.py``); fp32 otherwise."""
+    from ..modeling.precision import resolve_precision as resolve
+
+    return resolve(config.precision, on_cpu=config.cpu or not torch.cuda.is_available())
 
 
 def make_accelerator(config: TrainConfig):
