@@ -98,3 +98,12 @@ def test_unknown_prompt_is_a_clear_error(exported):
     model = st.SentenceTransformer(str(exported["llara"]), device="cpu", trust_remote_code=True)
     with pytest.raises(ValueError, match="prompt_name='query'"):
         model.encode(["fish"], prompt="query: ")
+
+
+def test_a_saved_sentence_transformer_reloads_the_same(exported, tmp_path):
+    model = st.SentenceTransformer(str(exported["paper"]), device="cpu", trust_remote_code=True)
+    model.save(str(tmp_path / "resaved"))
+    again = st.SentenceTransformer(str(tmp_path / "resaved"), device="cpu", trust_remote_code=True)
+    assert again.prompts["query"] == model.prompts["query"]
+    assert cosines(again.encode_query(QUERIES), model.encode_query(QUERIES)).min() >= 0.99999
+    assert cosines(again.encode_document(DOCS), model.encode_document(DOCS)).min() >= 0.99999
