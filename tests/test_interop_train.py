@@ -87,6 +87,7 @@ def test_adapter_export_stays_an_adapter(runs, mode):
     files = {p.name for p in adapter.iterdir()}
     assert {"adapter_config.json", "adapter_model.safetensors", "llara.json", "tokenizer.json"} <= files
     assert not any(f.startswith("model") for f in files)  # no full weights
+    assert all(p.stat().st_mode & 0o044 for p in adapter.iterdir())  # shared like the directory
     assert json.loads((adapter / "adapter_config.json").read_text())["base_model_name_or_path"] == str(runs["base"])
     assert tree_digest(runs["base"]) == runs["base_digest"]  # the base on disk stays untouched
 

@@ -72,6 +72,9 @@ def export_model(
             write_st_files(tmp, template, eos_token=tokenizer.eos_token, hidden_size=model.config.hidden_size,
                            max_query_length=info.get("max_query_length", DEFAULT_MAX_QUERY_LENGTH),
                            max_passage_length=info.get("max_passage_length", DEFAULT_MAX_PASSAGE_LENGTH))
+        for f in tmp.rglob("*"):  # some writers (peft's safetensors) leave files private
+            if f.is_file():
+                os.chmod(f, 0o666 & ~_umask())
         if out.exists():
             old = out.with_name(f".{out.name}.old")
             shutil.rmtree(old, ignore_errors=True)
