@@ -76,3 +76,21 @@ def make_model(arch: str = "llama", vocab_size: int = 128, attn: str = "sdpa", s
     model = AutoModelForCausalLM.from_config(cfg, attn_implementation=attn)
     model.eval()
     return model
+
+
+def make_corpus_tokenizer(texts, add_bos: bool = True) -> PreTrainedTokenizerFast:
+    """Like make_tokenizer, with the word-level vocabulary trained on ``texts`` (few unknown words)."""
+    from tokenizers import normalizers, trainers
+
+    specials = ["<unk>", "<s>", "</s>", "<pad>"]
+    tok = Tokenizer(models.WordLevel(unk_token="<unk>"))
+    tok.normalizer = normalizers.Lowercase()
+    tok.pre_tokenizer = pre_tokenizers.Sequence([pre_tokenizers.WhitespaceSplit(), pre_tokenizers.Punctuation()])
+    tok.train_from_iterator(texts, trainers.WordLevelTrainer(special_tokens=specials, min_frequency=1))
+    if add_bos:
+        tok.post_processor = processors.TemplateProcessing(
+            single="<s> $A", pair="<s> $A $B", special_tokens=[("<s>", tok.token_to_id("<s>"))]
+        )
+    return PreTrainedTokenizerFast(
+        tokenizer_object=tok, bos_token="<s>", eos_token="</s>", unk_token="<unk>", pad_token="<pad>"
+    )

