@@ -34,8 +34,16 @@ def _console(stderr: bool = False):
     from rich.console import Console
 
     stream = sys.stderr if stderr else sys.stdout
-    # Piped or captured output gets full-width tables instead of rich's 80-column default.
-    return Console(stderr=stderr, width=None if stream.isatty() else 160)
+    # Piped or captured output gets full-width tables instead of rich's 80-column default. No markup:
+    # ids, titles, queries and paths are data and may hold "[/bold]" (styles go through rich.text.Text).
+    return Console(stderr=stderr, width=None if stream.isatty() else 160, markup=False)
+
+
+def _styled(*parts) -> "object":
+    """A line of plain strings and ``(text, style)`` pairs, printed without markup parsing."""
+    from rich.text import Text
+
+    return Text.assemble(*parts)
 
 
 def print_table(results, title: str) -> None:
@@ -142,24 +150,25 @@ def cmd_demo(args) -> int:
     out = Path(args.output)
     console = _console()
     corpus = Path(args.dataset) / "corpus.jsonl"
-    console.print(f"[bold]llara demo[/bold]: model={args.model}, collection={args.dataset}. Passages are truncated "
-                  f"to {args.max_passage_length} tokens and queries to {args.max_query_length} (prompts included), "
-                  "to finish in minutes on a laptop CPU.")
-    console.print("[bold]1/3[/bold] zero-shot: BM25 and the untrained model's embeddings")
+    console.print(_styled(("llara demo", "bold"), f": model={args.model}, collection={args.dataset}. Passages are "
+                          f"truncated to {args.max_passage_length} tokens and queries to {args.max_query_length} "
+                          "(prompts included), to finish in minutes on a laptop CPU."))
+    console.print(_styled(("1/3", "bold"), " zero-shot: BM25 and the untrained model's embeddings"))
     before = run_evaluation([args.dataset], ["bm25", "dense"], args.template, args, out / "before")
     print_table(before, "before adaptation (zero-shot)")
     if args.adapt_steps <= 0:
         console.print(f"done in {time.perf_counter() - t0:.0f} s; results in {out}/")
         return 0
 
-    console.print(f"[bold]2/3[/bold] LLaRA adaptation (EBAE + EBAR + LM loss) on {corpus} for {args.adapt_steps} steps "
-                  f"of {args.adapt_batch_size} (chunk, next chunk) pairs: unlabelled text only")
+    console.print(_styled(("2/3", "bold"), f" LLaRA adaptation (EBAE + EBAR + LM loss) on {corpus} for "
+                          f"{args.adapt_steps} steps of {args.adapt_batch_size} (chunk, next chunk) pairs: "
+                          "unlabelled text only"))
     train_cfg = TrainConfig(output_dir=str(out / "adapt"), max_steps=args.adapt_steps, batch_size=args.adapt_batch_size,
                             lr=args.adapt_lr, save_every=max(args.adapt_steps // 2, 1), seed=0, resume=True,
                             cpu=args.device == "cpu", progress=sys.stderr.isatty())
     result = pretrain(args.model, [str(corpus)], train_cfg, PretrainDataConfig(chunk_tokens=args.adapt_chunk_tokens))
 
-    console.print("[bold]3/3[/bold] the adapted model's slot embeddings")
+    console.print(_styled(("3/3", "bold"), " the adapted model's slot embeddings"))
     adapted = argparse.Namespace(**{**vars(args), "model": str(result.export_dir), "template": ["llara"]})
     after = run_evaluation([args.dataset], ["dense"], ["llara"], adapted, out / "after")
     for r in after:
@@ -174,9 +183,9 @@ def cmd_demo(args) -> int:
         lines.append(f"| {k} | " + " | ".join(f"{get[c][k]:.4f}" for c in cols) + " |")
     write_summary(rows, out, header="\n".join(lines))
     untrained = f"{get['llara']['ndcg@10']:.3f} untrained -> " if "llara" in get else ""
-    console.print(f"nDCG@10 of the LLaRA slots: {untrained}"
-                  f"[bold]{get['adapted']['ndcg@10']:.3f}[/bold] adapted ({args.adapt_steps} steps); "
-                  f"loss curve: {result.plot_path}; adapted model: {result.export_dir}")
+    console.print(_styled(f"nDCG@10 of the LLaRA slots: {untrained}", (f"{get['adapted']['ndcg@10']:.3f}", "bold"),
+                          f" adapted ({args.adapt_steps} steps); loss curve: {result.plot_path}; "
+                          f"adapted model: {result.export_dir}"))
     console.print(f"done in {time.perf_counter() - t0:.0f} s; results in {out}/ (summary.md, before/, after/, adapt/)")
     return 0
 
@@ -191,9 +200,10 @@ def _shard_arg(value: str):
         raise argparse.ArgumentTypeError(str(e)) from None
 
 
-def _fail(e: Exception) -> int:
-    _console(stderr=True).print(f"[red]error:[/red] {e}", markup=True, highlight=False)
-    return 2
+def _fail(e: "Exception | str", status: int = 2) -> int:
+    """Print ``error: <message>`` to stderr as plain text (the message is data, never markup)."""
+    _console(stderr=True).print(_styled(("error:", "red"), f" {e}"), highlight=False, soft_wrap=True)
+    return status
 
 
 def cmd_index(args) -> int:
@@ -310,8 +320,12 @@ def cmd_mine(args) -> int:
 
 
 def _train_config(args):
+    from .training.checkpoint import list_checkpoints
     from .training.config import TrainConfig, config_from_args
 
+    if not args.resume and list_checkpoints(args.output):
+        raise FileExistsError(f"{args.output} holds checkpoints of an earlier run: continue it with --resume, "
+                              "or choose another --output")
     args.output_dir = args.output
     if args.max_steps is None and args.epochs is None:
         args.epochs = 1
@@ -472,14 +486,18 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.command == "demo" and args.template is None:
         args.template = ["mean", "eos", "llara"]  # mean and eos share one forward pass
     _setup_logging(args.verbose)
-    from .data.beir import DataError
-    from .prompts import TemplateError
-
     try:
         return args.func(args)
-    except (DataError, TemplateError, FileNotFoundError) as e:
-        _console(stderr=True).print(f"[red]error:[/red] {e}")
-        return 2
+    except KeyboardInterrupt:
+        return _fail("interrupted", 130)
+    except (ValueError, OSError) as e:  # bad input: DataError, TemplateError, missing/existing files ...
+        if args.verbose:
+            log.exception("%s", e)
+        return _fail(e)
+    except Exception as e:  # a bug: one line, the traceback with -v
+        if args.verbose:
+            log.exception("unexpected error")
+        return _fail(f"unexpected {type(e).__name__}: {e} (rerun with -v for the traceback)", 1)
 
 
 if __name__ == "__main__":
