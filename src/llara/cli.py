@@ -270,6 +270,25 @@ def cmd_search(args) -> int:
     return 0
 
 
+def cmd_check_index(args) -> int:
+    """Check an index against its manifest without reading it into memory."""
+    import json
+
+    from .retrieval.check import check_index
+
+    try:
+        r = check_index(args.index, full=args.full)
+    except ValueError as e:
+        return _fail(e)
+    if args.json:
+        sys.stdout.write(json.dumps(r) + "\n")
+        return 0
+    state = "complete" if r["complete"] else f"part {r['part'][0]}/{r['part'][1]}" if r["part"] else "unfinished"
+    _console().print(f"ok: {r['path']}: {r['rows']} passages in {r['shards']} shards ({state}); {r['files']} files, "
+                     f"{r['bytes'] / 1e6:.1f} MB, {r['bytes_hashed'] / 1e6:.1f} MB hashed, in {r['seconds']:.2f} s")
+    return 0
+
+
 def cmd_serve(args) -> int:
     """HTTP search service (loopback by default)."""
     from .serve import run
@@ -367,6 +386,10 @@ def _add_training_args(p: argparse.ArgumentParser, *extra_configs) -> None:
         add_config_arguments(p, cls, skip=("seed",))
 
 
+NO_VERIFY_HELP = ("open without hashing the embeddings and FAISS file: only the light check of 'llara check-index' "
+                  "(sizes, line counts, .npy headers, the id/title files' sha256); for large indexes")
+
+
 def build_parser() -> argparse.ArgumentParser:
     from . import __version__
 
@@ -457,9 +480,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", action="store_true", help="one JSON object per query on stdout")
     p.add_argument("--device", default=None)
     p.add_argument("--faiss-params", default=None, help="FAISS run-time parameters, e.g. nprobe=32 or efSearch=128")
-    p.add_argument("--no-verify", dest="verify", action="store_false",
-                   help="skip the sha256 of every index file on open (sizes are still checked); for large indexes")
+    p.add_argument("--no-verify", dest="verify", action="store_false", help=NO_VERIFY_HELP)
     p.set_defaults(func=cmd_search)
+
+    p = sub.add_parser("check-index", help="check an index against its manifest: sizes, line counts, .npy headers "
+                                           "and the id/title files' sha256 (--full: every file's sha256)")
+    p.add_argument("--index", required=True, help="index directory")
+    p.add_argument("--full", action="store_true", help="hash every file, embeddings and FAISS index included")
+    p.add_argument("--json", action="store_true", help="print what was checked as one JSON object")
+    p.set_defaults(func=cmd_check_index)
 
     p = sub.add_parser("serve", help="HTTP search service over an index (POST /search, GET /health, GET /info)")
     p.add_argument("--index", required=True, help="index directory")
@@ -473,8 +502,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-k", type=int, default=1000)
     p.add_argument("--max-query-chars", type=int, default=2048)
     p.add_argument("--max-body-bytes", type=int, default=1 << 20)
-    p.add_argument("--no-verify", dest="verify", action="store_false",
-                   help="skip the sha256 of every index file on open (sizes are still checked); for large indexes")
+    p.add_argument("--no-verify", dest="verify", action="store_false", help=NO_VERIFY_HELP)
     p.set_defaults(func=cmd_serve)
     return parser
 
