@@ -296,7 +296,9 @@ def cmd_serve(args) -> int:
     try:
         run(args.index, host=args.host, port=args.port, device=args.device, params=args.faiss_params,
             max_batch=args.max_batch, max_wait_ms=args.max_wait_ms, max_k=args.max_k,
-            max_query_chars=args.max_query_chars, max_body_bytes=args.max_body_bytes, verify=args.verify)
+            max_query_chars=args.max_query_chars, max_body_bytes=args.max_body_bytes, verify=args.verify,
+            max_pending=args.max_pending, head_timeout=args.head_timeout, body_timeout=args.body_timeout,
+            keep_alive=args.keep_alive)
     except ValueError as e:
         return _fail(e)
     return 0
@@ -502,6 +504,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-k", type=int, default=1000)
     p.add_argument("--max-query-chars", type=int, default=2048)
     p.add_argument("--max-body-bytes", type=int, default=1 << 20)
+    p.add_argument("--max-pending", type=int, default=None,
+                   help="queries waiting for the encoder before new requests get 503 + Retry-After "
+                        "(default: 8 x --max-batch)")
+    p.add_argument("--head-timeout", type=float, default=10.0,
+                   help="seconds a connection has to send a complete request head (default: %(default)s)")
+    p.add_argument("--body-timeout", type=float, default=10.0,
+                   help="seconds a request has to send its whole body, else 408 (default: %(default)s)")
+    p.add_argument("--keep-alive", type=int, default=5,
+                   help="seconds an idle connection stays open after a response (default: %(default)s)")
     p.add_argument("--no-verify", dest="verify", action="store_false", help=NO_VERIFY_HELP)
     p.set_defaults(func=cmd_serve)
     return parser
