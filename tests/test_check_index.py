@@ -6,20 +6,17 @@ import json
 import shutil
 
 import pytest
-from tiny_index import make_encoder, save_model, write_corpus
+from tiny_index import build_tiny_index
 
 from llara.cli import main
 from llara.data.beir import DataError
 from llara.retrieval.check import check_index
-from llara.retrieval.index import build_index, open_index
+from llara.retrieval.index import open_index
 
 
 @pytest.fixture(scope="module")
 def built(tmp_path_factory):
-    root = tmp_path_factory.mktemp("check")
-    model = save_model(root / "model")
-    corpus = write_corpus(root / "corpus.jsonl", n=23)
-    return build_index(make_encoder(), corpus, root / "ref", model_spec=str(model), shard_size=5)
+    return build_tiny_index(tmp_path_factory.mktemp("check"), n=23, shard_size=5)
 
 
 @pytest.fixture

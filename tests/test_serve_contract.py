@@ -10,16 +10,15 @@ import re
 import subprocess
 import sys
 import threading
-import time
 
 import pytest
-from tiny_index import make_encoder, save_model, write_corpus
+from tiny_index import build_tiny_index, make_encoder, start_server
 
 httpx = pytest.importorskip("httpx", reason="the serve extra: pip install -e '.[serve]'")
 pytest.importorskip("fastapi", reason="the serve extra: pip install -e '.[serve]'")
 from fastapi.testclient import TestClient  # noqa: E402
 
-from llara.retrieval.index import build_index, open_index  # noqa: E402
+from llara.retrieval.index import open_index  # noqa: E402
 from llara.retrieval.searcher import Hit, Searcher  # noqa: E402
 from llara.serve import create_app  # noqa: E402
 from llara.serve_limits import RequestGuard  # noqa: E402
@@ -31,10 +30,7 @@ SCHEMATHESIS_EXAMPLES = 60  # per operation and phase; the whole run takes ~10 s
 
 @pytest.fixture(scope="module")
 def index_dir(tmp_path_factory):
-    root = tmp_path_factory.mktemp("contract")
-    model = save_model(root / "model")
-    corpus = write_corpus(root / "corpus.jsonl", n=30)
-    return build_index(make_encoder(), corpus, root / "index", model_spec=str(model), shard_size=16)
+    return build_tiny_index(tmp_path_factory.mktemp("contract"))
 
 
 @pytest.fixture(scope="module")
@@ -148,36 +144,9 @@ def test_body_deadline_answers_408():
     assert b"did not arrive within 0.2 s" in sent[1]["body"]
 
 
-def _free_port() -> int:
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def _start_server(index_dir, log_path, *extra) -> tuple[subprocess.Popen, str]:
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}
-    port = _free_port()
-    log = open(log_path, "wb")
-    server = subprocess.Popen([sys.executable, "-m", "llara.cli", "serve", "--index", str(index_dir),
-                               "--port", str(port), *extra], env=env, stdout=log, stderr=subprocess.STDOUT)
-    url = f"http://127.0.0.1:{port}"
-    deadline = time.monotonic() + 120
-    while True:
-        assert server.poll() is None, open(log_path).read()
-        try:
-            if httpx.get(f"{url}/health", timeout=1).status_code == 200:
-                return server, url
-        except httpx.HTTPError:
-            pass
-        assert time.monotonic() < deadline, "server did not start in 120 s"
-        time.sleep(0.2)
-
-
 def test_schemathesis_finds_no_violation(index_dir, tmp_path):
     pytest.importorskip("schemathesis", reason="the dev extra: pip install -e '.[dev]'")
-    server, url = _start_server(index_dir, tmp_path / "server.log", "--max-k", "50", "--max-query-chars", "100",
+    server, url = start_server(index_dir, tmp_path / "server.log", "--max-k", "50", "--max-query-chars", "100",
                                 "--max-batch", "4", "--max-body-bytes", "8192")
     try:
         out = subprocess.run(

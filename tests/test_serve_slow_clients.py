@@ -13,13 +13,11 @@ import time
 from pathlib import Path
 
 import pytest
-from tiny_index import make_encoder, save_model, write_corpus
+from tiny_index import build_tiny_index, start_server
 
 httpx = pytest.importorskip("httpx", reason="the serve extra: pip install -e '.[serve]'")
 pytest.importorskip("fastapi", reason="the serve extra: pip install -e '.[serve]'")
 
-from llara.retrieval.index import build_index  # noqa: E402
-from test_serve_contract import _start_server  # noqa: E402
 
 HOLDER = Path(__file__).with_name("_slow_clients.py")
 HELD = 300  # over uvicorn's old limit_concurrency of 256 that idle sockets used to fill
@@ -29,10 +27,7 @@ FACTOR = 5  # median latency with the slow clients held vs. without them
 
 @pytest.fixture(scope="module")
 def index_dir(tmp_path_factory):
-    root = tmp_path_factory.mktemp("slow")
-    model = save_model(root / "model")
-    corpus = write_corpus(root / "corpus.jsonl", n=30)
-    return build_index(make_encoder(), corpus, root / "index", model_spec=str(model), shard_size=16)
+    return build_tiny_index(tmp_path_factory.mktemp("slow"))
 
 
 def _port(url: str) -> str:
@@ -74,7 +69,7 @@ def _latencies(url: str) -> tuple[list[float], list[int]]:
 
 def test_held_half_sent_requests_do_not_lock_out_or_slow_down(index_dir, tmp_path):
     # long deadlines, so that every slow connection is still held while we measure
-    server, url = _start_server(index_dir, tmp_path / "server.log", "--head-timeout", "600", "--body-timeout", "600")
+    server, url = start_server(index_dir, tmp_path / "server.log", "--head-timeout", "600", "--body-timeout", "600")
     try:
         _latencies(url)  # warm-up
         before, st0 = _latencies(url)
@@ -96,7 +91,7 @@ def test_held_half_sent_requests_do_not_lock_out_or_slow_down(index_dir, tmp_pat
 
 
 def test_server_closes_slow_connections_at_its_deadlines(index_dir, tmp_path):
-    server, url = _start_server(index_dir, tmp_path / "server.log", "--head-timeout", "1.5", "--body-timeout", "1.5",
+    server, url = start_server(index_dir, tmp_path / "server.log", "--head-timeout", "1.5", "--body-timeout", "1.5",
                                 "--keep-alive", "1")
     try:
         holder = _start_holder(url, 25, "silent,head,body,trickle,keepalive", hold=90)
