@@ -6,6 +6,7 @@ in the same test, by a generous factor: no absolute timings."""
 from __future__ import annotations
 
 import json
+import socket
 import statistics
 import subprocess
 import sys
@@ -97,6 +98,9 @@ def test_server_closes_slow_connections_at_its_deadlines(index_dir, tmp_path):
         holder = _start_holder(url, 25, "silent,head,body,trickle,keepalive", hold=90)
         report = _finish_holder(holder, release=False)  # returns once the server has closed every one
         assert httpx.post(f"{url}/search", json={"query": "fish"}, timeout=30).status_code == 200
+        with socket.create_connection(("127.0.0.1", int(_port(url))), timeout=30) as s:
+            s.sendall(b"NOT HTTP AT ALL\r\n\r\n")  # uvicorn's own 400, with the service's error body
+            malformed = s.recv(65536)
     finally:
         server.terminate()
         server.wait(timeout=10)
@@ -105,3 +109,6 @@ def test_server_closes_slow_connections_at_its_deadlines(index_dir, tmp_path):
     assert report["body"]["statuses"] == {"408": 5}, report  # a body shorter than its Content-Length
     assert report["keepalive"]["statuses"] == {"200": 5}, report  # answered, then closed when idle
     assert report["trickle"]["statuses"] == {} and report["silent"]["statuses"] == {}, report
+    head, _, body = malformed.partition(b"\r\n\r\n")
+    assert head.startswith(b"HTTP/1.1 400") and b"content-type: application/json" in head.lower(), malformed
+    assert set(json.loads(body)) == {"error"}

@@ -134,6 +134,18 @@ def head_deadline_protocol(head_timeout: float):
                 self._head_timer.cancel()
             self._head_timer = self.loop.call_later(head_timeout, self._head_expired, scope)
 
+        def send_400_response(self, msg: str) -> None:
+            """uvicorn's answer to a malformed request, with the service's error body instead of text."""
+            import h11
+
+            body = json.dumps({"error": msg}).encode()
+            headers = [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode()),
+                       (b"connection", b"close")]
+            for event in (h11.Response(status_code=400, headers=headers, reason=b"Bad Request"), h11.Data(data=body),
+                          h11.EndOfMessage()):
+                self.transport.write(self.conn.send(event))
+            self.transport.close()
+
         def _head_expired(self, scope) -> None:
             # Still the same scope: no new request head was parsed since the deadline was armed.
             if self.scope is scope and not self.transport.is_closing():
