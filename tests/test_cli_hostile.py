@@ -94,6 +94,14 @@ def test_index_error_and_search_output_keep_markup(tmp_path, capsys, model_dir):
     assert f"{MARKUP} fish" in out and VANISHING in out and out.count(MARKUP) >= 3  # title, id, query
     assert main(["search", "--index", str(tmp_path / f"missing{VANISHING}"), "fish"]) == 2
     assert f"missing{VANISHING}" in _error_line(capsys)
+    assert main(["search", "--index", str(idx), "fish", "--faiss-params", MARKUP]) == 2  # FAISS's RuntimeError
+    err = _error_line(capsys)
+    assert f"invalid FAISS parameters '{MARKUP}'" in err and ".cpp" not in err
+    assert main(["check-index", "--index", str(idx)]) == 0
+    assert str(idx) in capsys.readouterr().out
+    with pytest.raises(SystemExit) as exc:
+        main(["serve", "--index", str(idx), "--port", "99999"])
+    assert exc.value.code == 2 and "port must be 0-65535" in _error_line(capsys)
 
 
 def test_mine_errors_keep_markup(tmp_path, capsys):

@@ -200,6 +200,13 @@ def _shard_arg(value: str):
         raise argparse.ArgumentTypeError(str(e)) from None
 
 
+def _port_arg(value: str) -> int:
+    port = int(value)
+    if not 0 <= port <= 65535:
+        raise argparse.ArgumentTypeError(f"port must be 0-65535, got {port}")
+    return port
+
+
 def _fail(e: "Exception | str", status: int = 2) -> int:
     """Print ``error: <message>`` to stderr as plain text (the message is data, never markup)."""
     _console(stderr=True).print(_styled(("error:", "red"), f" {e}"), highlight=False, soft_wrap=True)
@@ -495,7 +502,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("serve", help="HTTP search service over an index (POST /search, GET /health, GET /info)")
     p.add_argument("--index", required=True, help="index directory")
     p.add_argument("--host", default="127.0.0.1", help="bind address (default: loopback only)")
-    p.add_argument("--port", type=int, default=8000)
+    p.add_argument("--port", type=_port_arg, default=8000)
     p.add_argument("--device", default=None)
     p.add_argument("--faiss-params", default=None, help="FAISS run-time parameters, e.g. nprobe=32")
     p.add_argument("--max-batch", type=int, default=32, help="queries per encoder call (default: %(default)s)")

@@ -24,6 +24,7 @@ import hashlib
 import json
 import logging
 import os
+import re
 import shutil
 import time
 from dataclasses import dataclass, field
@@ -600,7 +601,13 @@ class DenseIndex:
     def set_params(self, params: str | None) -> None:
         """FAISS run-time parameters, e.g. ``"nprobe=32"`` (IVF) or ``"efSearch=128"`` (HNSW)."""
         if params:
-            faiss.ParameterSpace().set_index_parameters(self.index, params)
+            try:
+                faiss.ParameterSpace().set_index_parameters(self.index, params)
+            except RuntimeError as e:
+                line = str(e).strip().splitlines()[-1]  # drop FAISS's C++ location
+                reason = re.sub(r"^Error in .*? at \S+:\d+: (Error: '.*?' failed: )?", "", line)
+                raise ValueError(f"invalid FAISS parameters {params!r} for a {self.manifest['factory']} "
+                                 f"index: {reason}") from None
 
     def search(self, queries: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
         """``(scores, rows)``, both ``(Q, k')`` with ``k' = min(k, len(self))``; rows may hold -1
