@@ -5,6 +5,8 @@ from pathlib import Path
 os.environ["HF_HUB_OFFLINE"] = "1"  # any download is a bug
 os.environ["TRANSFORMERS_OFFLINE"] = "1"
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+# Exact equivalence checks need fp32; the automatic choice is tested on its own (test_precision.py).
+os.environ["LLARA_CPU_DTYPE"] = "float32"
 sys.path.insert(0, str(Path(__file__).parent))
 
 import pytest  # noqa: E402

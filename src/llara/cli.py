@@ -77,8 +77,9 @@ def _add_encoder_args(p: argparse.ArgumentParser) -> None:
                         f"(default: the checkpoint's, else {DEFAULT_MAX_PASSAGE_LENGTH})")
     p.add_argument("--batch-size", type=int, default=32)
     p.add_argument("--device", default=None, help="cpu, cuda, cuda:1 ... (default: cuda if available)")
-    p.add_argument("--dtype", default=None, choices=["float32", "bfloat16", "float16"],
-                   help="default: float32 on CPU, bfloat16 on GPU")
+    p.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"],
+                   help="auto: bfloat16 on GPUs and on CPUs whose bf16 matmul is measured faster than fp32 "
+                        "(AMX, AVX512-BF16), else float32 (default: %(default)s)")
     p.add_argument("--cache-dir", default=None,
                    help="embedding cache keyed by weights, template and text (default: $LLARA_CACHE/embeddings)")
     p.add_argument("--no-cache", action="store_true", help="do not read or write the embedding cache")

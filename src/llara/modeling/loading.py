@@ -27,6 +27,7 @@ from typing import Any
 import torch
 
 from .. import __version__
+from .precision import resolve_dtype
 
 log = logging.getLogger(__name__)
 
@@ -137,12 +138,6 @@ def default_device() -> torch.device:
     return torch.device("cuda" if torch.cuda.is_available() else "cpu")
 
 
-def default_dtype(device: torch.device) -> torch.dtype:
-    """fp32 on CPU (about 3x faster than bf16 there), bf16 on GPUs that support it, else fp16."""
-    if device.type == "cuda":
-        return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
-    return torch.float32
-
 
 def load_tokenizer(path: str):
     from transformers import AutoTokenizer
@@ -195,10 +190,7 @@ def load_model(
 
     resolved = resolve_model(spec)
     device = torch.device(device) if device is not None else default_device()
-    if isinstance(dtype, str):
-        dtype = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16,
-                 "bf16": torch.bfloat16, "float16": torch.float16, "fp16": torch.float16}[dtype]
-    dtype = dtype or default_dtype(device)
+    dtype = resolve_dtype(device, dtype)  # None / "auto": the fastest precision of this device
     cls = AutoModelForCausalLM if causal_lm else AutoModel
     model = cls.from_pretrained(resolved.path, dtype=dtype, attn_implementation=attn_implementation)
     model.to(device).eval()

@@ -60,7 +60,7 @@ class TrainConfig:
     max_grad_norm: float = _f(1.0, "clip the global gradient norm to this value (0 disables clipping)")
 
     # --- memory and precision
-    precision: str = _f("auto", "auto (bf16 on GPUs that support it, else fp32), fp32 or bf16 (autocast; LoRA base weights in bf16)")
+    precision: str = _f("auto", "auto (bf16 on GPUs that support it and on CPUs whose bf16 matmul is measured faster, else fp32), fp32 or bf16 (autocast over fp32 weights; LoRA base weights in bf16)")
     gradient_checkpointing: bool = _f(False, "recompute activations in backward (less memory, ~30% slower)")
     cpu: bool = _f(False, "train on CPU even when a GPU is present")
     ddp_find_unused_parameters: bool = _f(False, "DDP option; only needed when some trainable parameters get no gradient")

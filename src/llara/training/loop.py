@@ -108,13 +108,11 @@ class TrainResult:
 
 # --------------------------------------------------------------------------- setup pieces
 def resolve_precision(config: TrainConfig) -> str:
-    """'bf16' or 'fp32'. auto: bf16 on a CUDA device that supports it, fp32 otherwise (CPU bf16
-    is several times slower than fp32)."""
-    if config.precision != "auto":
-        return config.precision
-    if not config.cpu and torch.cuda.is_available() and torch.cuda.is_bf16_supported():
-        return "bf16"
-    return "fp32"
+    """'bf16' or 'fp32'. auto: bf16 on a CUDA device that supports it, and on a CPU whose matmul
+    units run bf16 faster than fp32 (measured once, see ``modeling/precision.py``); fp32 otherwise."""
+    from ..modeling.precision import resolve_precision as resolve
+
+    return resolve(config.precision, on_cpu=config.cpu or not torch.cuda.is_available())
 
 
 def make_accelerator(config: TrainConfig):
@@ -184,7 +182,15 @@ def build_optimizer(model: nn.Module, config: TrainConfig) -> torch.optim.Optimi
         raise ValueError("the model has no trainable parameters")
     groups = [g for g in ({"params": decay, "weight_decay": config.weight_decay},
                           {"params": no_decay, "weight_decay": 0.0}) if g["params"]]
-    return torch.optim.AdamW(groups, lr=config.lr, betas=(config.adam_beta1, config.adam_beta2), eps=config.adam_eps)
+    kwargs = {"lr": config.lr, "betas": (config.adam_beta1, config.adam_beta2), "eps": config.adam_eps}
+    # The fused kernel updates every tensor in one pass: ~6x faster than the foreach path on a CPU,
+    # where the optimizer step of a full fine-tuning is a sizeable part of the training step.
+    if all(p.device.type in ("cpu", "cuda") and p.dtype.is_floating_point for g in groups for p in g["params"]):
+        try:
+            return torch.optim.AdamW(groups, fused=True, **kwargs)
+        except (RuntimeError, TypeError, ValueError) as e:  # an older torch or an unsupported layout
+            logger.debug("fused AdamW unavailable (%s): using the default implementation", e)
+    return torch.optim.AdamW(groups, **kwargs)
 
 
 def build_scheduler(optimizer: torch.optim.Optimizer, config: TrainConfig, num_steps: int):

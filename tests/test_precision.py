@@ -1,0 +1,78 @@
+"""The compute precision is chosen at run time from what the CPU does fastest; explicit choices win."""
+import json
+
+import pytest
+import torch
+
+from llara.modeling import precision
+from llara.training.config import TrainConfig
+from llara.training.loop import resolve_precision
+
+
+@pytest.fixture
+def auto(monkeypatch, tmp_path):
+    """Automatic choice with an empty cache; the probe's answer is set by the test."""
+    monkeypatch.setenv("LLARA_CPU_DTYPE", "auto")
+    monkeypatch.setenv("LLARA_CACHE", str(tmp_path))
+    monkeypatch.setattr(precision, "_speedups", {})
+    monkeypatch.setattr(precision, "_bf16_supported", lambda: True)
+    calls = []
+
+    def set_probe(speedup):
+        def probe():
+            calls.append(speedup)
+            return speedup
+        monkeypatch.setattr(precision, "_probe", probe)
+        return calls
+
+    return set_probe
+
+
+@pytest.mark.parametrize("speedup, expected", [(2.2, torch.bfloat16), (1.1, torch.float32), (0.3, torch.float32)])
+def test_cpu_choice_follows_the_measured_speedup(auto, speedup, expected):
+    auto(speedup)
+    assert precision.resolve_dtype("cpu") == expected
+    assert precision.resolve_dtype("cpu", "auto") == expected
+    assert resolve_precision(TrainConfig(max_steps=1, cpu=True)) == ("bf16" if expected == torch.bfloat16 else "fp32")
+
+
+def test_explicit_choices_win(auto):
+    auto(5.0)
+    assert precision.resolve_dtype("cpu", "float32") == torch.float32
+    assert precision.resolve_dtype("cpu", torch.float16) == torch.float16
+    assert resolve_precision(TrainConfig(max_steps=1, cpu=True, precision="fp32")) == "fp32"
+    auto(0.5)
+    assert precision.resolve_dtype("cpu", "bf16") == torch.bfloat16
+    with pytest.raises(ValueError, match="unknown dtype"):
+        precision.resolve_dtype("cpu", "int4")
+
+
+def test_probe_runs_once_per_cpu_and_is_cached_on_disk(auto, tmp_path, monkeypatch):
+    calls = auto(2.0)
+    assert precision.cpu_prefers_bf16() and precision.cpu_prefers_bf16()
+    assert calls == [2.0]  # once per process
+    cached = json.loads((tmp_path / precision.CACHE_FILE).read_text())
+    assert list(cached.values()) == [2.0] and "torch" in next(iter(cached))
+    monkeypatch.setattr(precision, "_speedups", {})  # a new process reads the file, no probe
+    assert precision.cpu_prefers_bf16() and calls == [2.0]
+
+
+def test_no_bf16_support_means_fp32_without_probing(auto, monkeypatch):
+    calls = auto(9.0)
+    monkeypatch.setattr(precision, "_bf16_supported", lambda: False)
+    assert precision.resolve_dtype("cpu") == torch.float32 and calls == []
+
+
+def test_environment_pins_the_cpu_choice(auto, monkeypatch):
+    calls = auto(9.0)
+    monkeypatch.setenv("LLARA_CPU_DTYPE", "float32")
+    assert precision.resolve_dtype("cpu") == torch.float32
+    monkeypatch.setenv("LLARA_CPU_DTYPE", "bf16")
+    assert precision.resolve_dtype("cpu") == torch.bfloat16 and calls == []
+    monkeypatch.setenv("LLARA_CPU_DTYPE", "float16")
+    with pytest.raises(ValueError, match="LLARA_CPU_DTYPE"):
+        precision.resolve_dtype("cpu")
+
+
+def test_real_probe_is_a_ratio():
+    assert precision._probe(n=64, repeats=1) > 0
