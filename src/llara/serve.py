@@ -206,6 +206,8 @@ def create_app(
     max_queries = max_queries or max_batch
     SearchRequest = request_model(max_query_chars, max_k, max_queries, min(default_k, max_k))
     batcher = MicroBatcher(searcher, max_batch, max_wait_ms, max_pending)
+    if max_queries > batcher.max_pending:
+        raise ValueError(f"max_queries ({max_queries}) must be <= max_pending ({batcher.max_pending})")
     info = {**searcher.info(), "limits": {"max_query_chars": max_query_chars, "max_k": max_k,
                                           "max_queries": max_queries, "max_body_bytes": max_body_bytes,
                                           "max_batch": max_batch, "max_wait_ms": max_wait_ms,
