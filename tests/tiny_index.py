@@ -74,3 +74,14 @@ def start_server(index_dir: Path, log_path: Path, *extra: str, startup_s: float 
             pass
         assert time.monotonic() < deadline, f"server did not start in {startup_s} s"
         time.sleep(0.2)
+
+
+def index_setup(root: Path, n: int, shard_size: int) -> dict:
+    """A saved tiny model, a corpus of ``n`` documents, the model loaded back and a Flat index of the corpus."""
+    from llara.retrieval.index import build_index
+
+    model_dir = save_model(root / "model")
+    corpus = write_corpus(root / "corpus.jsonl", n=n)
+    encoder = Encoder.from_pretrained(str(model_dir), show_progress=False)
+    ref = build_index(encoder, corpus, root / "ref", model_spec=str(model_dir), shard_size=shard_size)
+    return {"root": root, "model": model_dir, "corpus": corpus, "encoder": encoder, "ref": ref}

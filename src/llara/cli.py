@@ -215,25 +215,40 @@ def _fail(e: "Exception | str", status: int = 2) -> int:
 
 
 def cmd_index(args) -> int:
-    """Encode a corpus.jsonl into a persistent, resumable index directory."""
+    """Encode a corpus.jsonl into a persistent, resumable index directory (and export it to a vector database)."""
     from .retrieval.index import build_index
 
     if args.template and len(args.template) > 1:
         return _fail(ValueError("an index has one template; give --template once"))
+    if args.backend != "faiss" and (not args.uri or args.shard):
+        return _fail(ValueError(f"--backend {args.backend} needs --uri, and exports a whole index (no --shard)"))
     args.no_cache = True  # the shards are the cache; the embedding cache would store them twice
     t0 = time.perf_counter()
     try:
         encoder = _make_encoder(args, args.template)
+        engine = None
+        if args.engine == "ray":
+            from .retrieval.ray_engine import RayEngine
+
+            engine = RayEngine.from_encoder(encoder, args.model, workers=args.workers, address=args.ray_address,
+                                            batch_size=args.batch_size, device=args.device, dtype=args.dtype)
         out = build_index(encoder, args.corpus, args.output, model_spec=args.model, shard_size=args.shard_size,
                           factory=args.factory, resume=args.resume, shard=args.shard, batch_size=args.batch_size,
-                          train_size=args.train_size)
+                          train_size=args.train_size, faiss_index=args.backend == "faiss", engine=engine)
+        if args.backend == "qdrant":
+            from .retrieval.qdrant import export_to_qdrant
+
+            meta = export_to_qdrant(out, args.uri, args.collection)
     except ValueError as e:  # DataError and TemplateError included
         return _fail(e)
     import json
 
     m = json.loads((out / "manifest.json").read_text())
     what = f"part {args.shard[0]}/{args.shard[1]} " if args.shard else ""
-    _console().print(f"indexed {what}{m['count']} passages ({len(m['shards'])} shards, {m['factory']}) into {out} "
+    where = f"{out}" + (f" and Qdrant {args.uri} (collection {args.collection!r}, {meta['count']} points)"
+                        if args.backend == "qdrant" else "")
+    kind = m["factory"] if args.backend == "faiss" else "shards only"
+    _console().print(f"indexed {what}{m['count']} passages ({len(m['shards'])} shards, {kind}) into {where} "
                      f"in {time.perf_counter() - t0:.1f} s")
     return 0
 
@@ -250,6 +265,26 @@ def cmd_merge(args) -> int:
     return 0
 
 
+def _index_location(args) -> str:
+    """--index DIR (faiss) or --uri URI (a vector database)."""
+    if args.backend == "faiss":
+        if not args.index:
+            raise ValueError("give --index DIR (or --backend qdrant --uri URI)")
+        return args.index
+    if not args.uri:
+        raise ValueError(f"--backend {args.backend} needs --uri (a server URL or a local directory)")
+    return args.uri
+
+
+def _add_backend_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--backend", choices=["faiss", "qdrant"], default="faiss",
+                   help="where the vectors are searched: the index folder's FAISS file, or a Qdrant collection "
+                        "(default: %(default)s)")
+    p.add_argument("--uri", default=None, help="Qdrant: a server URL (http://host:6333; API key from "
+                                               "$QDRANT_API_KEY) or a local directory (embedded mode)")
+    p.add_argument("--collection", default="llara", help="Qdrant collection (default: %(default)s)")
+
+
 def cmd_search(args) -> int:
     """Search an index from the command line (loads the model recorded in the index)."""
     import json
@@ -257,8 +292,8 @@ def cmd_search(args) -> int:
     from .retrieval.searcher import Searcher
 
     try:
-        searcher = Searcher.from_index(args.index, device=args.device, params=args.faiss_params,
-                                       verify=args.verify)
+        searcher = Searcher.from_index(_index_location(args), device=args.device, params=args.faiss_params,
+                                       verify=args.verify, backend=args.backend, collection=args.collection)
         results = searcher.search(args.query, k=args.k)
     except ValueError as e:
         return _fail(e)
@@ -302,7 +337,8 @@ def cmd_serve(args) -> int:
     from .serve import run
 
     try:
-        run(args.index, host=args.host, port=args.port, device=args.device, params=args.faiss_params,
+        run(_index_location(args), backend=args.backend, collection=args.collection,
+            host=args.host, port=args.port, device=args.device, params=args.faiss_params,
             max_batch=args.max_batch, max_wait_ms=args.max_wait_ms, max_k=args.max_k,
             max_query_chars=args.max_query_chars, max_body_bytes=args.max_body_bytes, verify=args.verify,
             max_pending=args.max_pending, head_timeout=args.head_timeout, body_timeout=args.body_timeout,
@@ -473,6 +509,13 @@ def build_parser() -> argparse.ArgumentParser:
                         "join the parts with 'llara merge'")
     p.add_argument("--train-size", type=int, default=200_000,
                    help="vectors sampled to train non-Flat indexes (default: %(default)s)")
+    p.add_argument("--engine", choices=["local", "ray"], default="local",
+                   help="local: this process; ray: Ray Data actors, one model each, on a local or remote Ray "
+                        "cluster (pip install 'llara[ray]'); same shards and manifest (default: %(default)s)")
+    p.add_argument("--ray-address", default=None,
+                   help="Ray cluster to join (e.g. ray://head:10001 or auto); default: start a local one")
+    p.add_argument("--workers", type=int, default=2, help="Ray: encoder actors (default: %(default)s)")
+    _add_backend_args(p)
     _add_encoder_args(p)
     p.set_defaults(func=cmd_index)
 
@@ -484,12 +527,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_merge)
 
     p = sub.add_parser("search", help="search an index with the model recorded in it")
-    p.add_argument("--index", required=True, help="index directory")
+    p.add_argument("--index", help="index directory (FAISS backend)")
+    _add_backend_args(p)
     p.add_argument("query", nargs="+", help="one or more queries")
     p.add_argument("-k", type=int, default=10, help="hits per query (default: %(default)s)")
     p.add_argument("--json", action="store_true", help="one JSON object per query on stdout")
     p.add_argument("--device", default=None)
-    p.add_argument("--faiss-params", default=None, help="FAISS run-time parameters, e.g. nprobe=32 or efSearch=128")
+    p.add_argument("--faiss-params", "--search-params", dest="faiss_params", default=None,
+                   help="FAISS run-time parameters, e.g. nprobe=32 or efSearch=128; Qdrant: exact=1 or hnsw_ef=128")
     p.add_argument("--no-verify", dest="verify", action="store_false", help=NO_VERIFY_HELP)
     p.set_defaults(func=cmd_search)
 
@@ -501,11 +546,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_check_index)
 
     p = sub.add_parser("serve", help="HTTP search service over an index (POST /search, GET /health, GET /info)")
-    p.add_argument("--index", required=True, help="index directory")
+    p.add_argument("--index", help="index directory (FAISS backend)")
+    _add_backend_args(p)
     p.add_argument("--host", default="127.0.0.1", help="bind address (default: loopback only)")
     p.add_argument("--port", type=_port_arg, default=8000)
     p.add_argument("--device", default=None)
-    p.add_argument("--faiss-params", default=None, help="FAISS run-time parameters, e.g. nprobe=32")
+    p.add_argument("--faiss-params", "--search-params", dest="faiss_params", default=None,
+                   help="FAISS run-time parameters, e.g. nprobe=32; Qdrant: exact=1 or hnsw_ef=128")
     p.add_argument("--max-batch", type=int, default=32, help="queries per encoder call (default: %(default)s)")
     p.add_argument("--max-wait-ms", type=float, default=5.0,
                    help="how long a request may wait for others to share its batch (default: %(default)s)")

@@ -291,6 +291,8 @@ def run(
     verify: bool = True,
     head_timeout: float = DEFAULT_HEAD_TIMEOUT,
     keep_alive: int = DEFAULT_KEEP_ALIVE,
+    backend: str = "faiss",
+    collection: str | None = None,
     **app_kwargs,
 ) -> None:
     """Load the index and its model, then serve until interrupted (binds to loopback by default).
@@ -305,7 +307,8 @@ def run(
 
     if not _is_loopback(host):
         log.warning("serving on %s: reachable from other machines; the service has no authentication", host)
-    searcher = Searcher.from_index(index_dir, device=device, params=params, verify=verify)
+    searcher = Searcher.from_index(index_dir, device=device, params=params, verify=verify, backend=backend,
+                                   collection=collection)
     app = create_app(searcher, **app_kwargs)
     log.info("serving %d passages on http://%s:%d", len(searcher.index), host, port)
     uvicorn.run(app, host=host, port=port, log_level="warning", access_log=False, workers=1,

@@ -46,15 +46,26 @@ class Searcher:
         batch_size: int = 32,
         params: str | None = None,
         verify: bool = True,
+        backend: str = "faiss",
+        collection: str | None = None,
     ) -> "Searcher":
         """Open ``index_dir`` and load the model its manifest names, with its template and lengths.
 
         ``model`` overrides the recorded model spec (e.g. the checkpoint moved); ``params`` are FAISS
-        run-time parameters such as ``"nprobe=32"`` or ``"efSearch=128"``.
+        run-time parameters such as ``"nprobe=32"`` or ``"efSearch=128"``. ``backend="qdrant"``:
+        ``index_dir`` is a Qdrant URI (server URL or local directory) holding ``collection``
+        (see :mod:`llara.retrieval.qdrant`; ``params`` such as ``"exact=1"`` or ``"hnsw_ef=128"``).
         """
         from ..modeling.encoder import Encoder
 
-        index = open_index(index_dir, verify=verify)
+        if backend == "qdrant":
+            from .qdrant import DEFAULT_COLLECTION, open_qdrant
+
+            index = open_qdrant(str(index_dir), collection or DEFAULT_COLLECTION)
+        elif backend == "faiss":
+            index = open_index(index_dir, verify=verify)
+        else:
+            raise ValueError(f"unknown index backend {backend!r} (faiss or qdrant)")
         index.set_params(params)
         m = index.manifest["model"]
         encoder = Encoder.from_pretrained(
