@@ -6,7 +6,7 @@ import json
 import shutil
 
 import pytest
-from tiny_index import build_tiny_index
+from tiny_index import index_setup
 
 from llara.cli import main
 from llara.data.beir import DataError
@@ -16,7 +16,7 @@ from llara.retrieval.index import open_index
 
 @pytest.fixture(scope="module")
 def built(tmp_path_factory):
-    return build_tiny_index(tmp_path_factory.mktemp("check"), n=23, shard_size=5)
+    return index_setup(tmp_path_factory.mktemp("check"), 23, 5)["ref"]
 
 
 @pytest.fixture

@@ -154,7 +154,7 @@ def test_trained_factories(setup, tmp_path):
 
 def test_searcher_from_index(setup):
     s = Searcher.from_index(setup["ref"])
-    hits = s.search(QUERIES, k=3)
+    hits = s.search(QUERIES, k=3, mode="dense")
     assert len(hits) == len(QUERIES) and all(len(h) == 3 for h in hits)
     assert all(isinstance(h, Hit) for h in hits[0])
     idx = open_index(setup["ref"])

@@ -108,7 +108,7 @@ def test_cli_index_and_search_with_qdrant(setup, tmp_path):
         return [json.loads(line) for line in r.stdout.splitlines()]
 
     got = search("--backend", "qdrant", "--uri", uri, "--collection", "demo", "--search-params", "exact=1")
-    want = search("--index", str(setup["index"]))
+    want = search("--index", str(setup["index"]), "--mode", "dense")  # Qdrant serves dense search only
     assert [[h["doc_id"] for h in x["hits"]] for x in got] == [[h["doc_id"] for h in x["hits"]] for x in want]
     r = subprocess.run([*llara, "search", "--backend", "qdrant", "--uri", uri, "--collection", "nope", "x"], env=env,
                        capture_output=True, text=True, timeout=120)

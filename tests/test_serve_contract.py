@@ -12,7 +12,7 @@ import sys
 import threading
 
 import pytest
-from tiny_index import build_tiny_index, make_encoder, start_server
+from tiny_index import index_setup, make_encoder, start_server
 
 httpx = pytest.importorskip("httpx", reason="the serve extra: pip install -e '.[serve]'")
 pytest.importorskip("fastapi", reason="the serve extra: pip install -e '.[serve]'")
@@ -30,7 +30,7 @@ SCHEMATHESIS_EXAMPLES = 60  # per operation and phase; the whole run takes ~10 s
 
 @pytest.fixture(scope="module")
 def index_dir(tmp_path_factory):
-    return build_tiny_index(tmp_path_factory.mktemp("contract"))
+    return index_setup(tmp_path_factory.mktemp("contract"), 30, 16)["ref"]
 
 
 @pytest.fixture(scope="module")
@@ -94,6 +94,12 @@ class _BlockedSearcher:
     def search(self, queries, k):
         assert self.release.wait(30)
         return [[Hit("d1", 1.0, "")] for _ in queries]
+
+    def search_requests(self, requests):
+        return [self.search(r.queries, r.k) for r in requests]
+
+    def check_mode(self, mode):
+        return mode or "dense"
 
 
 def test_503_with_retry_after_only_when_the_encoder_queue_is_full():

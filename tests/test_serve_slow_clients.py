@@ -14,7 +14,7 @@ import time
 from pathlib import Path
 
 import pytest
-from tiny_index import build_tiny_index, start_server
+from tiny_index import index_setup, start_server
 
 httpx = pytest.importorskip("httpx", reason="the serve extra: pip install -e '.[serve]'")
 pytest.importorskip("fastapi", reason="the serve extra: pip install -e '.[serve]'")
@@ -28,7 +28,7 @@ FACTOR = 5  # median latency with the slow clients held vs. without them
 
 @pytest.fixture(scope="module")
 def index_dir(tmp_path_factory):
-    return build_tiny_index(tmp_path_factory.mktemp("slow"))
+    return index_setup(tmp_path_factory.mktemp("slow"), 30, 16)["ref"]
 
 
 def _port(url: str) -> str:

@@ -38,15 +38,6 @@ def save_model(out_dir: Path) -> Path:
     return make_encoder().save(out_dir)
 
 
-def build_tiny_index(root: Path, n: int = 30, shard_size: int = 16) -> Path:
-    """A saved tiny model and an index of ``n`` documents built with it, under ``root``."""
-    from llara.retrieval.index import build_index
-
-    model = save_model(root / "model")
-    corpus = write_corpus(root / "corpus.jsonl", n=n)
-    return build_index(make_encoder(), corpus, root / "index", model_spec=str(model), shard_size=shard_size)
-
-
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -76,12 +67,13 @@ def start_server(index_dir: Path, log_path: Path, *extra: str, startup_s: float 
         time.sleep(0.2)
 
 
-def index_setup(root: Path, n: int, shard_size: int) -> dict:
-    """A saved tiny model, a corpus of ``n`` documents, the model loaded back and a Flat index of the corpus."""
+def index_setup(root: Path, n: int, shard_size: int, **kw) -> dict:
+    """A saved tiny model, a corpus of ``n`` documents, the model loaded back and a Flat index of the corpus
+    (``kw``: more ``build_index`` arguments)."""
     from llara.retrieval.index import build_index
 
     model_dir = save_model(root / "model")
     corpus = write_corpus(root / "corpus.jsonl", n=n)
     encoder = Encoder.from_pretrained(str(model_dir), show_progress=False)
-    ref = build_index(encoder, corpus, root / "ref", model_spec=str(model_dir), shard_size=shard_size)
+    ref = build_index(encoder, corpus, root / "ref", model_spec=str(model_dir), shard_size=shard_size, **kw)
     return {"root": root, "model": model_dir, "corpus": corpus, "encoder": encoder, "ref": ref}

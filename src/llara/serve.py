@@ -2,17 +2,20 @@
 
 Endpoints::
 
-    POST /search   {"query": "text", "k": 10}  or  {"queries": ["a", "b"], "k": 10}
+    POST /search   {"query": "text", "k": 10}  or  {"queries": ["a", "b"], "k": 10}; optional "mode"
+                   (dense, bm25, hybrid; default hybrid when the index has BM25) and, for hybrid,
+                   "fusion" (linear, rrf), "alpha", "rrf_k" (default: the index's settings)
     GET  /health   {"status": "ok", "passages": N}
     GET  /info     model, template, index size and the request limits
     GET  /openapi.json  the contract: request constraints, every response and its body model
 
 Concurrent requests are micro-batched: each request puts its queries on an asyncio queue, and a
 single worker takes whatever has arrived within ``max_wait_ms`` of the oldest waiting request (up
-to ``max_batch`` queries) and runs *one* encoder call + FAISS search for all of them in a
-dedicated thread, so the event loop keeps accepting requests meanwhile. When ``max_pending``
-queries already wait for the encoder, a new request gets 503 with ``Retry-After`` (seconds, from
-the measured time per batch): only a saturated encoder turns clients away, never open sockets.
+to ``max_batch`` queries) and runs *one* encoder call + FAISS search for all of them (the dense
+half of hybrid requests included; BM25 and fusion are per query) in a dedicated thread, so the
+event loop keeps accepting requests meanwhile. When ``max_pending`` queries already wait for the
+encoder, a new request gets 503 with ``Retry-After`` (seconds, from the measured time per batch):
+only a saturated encoder turns clients away, never open sockets.
 
 Every error is ``{"error": "<what is wrong>"}`` with a 4xx (a 500 only if the search itself
 fails): bad JSON (400), a body not received within ``body_timeout`` (408), over
@@ -96,7 +99,7 @@ class MicroBatcher:
         batches = math.ceil(self.pending / self.max_batch)
         return max(1, math.ceil(batches * (self.batch_seconds or 1.0)))
 
-    async def search(self, queries: list[str], k: int):
+    async def search(self, queries: list[str], k: int, mode: str | None = None, fusion=None):
         if self.pending + len(queries) > self.max_pending:
             raise Saturated(self.retry_after())
         self.start()
@@ -104,7 +107,7 @@ class MicroBatcher:
         fut = loop.create_future()
         self.pending += len(queries)
         try:
-            await self.queue.put((queries, k, fut, loop.time()))
+            await self.queue.put((queries, k, fut, loop.time(), mode, fusion))
             return await fut
         finally:
             self.pending -= len(queries)
@@ -127,16 +130,18 @@ class MicroBatcher:
         return batch
 
     async def _work(self) -> None:
+        from .retrieval.searcher import Request
+
         loop = asyncio.get_running_loop()
         while True:
             batch = [b for b in await self._collect() if not b[2].done()]  # done = client went away
             if not batch:
                 continue
             queries = [q for b in batch for q in b[0]]
-            k = max(b[1] for b in batch)
+            requests = [Request(tuple(qs), k, mode, fusion) for qs, k, _, _, mode, fusion in batch]
             t0 = loop.time()
             try:
-                hits = await loop.run_in_executor(self.executor, self.searcher.search, queries, k)
+                hits = await loop.run_in_executor(self.executor, self.searcher.search_requests, requests)
             except Exception as e:  # handed to every waiting request, which answers 500
                 log.exception("search failed for a batch of %d queries", len(queries))
                 for b in batch:
@@ -147,16 +152,28 @@ class MicroBatcher:
             self.batch_seconds = took if self.batch_seconds is None else 0.8 * self.batch_seconds + 0.2 * took
             self.batches += 1
             self.queries += len(queries)
-            start = 0
-            for qs, kk, fut, _ in batch:
-                if not fut.done():
-                    fut.set_result([h[:kk] for h in hits[start : start + len(qs)]])
-                start += len(qs)
+            for b, h in zip(batch, hits):
+                if not b[2].done():
+                    b[2].set_result(h)
 
 
 # ----------------------------------------------------------------------------------------------
 # the app
 # ----------------------------------------------------------------------------------------------
+def _mode_and_fusion(searcher, req):
+    """The request's mode (checked against the index) and fusion settings (the index's, overridden)."""
+    mode = searcher.check_mode(req.mode)
+    given = {k: v for k, v in (("method", req.fusion), ("alpha", req.alpha), ("rrf_k", req.rrf_k)) if v is not None}
+    if given and mode != "hybrid":
+        names = ", ".join("fusion" if k == "method" else k for k in given)
+        raise ValueError(f"{names}: only for mode 'hybrid' (this request's mode is {mode!r})")
+    if not given:
+        return mode, None
+    from .retrieval.fusion import FusionConfig
+
+    return mode, FusionConfig(**{**searcher.fusion.to_dict(), **given})
+
+
 def _describe(errors) -> str:
     """One line naming each offending field, e.g. ``k: Input should be less than or equal to 100``."""
     parts = []
@@ -204,7 +221,9 @@ def create_app(
     from .serve_schema import SEARCH_RESPONSE, Health, Info, error_responses, request_model
 
     max_queries = max_queries or max_batch
-    SearchRequest = request_model(max_query_chars, max_k, max_queries, min(default_k, max_k))
+    SearchRequest = request_model(max_query_chars, max_k, max_queries, min(default_k, max_k),
+                                  tuple(getattr(searcher, "modes", ("dense",))),
+                                  getattr(searcher, "default_mode", "dense"))
     batcher = MicroBatcher(searcher, max_batch, max_wait_ms, max_pending)
     if max_queries > batcher.max_pending:
         raise ValueError(f"max_queries ({max_queries}) must be <= max_pending ({batcher.max_pending})")
@@ -247,7 +266,11 @@ def create_app(
         t0 = time.perf_counter()
         queries = [req.query] if req.query is not None else req.queries
         try:
-            hits = await batcher.search(queries, req.k)
+            mode, fusion = _mode_and_fusion(searcher, req)
+        except ValueError as e:  # the request model already rejects what the index cannot do
+            return error(422, str(e))
+        try:
+            hits = await batcher.search(queries, req.k, mode, fusion)
         except Saturated as e:
             return error(503, str(e), {"Retry-After": str(e.retry_after)})
         except Exception:
@@ -256,8 +279,8 @@ def create_app(
                    for q, hs in zip(queries, hits)]
         took_ms = round((time.perf_counter() - t0) * 1000, 3)
         if req.query is not None:
-            return {**results[0], "k": req.k, "took_ms": took_ms}
-        return {"results": results, "k": req.k, "took_ms": took_ms}
+            return {**results[0], "k": req.k, "mode": mode, "took_ms": took_ms}
+        return {"results": results, "k": req.k, "mode": mode, "took_ms": took_ms}
 
     @app.get("/health", response_model=None, responses={200: {"model": Health, "description": "serving"}})
     async def health():

@@ -3,7 +3,8 @@ so it states what the service really accepts and answers (schemathesis checks it
 
 Requests: exactly one of ``query`` (a string) or ``queries`` (a non-empty list of strings) — a
 ``oneOf`` in the schema —, each text 1..``max_query_chars`` characters with at least one
-non-whitespace character, ``k`` an integer in 1..``max_k``, no other fields, no nulls. Every error,
+non-whitespace character, ``k`` an integer in 1..``max_k``, a ``mode`` among those the index
+offers, fusion settings only in hybrid mode (an ``anyOf``), no other fields, no nulls. Every error,
 whichever layer raises it, has one body: ``{"error": "<message>"}``.
 """
 from __future__ import annotations
@@ -42,6 +43,7 @@ class SearchResponse(QueryHits):
     """The answer to ``{"query": ...}``."""
 
     k: int
+    mode: Literal["dense", "bm25", "hybrid"]
     took_ms: float
 
 
@@ -50,6 +52,7 @@ class BatchSearchResponse(BaseModel):
 
     results: list[QueryHits]
     k: int
+    mode: Literal["dense", "bm25", "hybrid"]
     took_ms: float
 
 
@@ -77,23 +80,44 @@ class Info(BaseModel):
     dimension: int
     factory: str
     llara_version: str
+    modes: list[Literal["dense", "bm25", "hybrid"]]
+    default_mode: Literal["dense", "bm25", "hybrid"]
+    fusion: Optional[dict] = Field(description="the index's hybrid settings (null without BM25)")
+    bm25: Optional[dict] = Field(description="the index's BM25 settings (null without BM25)")
     limits: Limits
     batches: int = Field(description="encoder calls so far")
     queries_answered: int
 
 
-def request_model(max_query_chars: int, max_k: int, max_queries: int, default_k: int):
-    """The ``POST /search`` body model for these limits."""
+FUSION_FIELDS = ("fusion", "alpha", "rrf_k")
+
+
+def _fusion_rule(modes, default_mode: str) -> list[dict]:
+    """JSON Schema (anyOf) for "fusion settings only in hybrid mode": the mode is 'hybrid', or it is
+    absent and the index's default is hybrid, or no fusion field is given."""
+    rule = [{"not": {"anyOf": [{"required": [f]} for f in FUSION_FIELDS]}}]
+    if "hybrid" in modes:
+        rule.insert(0, {"required": ["mode"], "properties": {"mode": {"const": "hybrid"}}})
+        if default_mode == "hybrid":
+            rule.insert(0, {"not": {"required": ["mode"]}})
+    return rule
+
+
+def request_model(max_query_chars: int, max_k: int, max_queries: int, default_k: int,
+                  modes: tuple[str, ...] = ("dense",), default_mode: str = "dense"):
+    """The ``POST /search`` body model for these limits and the modes the index offers."""
     Text = Annotated[str, StringConstraints(min_length=1, max_length=max_query_chars, pattern=NON_BLANK)]
+    Mode = Literal[tuple(modes)]  # only what this index can do: bm25/hybrid need its BM25 index
 
     def no_default(schema: dict) -> None:  # absent, not null: the schema says "string" / "array"
         schema.pop("default", None)
 
     class SearchRequest(BaseModel):
-        """Exactly one of ``query`` or ``queries``."""
+        """Exactly one of ``query`` or ``queries``; fusion settings only in hybrid mode."""
 
         model_config = ConfigDict(extra="forbid", strict=True, regex_engine="python-re",
-                                  json_schema_extra={"oneOf": [{"required": ["query"]}, {"required": ["queries"]}]})
+                                  json_schema_extra={"oneOf": [{"required": ["query"]}, {"required": ["queries"]}],
+                                                     "anyOf": _fusion_rule(modes, default_mode)})
 
         # Not Optional: null is not accepted, the default None only stands for "absent".
         query: Text = Field(default=None, description="one query text",  # type: ignore[valid-type]
@@ -102,14 +126,26 @@ def request_model(max_query_chars: int, max_k: int, max_queries: int, default_k:
             default=None, min_length=1, max_length=max_queries, description="several query texts, answered in order",
             json_schema_extra=no_default)
         k: int = Field(default=default_k, ge=1, le=max_k, description="hits per query")
+        mode: Mode = Field(default=None, json_schema_extra=no_default,  # type: ignore[valid-type]
+                           description=f"retrieval mode (default: {default_mode})")
+        fusion: Literal["linear", "rrf"] = Field(default=None, json_schema_extra=no_default,
+                                                 description="hybrid only (default: the index's)")
+        alpha: float = Field(default=None, ge=0, le=1, json_schema_extra=no_default,
+                             description="hybrid only: weight of the dense run in linear fusion")
+        rrf_k: float = Field(default=None, ge=0, allow_inf_nan=False, json_schema_extra=no_default,
+                             description="hybrid only: the k of reciprocal rank fusion")
 
         @model_validator(mode="before")
         @classmethod
         def _no_nulls(cls, data):
             if isinstance(data, dict):
-                for key in ("query", "queries"):
+                for key in ("query", "queries", "mode", *FUSION_FIELDS):
                     if key in data and data[key] is None:
                         raise ValueError(f"'{key}' may not be null; leave it out instead")
+                mode = data.get("mode")
+                if isinstance(mode, str) and mode in ("bm25", "hybrid") and mode not in modes:
+                    raise ValueError(f"mode {mode!r} needs a BM25 index, and this index has none; "
+                                     f"use mode {' or '.join(map(repr, modes))}")
                 k = data.get("k")
                 if isinstance(k, float) and k.is_integer():  # 3.0 is an integer in JSON Schema
                     data = {**data, "k": int(k)}
@@ -119,6 +155,10 @@ def request_model(max_query_chars: int, max_k: int, max_queries: int, default_k:
         def _one_of(self):
             if (self.query is None) == (self.queries is None):
                 raise ValueError("give exactly one of 'query' (a string) or 'queries' (a list of strings)")
+            given = [f for f in FUSION_FIELDS if getattr(self, f) is not None]
+            if given and (self.mode or default_mode) != "hybrid":
+                raise ValueError(f"{', '.join(given)}: only for mode 'hybrid' (this request's mode is "
+                                 f"{self.mode or default_mode!r})")
             return self
 
     return SearchRequest

@@ -365,8 +365,14 @@ def build_index(
     seed: int = 0,
     faiss_index: bool = True,
     engine=None,
+    bm25: bool = True,
+    fusion=None,
 ) -> Path:
     """Encode ``corpus.jsonl`` shard by shard into ``out_dir`` and build ``index.faiss``.
+
+    With ``bm25`` (and no ``shard``), the BM25 index of the same corpus is built too
+    (:mod:`llara.retrieval.lexical`) and ``fusion`` (a :class:`~llara.retrieval.fusion.FusionConfig`,
+    default its defaults) is recorded as the index's hybrid-search settings.
 
     ``model_spec`` is what :meth:`Encoder.from_pretrained` needs to load the same model again (a
     path is stored absolute); the searcher reloads it from the manifest. With ``shard=(i, n)`` only
@@ -427,11 +433,14 @@ def build_index(
     t0 = time.perf_counter()
     total_docs = 0
     pending: dict[int, tuple[list[str], list[str]]] = {}  # shards being encoded: ids, titles
+    ids_digest = hashlib.sha256()  # of every id in row order: ties the BM25 rows to the dense rows
 
     def jobs() -> Iterator[ShardJob]:
         nonlocal total_docs
         for number, docs in _iter_shards(corpus_path, shard_size):
             total_docs += len(docs)
+            for d in docs:
+                ids_digest.update(d[0].encode("utf-8", "surrogatepass") + b"\n")
             if part and number % part[1] != part[0]:
                 continue
             ids = [d[0] for d in docs]
@@ -474,10 +483,30 @@ def build_index(
         raise DataError(corpus_path, None, "no documents to index")
     if part is None and faiss_index:
         manifest["faiss"] = _build_faiss(out, manifest, train_size=train_size, seed=seed)
+    if bm25 and part is None:
+        _add_bm25(out, corpus_path, manifest, total_docs, ids_digest.hexdigest(), fusion)
     manifest["complete"] = True
     _write_json(manifest_path, manifest)
     log.info("indexed %d passages into %s in %.1f s", manifest["count"], out, time.perf_counter() - t0)
     return out
+
+
+def _add_bm25(out: Path, corpus_path: Path, manifest: dict, documents: int, digest: str, fusion) -> None:
+    """Build (or, on resume, keep if intact) the BM25 half and record the fusion settings."""
+    from .fusion import FusionConfig
+    from .lexical import bm25_entry_ok, build_bm25
+
+    if bm25_entry_ok(out, manifest.get("bm25"), documents, digest):
+        log.info("BM25 index already built and verified")
+    else:
+        entry = build_bm25(out, corpus_path)
+        if (entry["documents"], entry["ids_sha256"]) != (documents, digest):
+            raise DataError(corpus_path, None, f"the corpus changed while indexing: {entry['documents']} documents "
+                                               f"for BM25, {documents} in the dense shards (or other ids)")
+        manifest["bm25"] = entry
+    if fusion is not None or not manifest.get("fusion"):
+        fusion = fusion if isinstance(fusion, FusionConfig) else FusionConfig.from_dict(fusion)
+        manifest["fusion"] = fusion.to_dict()
 
 
 def _check_factory(factory: str, dim: int | None) -> None:
@@ -552,11 +581,14 @@ def merge_indexes(
     factory: str | None = None,
     train_size: int = DEFAULT_TRAIN_SIZE,
     seed: int = 0,
+    bm25: bool = True,
+    fusion=None,
 ) -> Path:
     """Join the parts written by ``build_index(..., shard=(i, n))`` for every ``i`` into one index.
 
     The parts must come from the same corpus and settings; every shard is checked (sha256) and
-    copied. ``factory`` overrides the parts' FAISS factory string.
+    copied. ``factory`` overrides the parts' FAISS factory string. With ``bm25``, the BM25 index is
+    built from the corpus the parts recorded, when that file is still there.
     """
     out = Path(out_dir)
     if not part_dirs:
@@ -617,6 +649,14 @@ def merge_indexes(
         manifest["factory"] = factory
     _write_json(out / MANIFEST, manifest)
     manifest["faiss"] = _build_faiss(out, manifest, train_size=train_size, seed=seed)
+    corpus = Path((manifest.get("corpus") or {}).get("path") or "")
+    if bm25 and corpus.is_file():
+        from .lexical import ids_sha256
+
+        ids = [i for s in entries for i in _read_ids(out / s["files"]["ids"]["path"])]
+        _add_bm25(out, corpus, manifest, len(ids), ids_sha256(ids), fusion)
+    elif bm25:
+        log.warning("no BM25 index (the parts' corpus %s is gone): the merged index serves dense search only", corpus)
     manifest["complete"] = True
     _write_json(out / MANIFEST, manifest)
     log.info("merged %d parts (%d passages) into %s", len(manifests), manifest["count"], out)
