@@ -102,7 +102,9 @@ def test_server_closes_slow_connections_at_its_deadlines(index_dir, tmp_path):
         assert httpx.post(f"{url}/search", json={"query": "fish"}, timeout=30).status_code == 200
         with socket.create_connection(("127.0.0.1", int(_port(url))), timeout=30) as s:
             s.sendall(b"NOT HTTP AT ALL\r\n\r\n")  # uvicorn's own 400, with the service's error body
-            malformed = s.recv(65536)
+            malformed = b""
+            while chunk := s.recv(65536):  # the server closes after its 400
+                malformed += chunk
     finally:
         server.terminate()
         server.wait(timeout=10)
