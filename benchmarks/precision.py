@@ -7,6 +7,9 @@ Stages (each resumable: finished rows are kept in benchmarks/results/precision.j
   (60 per dev collection, 128 tokens with the authors' SELF prompt), batch 32, best of N interleaved.
 * ``quality``: nDCG@10 / Recall@100 of the same models on the four dev collections (the subsampled
   corpora and 96-token passages of benchmarks/adaptation.py) encoded in fp32 and in bf16.
+* ``step``: one adaptation step (the demo's: 8 MED pairs of 96-token chunks, joint SELF+NEXT pass,
+  EBAE + EBAR + LM loss, full fine-tuning, fused AdamW) timed forward / backward / optimizer, fp32 and
+  bf16 autocast interleaved in one process, so that both see the same load on the machine.
 * ``train``: ``llara pretrain`` (joint SELF+NEXT pass, EBAE + EBAR + LM loss, 8 pairs of 96-token
   chunks) and ``llara finetune`` (8 queries x (1 positive + 1 BM25 hard negative), GradCache off)
   for a few steps with ``--precision fp32`` and ``bf16``: median tokens/s over the steps after the
@@ -173,6 +176,47 @@ def train_speed(args) -> None:
             _store("train", key, row)
 
 
+def step_split(args) -> None:
+    from itertools import islice
+
+    from torch.utils.data import DataLoader
+
+    from llara.data.pretrain import PretrainCollator, PretrainDataConfig, PretrainDataset
+    from llara.modeling.loading import ensure_slot_tokens, load_model
+    from llara.prompts import get_template
+    from llara.training.pretrain import PretrainLossConfig, make_loss_fn
+
+    if _done("step", "split") and not args.force:
+        return
+    model, tok, _ = load_model("default", causal_lm=True, device="cpu", dtype="float32")
+    template = get_template("llara")
+    ensure_slot_tokens(tok, model, template.slot_tokens)
+    vocab = model.get_output_embeddings().weight.shape[0]
+    probe = PretrainCollator(tok, template, vocab_size=vocab)
+    collate = PretrainCollator(tok, template, max_length=96 + probe.prompt_tokens, keep=probe.keep, vocab_size=vocab)
+    data = PretrainDataset([str(DATA / "med" / "corpus.jsonl")], tok, PretrainDataConfig(chunk_tokens=96))
+    batch = next(islice(iter(DataLoader(data, batch_size=8, collate_fn=collate)), 1))
+    loss_fn = make_loss_fn(PretrainLossConfig())
+    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-5, fused=True)
+    model.train()
+    times = {"fp32": [], "bf16": []}
+    for precision in ["fp32", "bf16"] * args.repeats:
+        t0 = time.perf_counter()
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=precision == "bf16"):
+            out = loss_fn(model, batch)
+        t1 = time.perf_counter()
+        out["loss"].backward()
+        t2 = time.perf_counter()
+        opt.step()
+        opt.zero_grad()
+        t3 = time.perf_counter()
+        times[precision].append({"forward": t1 - t0, "backward": t2 - t1, "optimizer": t3 - t2, "total": t3 - t0,
+                                 "loss": float(out["loss"])})
+        print(precision, {k: round(v, 2) for k, v in times[precision][-1].items()}, flush=True)
+    _store("step", "split", {"tokens": int(batch["num_tokens"]), "times": times, "load_average": os.getloadavg(),
+                             "machine": machine()})
+
+
 # --------------------------------------------------------------------------- report
 def report(args) -> None:
     rows = load_rows(OUT)
@@ -217,6 +261,20 @@ def report(args) -> None:
             avg = f"{statistics.mean(diffs):+.4f}" if diffs else "-"
             lines.append(f"| {label} | " + " | ".join(cells) + f" | {avg} |")
         lines.append("")
+    st = next((r for r in rows if r["kind"] == "step"), None)
+    if st:
+        med = {p: {k: statistics.median(x[k] for x in v) for k in ("forward", "backward", "optimizer", "total")}
+               for p, v in st["times"].items()}
+        lines += ["## One adaptation step, split", "",
+                  f"The demo's step ({st['tokens']} tokens: 8 pairs of 96-token MED chunks, joint pass, EBAE + EBAR + "
+                  "LM loss, full fine-tuning, fused AdamW), fp32 and bf16 autocast interleaved in one process, "
+                  f"median of {len(st['times']['fp32'])} each; load average "
+                  f"{', '.join(f'{x:.1f}' for x in st['load_average'])} (other jobs ran beside it).", "",
+                  "| precision | forward s | backward s | optimizer s | step s | tokens/s |", "|---|---|---|---|---|---|"]
+        for p, m in med.items():
+            lines.append(f"| {p} | {m['forward']:.2f} | {m['backward']:.2f} | {m['optimizer']:.2f} | {m['total']:.2f} | "
+                         f"{st['tokens'] / m['total']:.0f} |")
+        lines += ["", f"bf16 step **{med['fp32']['total'] / med['bf16']['total']:.2f}x** faster than fp32.", ""]
     t = {r["key"]: r for r in rows if r["kind"] == "train"}
     if t:
         lines += ["## Training steps", "",
@@ -239,7 +297,7 @@ def report(args) -> None:
 
 def main(argv=None) -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--stage", choices=["all", "encode", "quality", "train", "report"], default="all")
+    p.add_argument("--stage", choices=["all", "encode", "quality", "step", "train", "report"], default="all")
     p.add_argument("--adapted", default=None, help="an adapted checkpoint to compare too (llara pretrain's final/)")
     p.add_argument("--datasets", nargs="+", default=list(DEV))
     p.add_argument("--templates", nargs="+", default=["llara", "mean"], help="templates of the untrained model")
@@ -257,6 +315,8 @@ def main(argv=None) -> None:
         encode_speed(args)
     if args.stage in ("all", "quality"):
         quality(args)
+    if args.stage in ("all", "step"):
+        step_split(args)
     if args.stage in ("all", "train"):
         train_speed(args)
     if args.stage in ("all", "report"):
