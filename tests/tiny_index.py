@@ -2,7 +2,12 @@
 from __future__ import annotations
 
 import json
+import os
 import random
+import socket
+import subprocess
+import sys
+import time
 from pathlib import Path
 
 from tiny import WORDS, make_model, make_tokenizer
@@ -31,6 +36,35 @@ def make_encoder(**kw) -> Encoder:
 def save_model(out_dir: Path) -> Path:
     """A llara checkpoint directory that ``Encoder.from_pretrained`` loads (template ``eos``)."""
     return make_encoder().save(out_dir)
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def start_server(index_dir: Path, log_path: Path, *extra: str, startup_s: float = 120) -> tuple[subprocess.Popen, str]:
+    """``llara serve`` on a free loopback port in its own process; returns (process, base url) once
+    /health answers. The caller terminates it."""
+    import httpx
+
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}
+    port = free_port()
+    with open(log_path, "wb") as log:
+        server = subprocess.Popen([sys.executable, "-m", "llara.cli", "serve", "--index", str(index_dir),
+                                   "--port", str(port), *extra], env=env, stdout=log, stderr=subprocess.STDOUT)
+    url = f"http://127.0.0.1:{port}"
+    deadline = time.monotonic() + startup_s
+    while True:
+        assert server.poll() is None, Path(log_path).read_text()
+        try:
+            if httpx.get(f"{url}/health", timeout=1).status_code == 200:
+                return server, url
+        except httpx.HTTPError:
+            pass
+        assert time.monotonic() < deadline, f"server did not start in {startup_s} s"
+        time.sleep(0.2)
 
 
 def index_setup(root: Path, n: int, shard_size: int, **kw) -> dict:

@@ -34,8 +34,16 @@ def _console(stderr: bool = False):
     from rich.console import Console
 
     stream = sys.stderr if stderr else sys.stdout
-    # Piped or captured output gets full-width tables instead of rich's 80-column default.
-    return Console(stderr=stderr, width=None if stream.isatty() else 160)
+    # Piped or captured output gets full-width tables instead of rich's 80-column default. No markup:
+    # ids, titles, queries and paths are data and may hold "[/bold]" (styles go through rich.text.Text).
+    return Console(stderr=stderr, width=None if stream.isatty() else 160, markup=False)
+
+
+def _styled(*parts) -> "object":
+    """A line of plain strings and ``(text, style)`` pairs, printed without markup parsing."""
+    from rich.text import Text
+
+    return Text.assemble(*parts)
 
 
 def print_table(results, title: str) -> None:
@@ -186,10 +194,10 @@ def cmd_demo(args) -> int:
     out = Path(args.output)
     console = _console()
     corpus = Path(args.dataset) / "corpus.jsonl"
-    console.print(f"[bold]llara demo[/bold]: model={args.model}, collection={args.dataset}. Passages are truncated "
-                  f"to {args.max_passage_length} tokens and queries to {args.max_query_length} (prompts included), "
-                  "to finish in minutes on a laptop CPU.")
-    console.print("[bold]1/3[/bold] zero-shot: BM25 and the untrained model's embeddings")
+    console.print(_styled(("llara demo", "bold"), f": model={args.model}, collection={args.dataset}. Passages are "
+                          f"truncated to {args.max_passage_length} tokens and queries to {args.max_query_length} "
+                          "(prompts included), to finish in minutes on a laptop CPU."))
+    console.print(_styled(("1/3", "bold"), " zero-shot: BM25 and the untrained model's embeddings"))
     before_pairs = run_evaluation([args.dataset], ["bm25", "dense"], args.template, args, out / "before")
     before = [r for r, _ in before_pairs]
     print_table(before, "before adaptation (zero-shot)")
@@ -197,14 +205,15 @@ def cmd_demo(args) -> int:
         console.print(f"done in {time.perf_counter() - t0:.0f} s; results in {out}/")
         return 0
 
-    console.print(f"[bold]2/3[/bold] LLaRA adaptation (EBAE + EBAR + LM loss) on {corpus} for {args.adapt_steps} steps "
-                  f"of {args.adapt_batch_size} (chunk, next chunk) pairs: unlabelled text only")
+    console.print(_styled(("2/3", "bold"), f" LLaRA adaptation (EBAE + EBAR + LM loss) on {corpus} for "
+                          f"{args.adapt_steps} steps of {args.adapt_batch_size} (chunk, next chunk) pairs: "
+                          "unlabelled text only"))
     train_cfg = TrainConfig(output_dir=str(out / "adapt"), max_steps=args.adapt_steps, batch_size=args.adapt_batch_size,
                             lr=args.adapt_lr, save_every=max(args.adapt_steps // 2, 1), seed=0, resume=True,
                             cpu=args.device == "cpu", progress=sys.stderr.isatty())
     result = pretrain(args.model, [str(corpus)], train_cfg, PretrainDataConfig(chunk_tokens=args.adapt_chunk_tokens))
 
-    console.print("[bold]3/3[/bold] the adapted model's slot embeddings")
+    console.print(_styled(("3/3", "bold"), " the adapted model's slot embeddings"))
     adapted = argparse.Namespace(**{**vars(args), "model": str(result.export_dir), "template": ["llara"]})
     after_pairs = run_evaluation([args.dataset], ["dense"], ["llara"], adapted, out / "after")
     # hybrid: the BM25 run of step 1 fused with the adapted run of step 3 (no new retrieval, no encoding)
@@ -230,11 +239,12 @@ def cmd_demo(args) -> int:
         lines.append(f"| {k} | " + " | ".join(f"{get[c][k]:.4f}" for c in cols) + " |")
     write_summary(rows, out, header="\n".join(lines))
     untrained = f"{get['llara']['ndcg@10']:.3f} untrained -> " if "llara" in get else ""
-    console.print(f"nDCG@10 of the LLaRA slots: {untrained}"
-                  f"[bold]{get['adapted']['ndcg@10']:.3f}[/bold] adapted ({args.adapt_steps} steps); "
-                  f"loss curve: {result.plot_path}; adapted model: {result.export_dir}")
-    console.print(f"nDCG@10, hybrid of BM25 and the adapted slots: [bold]{get['hybrid']['ndcg@10']:.3f}[/bold] "
-                  f"(BM25 alone {get['bm25']['ndcg@10']:.3f}, adapted slots alone {get['adapted']['ndcg@10']:.3f})")
+    console.print(_styled(f"nDCG@10 of the LLaRA slots: {untrained}", (f"{get['adapted']['ndcg@10']:.3f}", "bold"),
+                          f" adapted ({args.adapt_steps} steps); loss curve: {result.plot_path}; "
+                          f"adapted model: {result.export_dir}"))
+    console.print(_styled("nDCG@10, hybrid of BM25 and the adapted slots: ", (f"{get['hybrid']['ndcg@10']:.3f}", "bold"),
+                          f" (BM25 alone {get['bm25']['ndcg@10']:.3f}, adapted slots alone "
+                          f"{get['adapted']['ndcg@10']:.3f})"))
     console.print(f"done in {time.perf_counter() - t0:.0f} s; results in {out}/ (summary.md, before/, after/, adapt/)")
     return 0
 
@@ -249,9 +259,17 @@ def _shard_arg(value: str):
         raise argparse.ArgumentTypeError(str(e)) from None
 
 
-def _fail(e: Exception) -> int:
-    _console(stderr=True).print(f"[red]error:[/red] {e}", markup=True, highlight=False)
-    return 2
+def _port_arg(value: str) -> int:
+    port = int(value)
+    if not 0 <= port <= 65535:
+        raise argparse.ArgumentTypeError(f"port must be 0-65535, got {port}")
+    return port
+
+
+def _fail(e: "Exception | str", status: int = 2) -> int:
+    """Print ``error: <message>`` to stderr as plain text (the message is data, never markup)."""
+    _console(stderr=True).print(_styled(("error:", "red"), f" {e}"), highlight=False, soft_wrap=True)
+    return status
 
 
 def cmd_index(args) -> int:
@@ -362,6 +380,25 @@ def cmd_search(args) -> int:
     return 0
 
 
+def cmd_check_index(args) -> int:
+    """Check an index against its manifest without reading it into memory."""
+    import json
+
+    from .retrieval.check import check_index
+
+    try:
+        r = check_index(args.index, full=args.full)
+    except ValueError as e:
+        return _fail(e)
+    if args.json:
+        sys.stdout.write(json.dumps(r) + "\n")
+        return 0
+    state = "complete" if r["complete"] else f"part {r['part'][0]}/{r['part'][1]}" if r["part"] else "unfinished"
+    _console().print(f"ok: {r['path']}: {r['rows']} passages in {r['shards']} shards ({state}); {r['files']} files, "
+                     f"{r['bytes'] / 1e6:.1f} MB, {r['bytes_hashed'] / 1e6:.1f} MB hashed, in {r['seconds']:.2f} s")
+    return 0
+
+
 def cmd_serve(args) -> int:
     """HTTP search service (loopback by default)."""
     from .serve import run
@@ -370,7 +407,9 @@ def cmd_serve(args) -> int:
         run(_index_location(args), backend=args.backend, collection=args.collection,
             host=args.host, port=args.port, device=args.device, params=args.faiss_params, runtime=args.runtime,
             max_batch=args.max_batch, max_wait_ms=args.max_wait_ms, max_k=args.max_k,
-            max_query_chars=args.max_query_chars, max_body_bytes=args.max_body_bytes, verify=args.verify)
+            max_query_chars=args.max_query_chars, max_body_bytes=args.max_body_bytes, verify=args.verify,
+            max_pending=args.max_pending, head_timeout=args.head_timeout, body_timeout=args.body_timeout,
+            keep_alive=args.keep_alive)
     except ValueError as e:
         return _fail(e)
     return 0
@@ -413,8 +452,12 @@ def cmd_mine(args) -> int:
 
 
 def _train_config(args):
+    from .training.checkpoint import list_checkpoints
     from .training.config import TrainConfig, config_from_args
 
+    if not args.resume and list_checkpoints(args.output):
+        raise FileExistsError(f"{args.output} holds checkpoints of an earlier run: continue it with --resume, "
+                              "or choose another --output")
     args.output_dir = args.output
     if args.max_steps is None and args.epochs is None:
         args.epochs = 1
@@ -454,6 +497,10 @@ def _add_training_args(p: argparse.ArgumentParser, *extra_configs) -> None:
     add_config_arguments(p, TrainConfig, skip=("output_dir",))
     for cls in extra_configs:
         add_config_arguments(p, cls, skip=("seed",))
+
+
+NO_VERIFY_HELP = ("open without hashing the embeddings and FAISS file: only the light check of 'llara check-index' "
+                  "(sizes, line counts, .npy headers, the id/title files' sha256); for large indexes")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -578,15 +625,21 @@ def build_parser() -> argparse.ArgumentParser:
                    help="FAISS run-time parameters, e.g. nprobe=32 or efSearch=128; Qdrant: exact=1 or hnsw_ef=128")
     p.add_argument("--runtime", default=None, choices=["torch", "onnx-int8"],
                    help="forward pass for the queries (default: the one the index was built with)")
-    p.add_argument("--no-verify", dest="verify", action="store_false",
-                   help="skip the sha256 of every index file on open (sizes are still checked); for large indexes")
+    p.add_argument("--no-verify", dest="verify", action="store_false", help=NO_VERIFY_HELP)
     p.set_defaults(func=cmd_search)
+
+    p = sub.add_parser("check-index", help="check an index against its manifest: sizes, line counts, .npy headers "
+                                           "and the id/title files' sha256 (--full: every file's sha256)")
+    p.add_argument("--index", required=True, help="index directory")
+    p.add_argument("--full", action="store_true", help="hash every file, embeddings and FAISS index included")
+    p.add_argument("--json", action="store_true", help="print what was checked as one JSON object")
+    p.set_defaults(func=cmd_check_index)
 
     p = sub.add_parser("serve", help="HTTP search service over an index (POST /search, GET /health, GET /info)")
     p.add_argument("--index", help="index directory (FAISS backend)")
     _add_backend_args(p)
     p.add_argument("--host", default="127.0.0.1", help="bind address (default: loopback only)")
-    p.add_argument("--port", type=int, default=8000)
+    p.add_argument("--port", type=_port_arg, default=8000)
     p.add_argument("--device", default=None)
     p.add_argument("--faiss-params", "--search-params", dest="faiss_params", default=None,
                    help="FAISS run-time parameters, e.g. nprobe=32; Qdrant: exact=1 or hnsw_ef=128")
@@ -599,8 +652,16 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-k", type=int, default=1000)
     p.add_argument("--max-query-chars", type=int, default=2048)
     p.add_argument("--max-body-bytes", type=int, default=1 << 20)
-    p.add_argument("--no-verify", dest="verify", action="store_false",
-                   help="skip the sha256 of every index file on open (sizes are still checked); for large indexes")
+    p.add_argument("--max-pending", type=int, default=None,
+                   help="queries waiting for the encoder before new requests get 503 + Retry-After "
+                        "(default: 8 x --max-batch)")
+    p.add_argument("--head-timeout", type=float, default=10.0,
+                   help="seconds a connection has to send a complete request head (default: %(default)s)")
+    p.add_argument("--body-timeout", type=float, default=10.0,
+                   help="seconds a request has to send its whole body, else 408 (default: %(default)s)")
+    p.add_argument("--keep-alive", type=int, default=5,
+                   help="seconds an idle connection stays open after a response (default: %(default)s)")
+    p.add_argument("--no-verify", dest="verify", action="store_false", help=NO_VERIFY_HELP)
     p.set_defaults(func=cmd_serve)
     return parser
 
@@ -612,14 +673,18 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.command == "demo" and args.template is None:
         args.template = ["mean", "eos", "llara"]  # mean and eos share one forward pass
     _setup_logging(args.verbose)
-    from .data.beir import DataError
-    from .prompts import TemplateError
-
     try:
         return args.func(args)
-    except (DataError, TemplateError, FileNotFoundError) as e:
-        _console(stderr=True).print(f"[red]error:[/red] {e}")
-        return 2
+    except KeyboardInterrupt:
+        return _fail("interrupted", 130)
+    except (ValueError, OSError) as e:  # bad input: DataError, TemplateError, missing/existing files ...
+        if args.verbose:
+            log.exception("%s", e)
+        return _fail(e)
+    except Exception as e:  # a bug: one line, the traceback with -v
+        if args.verbose:
+            log.exception("unexpected error")
+        return _fail(f"unexpected {type(e).__name__}: {e} (rerun with -v for the traceback)", 1)
 
 
 if __name__ == "__main__":

@@ -24,6 +24,7 @@ import hashlib
 import json
 import logging
 import os
+import re
 import shutil
 import time
 from dataclasses import dataclass, field
@@ -49,6 +50,7 @@ DEFAULT_SHARD_SIZE = 10_000
 DEFAULT_TRAIN_SIZE = 200_000
 # Settings that must agree between an interrupted run and its resumption, or between merged parts.
 _SETTINGS = ("model", "shard_size", "factory", "corpus_documents")
+TEXT_ROLES = ("ids", "titles")  # one line per row
 
 
 # ----------------------------------------------------------------------------------------------
@@ -196,7 +198,7 @@ def _write_shard(index_dir: Path, number: int, emb: np.ndarray, ids: list[str], 
         index_dir / files["titles"],
         lambda fh: fh.write("".join(json.dumps(t, ensure_ascii=False) + "\n" for t in titles).encode()),
     )
-    return {
+    entry = {
         "number": number,
         "rows": len(ids),
         "files": {
@@ -204,10 +206,29 @@ def _write_shard(index_dir: Path, number: int, emb: np.ndarray, ids: list[str], 
             for role, rel in files.items()
         },
     }
+    for role in TEXT_ROLES:
+        entry["files"][role]["lines"] = len(ids)
+    return entry
+
+
+def _text_digest(path: Path, chunk: int = 1 << 22) -> tuple[str, int]:
+    """(sha256, number of lines) of a text file, in one read."""
+    h, lines = hashlib.sha256(), 0
+    with open(path, "rb") as fh:
+        while block := fh.read(chunk):
+            h.update(block)
+            lines += block.count(b"\n")
+    return h.hexdigest(), lines
 
 
 def _verify_shard(index_dir: Path, shard: dict, dimension: int | None, *, checksum: bool = True) -> None:
-    """Raise ``DataError`` naming the file when a shard file is missing, truncated or corrupt."""
+    """Raise ``DataError`` naming the file when a shard file is missing, truncated or corrupt.
+
+    Sizes, line counts and the ``.npy`` header are always checked, and so is the sha256 of the id
+    and title files: they map rows to documents and are small next to the embeddings (about 1% of
+    an index's bytes), so a changed id file is never served silently. ``checksum`` also hashes the
+    embeddings."""
+    rebuild = "rebuild this shard (build_index with resume=True re-encodes it)"
     for role, info in shard["files"].items():
         path = index_dir / info["path"]
         if not path.is_file():
@@ -215,11 +236,20 @@ def _verify_shard(index_dir: Path, shard: dict, dimension: int | None, *, checks
         size = path.stat().st_size
         if size != info["bytes"]:
             raise DataError(path, None, f"shard {shard['number']} {role} file has {size} bytes, the manifest "
-                                        f"says {info['bytes']} (truncated or overwritten); rebuild this shard "
-                                        "(build_index with resume=True re-encodes it)")
-        if checksum and sha256_file(path) != info["sha256"]:
-            raise DataError(path, None, f"shard {shard['number']} {role} file: sha256 mismatch (corrupt); "
-                                        "rebuild this shard (build_index with resume=True re-encodes it)")
+                                        f"says {info['bytes']} (truncated or overwritten); {rebuild}")
+        if role in TEXT_ROLES:
+            digest, lines = _text_digest(path)
+            want = info.get("lines", shard["rows"])  # indexes written before line counts were recorded
+            if lines != want:
+                raise DataError(path, None, f"shard {shard['number']} {role} file has {lines} lines, the manifest "
+                                            f"says {want} (changed after indexing); {rebuild}")
+        elif checksum:
+            digest = sha256_file(path)
+        else:
+            continue
+        if digest != info["sha256"]:
+            raise DataError(path, None, f"shard {shard['number']} {role} file: sha256 mismatch (changed after "
+                                        f"indexing or corrupt); {rebuild}")
     if dimension is not None:
         emb = np.load(index_dir / shard["files"]["embeddings"]["path"], mmap_mode="r", allow_pickle=False)
         if emb.shape != (shard["rows"], dimension) or emb.dtype != np.float32:
@@ -660,7 +690,13 @@ class DenseIndex:
     def set_params(self, params: str | None) -> None:
         """FAISS run-time parameters, e.g. ``"nprobe=32"`` (IVF) or ``"efSearch=128"`` (HNSW)."""
         if params:
-            faiss.ParameterSpace().set_index_parameters(self.index, params)
+            try:
+                faiss.ParameterSpace().set_index_parameters(self.index, params)
+            except RuntimeError as e:
+                line = str(e).strip().splitlines()[-1]  # drop FAISS's C++ location
+                reason = re.sub(r"^Error in .*? at \S+:\d+: (Error: '.*?' failed: )?", "", line)
+                raise ValueError(f"invalid FAISS parameters {params!r} for a {self.manifest['factory']} "
+                                 f"index: {reason}") from None
 
     def search(self, queries: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
         """``(scores, rows)``, both ``(Q, k')`` with ``k' = min(k, len(self))``; rows may hold -1
@@ -678,7 +714,9 @@ class DenseIndex:
 
 
 def open_index(index_dir: "str | os.PathLike", *, verify: bool = True) -> DenseIndex:
-    """Open a finished index. ``verify`` checks every file's sha256 (sizes are always checked).
+    """Open a finished index. ``verify`` checks every file's sha256; without it, sizes, line
+    counts, ``.npy`` headers and the id and title files' sha256 are still checked (see
+    :func:`llara.retrieval.check.check_index`).
 
     A missing, truncated or corrupt file raises ``DataError`` naming it.
     """

@@ -183,7 +183,7 @@ def add_config_arguments(parser: argparse.ArgumentParser, cls=TrainConfig, skip:
         tp, is_list = _base_type(hints[f.name])
         flag = "--" + f.name.replace("_", "-")
         default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
-        help_text = f.metadata.get("help", "") + " (default: %(default)s)"
+        help_text = f.metadata.get("help", "").replace("%", "%%") + " (default: %(default)s)"  # argparse formats help
         hinted = [a for a in typing.get_args(hints[f.name]) if a is not type(None)]
         if bool in hinted and str in hinted:  # e.g. resume: bare flag = True, or a value (a path)
             group.add_argument(flag, dest=f.name, nargs="?", const=True, default=default, help=help_text)
