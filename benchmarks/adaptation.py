@@ -50,11 +50,11 @@ BASELINES = {"bm25": "BM25", "default:eos": "untrained, EOS", "default:mean": "u
              "default:llara": "untrained, slots"}
 
 
-def train_command(name: str, args) -> list[str]:
+def train_command(name: str, args, output: Path | None = None) -> list[str]:
     cmd = [str(ROOT / ".venv" / "bin" / "llara"), "pretrain", "--model", "default"]
     for f in TRAIN_FILES:
         cmd += ["--data", str(f)]
-    cmd += ["--interleave", "--output", str(RUNS / name), "--max-steps", str(args.steps), "--batch-size", "8",
+    cmd += ["--interleave", "--output", str(output or RUNS / name), "--max-steps", str(args.steps), "--batch-size", "8",
             "--lr", "5e-5", "--chunk-tokens", str(args.chunk_tokens), "--save-every", "25", "--seed", "0",
             "--no-progress", "--resume"] + VARIANTS[name][1]
     return cmd
