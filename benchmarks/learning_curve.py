@@ -1,7 +1,7 @@
 """Learning curves (issue 12): does the adapted start's lead grow or shrink with the fine-tuning budget?
 
 nDCG@10 and Recall@100 on scifact, cranfield, med and cisi (the subsampled corpora and 96-token passages of
-benchmarks/adaptation.py) after 0, 32, 128 and 512 contrastive fine-tuning steps (`llara finetune`, the data
+benchmarks/adaptation.py) after 0, 32, 64, 128 and 512 contrastive fine-tuning steps (`llara finetune`, the data
 and settings of benchmarks/finetune.py: BM25-mined SQuAD + SciFact-train groups, LoRA r 64, batch 8 x 2
 passages), from three starts, with the same data order and seed:
 
@@ -46,9 +46,9 @@ from llara.training.checkpoint import list_checkpoints, read_trainer_state
 RUNS = ROOT / "runs" / "bench" / "learning_curve"
 OUT_JSON = RESULTS / "learning_curve.json"
 START_LABELS = {"raw": "raw (untrained)", "adapted": "adapted, 50 steps", "adapt200": "adapted, 200 steps"}
-DEFAULT_PLAN = ["raw:0:0", "adapted:0:0", "raw:0:32", "adapted:0:32", "raw:0:128", "adapted:0:128",
-                "raw:1:32", "adapted:1:32", "adapt200:0:0", "adapt200:0:32", "raw:0:512", "adapted:0:512",
-                "adapt200:0:128"]
+DEFAULT_PLAN = ["raw:0:32", "adapted:0:32", "raw:0:64", "adapted:0:64", "raw:0:0", "adapted:0:0", "raw:1:32",
+                "adapted:1:32", "raw:0:128", "adapted:0:128", "adapt200:0:0", "adapt200:0:32", "adapt200:0:128",
+                "raw:0:512", "adapted:0:512"]
 
 
 @contextmanager
@@ -278,7 +278,7 @@ def report(args) -> None:
                                       f"{np.mean([m['recall@100'] for m in ms]):.3f}")
         lines.append(f"| {START_LABELS.get(start, start)} | {seed} | {steps} | " + " | ".join(cells) + f" | {avg} |")
     lines += ["", "0-step points involve no training (the seed changes nothing there).", ""]
-    lines += lead_table(rows, names) + ["", "![learning curves](learning_curve.png)", ""]
+    lines += lead_table(rows, names) + [""] + reading(rows, names) + ["", "![learning curves](learning_curve.png)", ""]
     lines += ["## Commands", "", "```bash",
               "# the plan (resumable; each training segment and evaluation under the shared lock)",
               ".venv/bin/python benchmarks/learning_curve.py --stage run --lock /tmp/llara-heavy.lock "
@@ -306,8 +306,10 @@ def report(args) -> None:
                             label=f"{START_LABELS[start]}, seed {seed}")
         if None not in bm:
             ax.axhline(np.mean([m[metric] for m in bm]), color="grey", ls=":", label="BM25")
+        if None not in mini:
+            ax.axhline(np.mean([m[metric] for m in mini]), color="black", ls="-.", lw=0.8, label="all-MiniLM-L6-v2")
         ax.set_xscale("log", base=2)
-        ax.set_xticks([8, 32, 128, 512], ["0", "32", "128", "512"])
+        ax.set_xticks([8, 32, 64, 128, 512], ["0", "32", "64", "128", "512"])
         ax.set_xlabel("fine-tuning steps (8 queries each)")
         ax.set_ylabel(f"{metric}, average of {len(names)} collections")
         ax.legend(fontsize=7)
@@ -351,6 +353,36 @@ def lead_table(rows: list[dict], names: list[str]) -> list[str]:
         if cells != ["–", "–"]:
             out.append(f"| {steps} | {cells[0]} | {cells[1]} | {', '.join(per)} |")
     return out
+
+
+def reading(rows: list[dict], names: list[str]) -> list[str]:
+    """Sentences computed from the results, so that they stay true when the benchmark is rerun."""
+    raw, ada = (seed_curve(rows, s, 0, names, "ndcg@10") for s in ("raw", "adapted"))
+    both = sorted(set(raw) & set(ada))
+    if len(both) < 2:
+        return []
+    lead = {n: ada[n] - raw[n] for n in both}
+    trained = [n for n in both if n > 0]
+    text = ("**Reading.** Average nDCG@10, raw → adapted start (seed 0): " + "; ".join(
+        f"{n} steps {raw[n]:.3f} → {ada[n]:.3f} ({lead[n]:+.3f})" for n in both) + ". ")
+    if len(trained) >= 2:
+        first, last = trained[0], trained[-1]
+        verdict = "shrinks" if lead[last] < lead[first] else "grows" if lead[last] > lead[first] else "holds"
+        text += (f"Between {first} and {last} fine-tuning steps the adapted start's lead {verdict} "
+                 f"({lead[first]:+.3f} → {lead[last]:+.3f}). ")
+    seed1 = {n: seed_curve(rows, "adapted", 1, names, "ndcg@10").get(n, np.nan)
+             - seed_curve(rows, "raw", 1, names, "ndcg@10").get(n, np.nan) for n in trained}
+    seed1 = {n: v for n, v in seed1.items() if np.isfinite(v)}
+    if seed1:
+        text += "With seed 1 (other data order, negatives and LoRA init): " + ", ".join(
+            f"{v:+.3f} at {n} steps" for n, v in seed1.items()) + ". "
+    bm = [r["metrics"]["ndcg@10"] for r in rows if r["method"] == "bm25" and r["dataset"] in names]
+    if len(bm) == len(names):
+        best = max(max(raw.values()), max(ada.values()))
+        gap = float(np.mean(bm)) - best
+        text += (f"The best point here ({best:.3f}) is {abs(gap):.3f} {'below' if gap > 0 else 'above'} BM25 "
+                 f"({np.mean(bm):.3f}).")
+    return [text]
 
 
 def main(argv=None) -> None:
