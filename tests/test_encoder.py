@@ -131,6 +131,10 @@ def test_embedding_cache_is_keyed_by_weights_template_and_text(tmp_path, monkeyp
     enc.fingerprint = "w2"
     with pytest.raises(AssertionError, match="recomputed"):
         enc.encode(TEXTS, "passage")  # other weights: not cached
+    enc.fingerprint = "w1"
+    enc.model.to(torch.bfloat16)
+    with pytest.raises(AssertionError, match="recomputed"):
+        enc.encode(TEXTS, "passage")  # same weights in another precision: not cached
 
 
 def test_custom_template_file(tmp_path):

@@ -7,7 +7,7 @@ embedding is read from the final hidden states:
 * ``last``: the state of the last token (EOS as RepLLaMA, PromptEOL, the paper form);
 * ``mean``: mean of the states of the text tokens only.
 
-Token ids are built as the authors' released code builds them (see docs/LLARA.md, "Compatibility"):
+Token ids are built as the authors' released code builds them (FlagEmbedding, ``research/LLARA``):
 the prefix is tokenized *with* the tokenizer's special tokens (so LLaMA's BOS comes first), the text
 *without* them and truncated to what the budget leaves, and the suffix *with* them, minus the special
 tokens the tokenizer adds around any input (LLaMA's leading BOS). The text is the only thing ever

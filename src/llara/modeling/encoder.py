@@ -254,8 +254,9 @@ class Encoder:
         if self.cache_dir is None or self.fingerprint is None:
             return None
         h = hashlib.sha256()
+        dtype = str(next(self.model.parameters()).dtype)  # bf16 and fp32 vectors differ: never mix them
         h.update(json.dumps([self.fingerprint, side, self.max_length[side], template.side(side).__dict__,
-                             template.normalize], sort_keys=True, default=str).encode())
+                             template.normalize, dtype], sort_keys=True, default=str).encode())
         for t in texts:
             h.update(t.encode("utf-8", "surrogatepass"))
             h.update(b"\0")

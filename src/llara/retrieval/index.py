@@ -268,6 +268,8 @@ def _model_settings(encoder, model_spec: str) -> dict:
         "template": encoder.template.to_dict(),
         "max_query_length": encoder.max_length["query"],
         "max_passage_length": encoder.max_length["passage"],
+        # shards encoded in another precision would differ slightly: a resume must not mix them
+        "dtype": str(next(encoder.model.parameters()).dtype).replace("torch.", ""),
     }
 
 
