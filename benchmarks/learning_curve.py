@@ -385,25 +385,35 @@ def reading(rows: list[dict], names: list[str]) -> list[str]:
     return [text]
 
 
-def main(argv=None) -> None:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--stage", choices=["all", "run", "minilm", "report"], default="all")
-    p.add_argument("--plan", nargs="+", default=DEFAULT_PLAN, help="start:seed:steps items, worked through in order")
-    p.add_argument("--max-budget", type=int, default=512, help="skip plan items with more steps")
+def add_eval_args(p: argparse.ArgumentParser) -> None:
+    """Evaluation settings shared with recipe.py and robustness_case.py (those of benchmarks/adaptation.py)."""
+    p.add_argument("--datasets", nargs="+", default=list(DATASETS))
+    p.add_argument("--max-docs", type=int, default=800, help="subsample corpora above this (judged docs kept)")
+    p.add_argument("--max-passage-length", type=int, default=96)
+    p.add_argument("--max-query-length", type=int, default=64)
+    p.add_argument("--lock", default="", help="flock this file around each training segment and evaluation")
+
+
+def add_train_args(p: argparse.ArgumentParser) -> None:
+    """Fine-tuning settings shared with recipe.py (benchmarks/finetune.py's, constant lr after warm-up)."""
     p.add_argument("--adapted", default=str(ADAPT_RUNS / "ebae_ebar_lm" / "final"),
                    help="the 50-step adapted model (benchmarks/adaptation.py's ebae_ebar_lm)")
     p.add_argument("--adapt-steps", type=int, default=200, help="adaptation steps of the adapt200 start")
     p.add_argument("--data", default=str(ft.RUNS / "train.jsonl"), help="fine-tuning groups (benchmarks/finetune.py's)")
-    p.add_argument("--datasets", nargs="+", default=list(DATASETS))
     p.add_argument("--batch-size", type=int, default=8)
     p.add_argument("--group-size", type=int, default=2)
     p.add_argument("--lr", type=float, default=3e-4)
     p.add_argument("--warmup-steps", type=int, default=4)
     p.add_argument("--segment", type=int, default=128, help="most steps trained under one lock")
-    p.add_argument("--max-docs", type=int, default=800)
-    p.add_argument("--max-passage-length", type=int, default=96)
-    p.add_argument("--max-query-length", type=int, default=64)
-    p.add_argument("--lock", default="", help="flock this file around each training segment and evaluation")
+
+
+def main(argv=None) -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--stage", choices=["all", "run", "minilm", "report"], default="all")
+    p.add_argument("--plan", nargs="+", default=DEFAULT_PLAN, help="start:seed:steps items, worked through in order")
+    p.add_argument("--max-budget", type=int, default=512, help="skip plan items with more steps")
+    add_train_args(p)
+    add_eval_args(p)
     p.add_argument("--minilm", default="", help="directory of all-MiniLM-L6-v2 (sentence-transformers): a reference row")
     args = p.parse_args(argv)
     RUNS.mkdir(parents=True, exist_ok=True)

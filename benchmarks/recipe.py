@@ -28,7 +28,7 @@ import numpy as np
 
 import finetune as ft
 import learning_curve as lc
-from adaptation import DATASETS, evaluate_models, load_rows, table
+from adaptation import evaluate_models, load_rows, table
 from zero_shot import DATA, RESULTS, ROOT, machine
 
 from llara.data.beir import iter_jsonl
@@ -127,19 +127,8 @@ def main(argv=None) -> None:
     p.add_argument("--stage", choices=["all", "run", "report"], default="all")
     p.add_argument("--variants", nargs="+", default=list(VARIANTS), choices=list(VARIANTS))
     p.add_argument("--steps", type=int, default=32)
-    p.add_argument("--adapted", default=str(lc.ADAPT_RUNS / "ebae_ebar_lm" / "final"))
-    p.add_argument("--adapt-steps", type=int, default=200)
-    p.add_argument("--data", default=str(ft.RUNS / "train.jsonl"))
-    p.add_argument("--datasets", nargs="+", default=list(DATASETS))
-    p.add_argument("--batch-size", type=int, default=8)
-    p.add_argument("--group-size", type=int, default=2)
-    p.add_argument("--lr", type=float, default=3e-4)
-    p.add_argument("--warmup-steps", type=int, default=4)
-    p.add_argument("--segment", type=int, default=128)
-    p.add_argument("--max-docs", type=int, default=800)
-    p.add_argument("--max-passage-length", type=int, default=96)
-    p.add_argument("--max-query-length", type=int, default=64)
-    p.add_argument("--lock", default="")
+    lc.add_train_args(p)
+    lc.add_eval_args(p)
     args = p.parse_args(argv)
     if args.stage in ("all", "run"):
         run_variants(args)

@@ -22,7 +22,7 @@ import dataclasses
 import shutil
 
 from adaptation import evaluate_models, load_rows
-from learning_curve import heavy
+from learning_curve import add_eval_args, heavy
 from zero_shot import DATA, RESULTS, ROOT, machine
 
 from llara.data.beir import iter_jsonl
@@ -103,10 +103,7 @@ def main(argv=None) -> None:
     p.add_argument("--stage", choices=["all", "eval", "report"], default="all")
     p.add_argument("--model", type=model_arg, action="append", required=True, help="LABEL=MODEL (repeatable)")
     p.add_argument("--dataset", default="cisi")
-    p.add_argument("--max-docs", type=int, default=800)
-    p.add_argument("--max-passage-length", type=int, default=96)
-    p.add_argument("--max-query-length", type=int, default=64)
-    p.add_argument("--lock", default="", help="flock this file around each evaluation")
+    add_eval_args(p)
     args = p.parse_args(argv)
     if args.stage in ("all", "eval"):
         evaluate(args)
