@@ -109,7 +109,9 @@ def evaluate_models(models: dict[str, tuple[str, list[str]]], out_json: Path, ar
                                               max_query_length=args.max_query_length,
                                               max_passage_length=args.max_passage_length, batch_size=32,
                                               cache_dir=cache_root() / "embeddings")
-            for r, _ in evaluate_dense(ds, enc, todo):
+            results = evaluate_dense(ds, enc, todo)
+            rows = load_rows(out_json)  # reread: another process may have added rows meanwhile
+            for r, _ in results:
                 rows.append({"method": f"{label}:{r.template}", **r.to_dict()})
                 print(f"{ds.name:10s} {label}:{r.template:8s} nDCG@10={r.metrics['ndcg@10']:.4f} "
                       f"R@100={r.metrics['recall@100']:.4f} ({r.seconds:.0f}s)", flush=True)
