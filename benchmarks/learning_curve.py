@@ -287,7 +287,7 @@ def report(args) -> None:
                   "`.venv/bin/python benchmarks/learning_curve.py --adapted runs/bench/adapted50 --lock "
                   "/tmp/llara-heavy.lock`.", ""]
     lines += earlier(names) + lead_table(rows, names) + [""] + reading(rows, names)
-    lines += ["", "![learning curves](learning_curve.png)", ""]
+    lines += ["", "![learning curves](learning_curve.png)", ""] + training_times()
     lines += ["## Commands", "", "```bash",
               "# the plan (resumable; each training segment and evaluation under the shared lock)",
               ".venv/bin/python benchmarks/learning_curve.py --stage run --lock /tmp/llara-heavy.lock "
@@ -339,6 +339,22 @@ def seed_curve(rows: list[dict], start: str, seed: int, names: list[str], metric
         if None not in vals:
             out[steps] = float(np.mean(vals))
     return out
+
+
+def training_times() -> list[str]:
+    """Median step time and wall time of each fine-tuning run (shared machine: medians resist other jobs)."""
+    from adaptation import step_stats
+
+    out = []
+    for log in sorted(RUNS.glob("*_s*/train_log.jsonl")):
+        st = step_stats([json.loads(x) for x in log.read_text().splitlines() if x.strip()])
+        if st:
+            out.append(f"| {log.parent.name} | {st['steps']} | {st['median_step_s']:.1f} | {st['tokens_per_s']:.0f} | "
+                       f"{st['wall_s']:.0f} |")
+    if not out:
+        return []
+    return ["## Training time", "", "| run | steps | median step (s) | tokens/s | wall (s) |", "|---|---|---|---|---|"] \
+        + out + ["", "bf16 autocast (`--precision auto` on this CPU); wall time includes steps slowed by other jobs.", ""]
 
 
 def earlier(names: list[str]) -> list[str]:
