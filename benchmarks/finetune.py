@@ -93,7 +93,7 @@ def finetune_command(base: str, out: Path, args, *, steps: int, batch: int, grou
 
 
 def train(args) -> None:
-    for base in ("raw", "adapted"):
+    for base in args.bases:
         out = RUNS / f"{base}_ft"
         if (out / "final" / "llara.json").is_file():
             print(f"{base}_ft: already trained", flush=True)
@@ -253,6 +253,8 @@ def main(argv=None) -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--stage", default="all", help="all, or a comma list of mine, train, eval, memory, report")
     p.add_argument("--datasets", nargs="+", default=list(DATASETS))
+    p.add_argument("--bases", nargs="+", default=["raw", "adapted"], choices=["raw", "adapted"],
+                   help="models to fine-tune in the train stage (default: both)")
     p.add_argument("--window", nargs=2, type=int, default=[5, 100])
     p.add_argument("--negatives", type=int, default=7)
     p.add_argument("--steps", type=int, default=24)

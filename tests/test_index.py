@@ -6,11 +6,10 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from tiny_index import save_model, write_corpus
+from tiny_index import index_setup
 
 from llara.cli import main
 from llara.data.beir import DataError
-from llara.modeling.encoder import Encoder
 from llara.retrieval.index import build_index, iter_corpus, merge_indexes, open_index, parse_shard_spec
 from llara.retrieval.searcher import Hit, Searcher
 
@@ -19,12 +18,7 @@ QUERIES = ["the retrieval of a passage", "fish in the river water", "capital cit
 
 @pytest.fixture(scope="module")
 def setup(tmp_path_factory):
-    root = tmp_path_factory.mktemp("index")
-    model_dir = save_model(root / "model")
-    corpus = write_corpus(root / "corpus.jsonl", n=23)
-    encoder = Encoder.from_pretrained(str(model_dir), show_progress=False)
-    ref = build_index(encoder, corpus, root / "ref", model_spec=str(model_dir), shard_size=5)
-    return {"root": root, "model": model_dir, "corpus": corpus, "encoder": encoder, "ref": ref}
+    return index_setup(tmp_path_factory.mktemp("index"), n=23, shard_size=5)
 
 
 def _files(index_dir: Path) -> dict[str, bytes]:
@@ -160,7 +154,7 @@ def test_trained_factories(setup, tmp_path):
 
 def test_searcher_from_index(setup):
     s = Searcher.from_index(setup["ref"])
-    hits = s.search(QUERIES, k=3)
+    hits = s.search(QUERIES, k=3, mode="dense")
     assert len(hits) == len(QUERIES) and all(len(h) == 3 for h in hits)
     assert all(isinstance(h, Hit) for h in hits[0])
     idx = open_index(setup["ref"])

@@ -67,15 +67,31 @@ def test_mine_then_finetune_with_grad_cache(tiny_dir, tmp_path, adi_dir):
     assert enc.encode(["fish"], "query").shape == (1, 32)
 
 
-def test_demo_evaluates_adapts_and_evaluates_again(tiny_dir, tmp_path, adi_dir, capsys):
+def test_demo_evaluates_adapts_and_evaluates_again(tiny_dir, tmp_path, adi_dir, capsys, monkeypatch):
+    from llara.data.beir import load_beir
+    from llara.evaluation.metrics import evaluate_run, read_trec_run
+    from llara.retrieval.fusion import FusionConfig, fuse
+
+    encodes = []
+    real = Encoder.encode_multi
+    monkeypatch.setattr(Encoder, "encode_multi", lambda self, *a, **kw: encodes.append(1) or real(self, *a, **kw))
     out = tmp_path / "demo"
     args = ["demo", "--model", tiny_dir, "--dataset", str(adi_dir), "--output", str(out), "--adapt-steps", "2",
-            "--adapt-batch-size", "2", "--adapt-chunk-tokens", "16", "--max-passage-length", "48"]
+            "--adapt-batch-size", "2", "--adapt-chunk-tokens", "16", "--max-passage-length", "48", "--no-cache"]
     assert main(args) == 0
+    assert len(encodes) == 4  # queries + corpus before and after adaptation; the hybrid encodes nothing
     text = capsys.readouterr().out
     assert "before adaptation" in text and "nDCG@10 of the LLaRA slots" in text
+    assert "hybrid of BM25 and the adapted slots" in text
     rows = json.loads((out / "summary.json").read_text())
     assert {(r["model"], r["template"]) for r in rows} >= {("bm25", "bm25"), ("adapted", "llara")}
+    hybrid = [r for r in rows if r["retrieval"] == "hybrid"]
+    assert len(hybrid) == 1 and hybrid[0]["settings"]["fusion"] == FusionConfig().to_dict()
+    dense_dir = next(d for d in (out / "after" / "adi").iterdir() if not d.name.startswith("hybrid"))
+    fused = fuse(read_trec_run(dense_dir / "run.trec"), read_trec_run(out / "before" / "adi" / "bm25" / "run.trec"),
+                 k=100)
+    assert hybrid[0]["metrics"]["ndcg@10"] == pytest.approx(evaluate_run(load_beir(adi_dir).qrels, fused)["ndcg@10"])
+    assert "hybrid: BM25 + adapted slots" in (out / "summary.md").read_text()
     assert all(r["dataset"] == "adi" for r in rows)
     assert "| ndcg@10 |" in (out / "summary.md").read_text()
     assert (out / "adapt" / "loss.png").is_file() and (out / "adapt" / "final" / "llara.json").is_file()

@@ -31,3 +31,15 @@ def make_encoder(**kw) -> Encoder:
 def save_model(out_dir: Path) -> Path:
     """A llara checkpoint directory that ``Encoder.from_pretrained`` loads (template ``eos``)."""
     return make_encoder().save(out_dir)
+
+
+def index_setup(root: Path, n: int, shard_size: int, **kw) -> dict:
+    """A saved tiny model, a corpus of ``n`` documents, the model loaded back and a Flat index of the corpus
+    (``kw``: more ``build_index`` arguments)."""
+    from llara.retrieval.index import build_index
+
+    model_dir = save_model(root / "model")
+    corpus = write_corpus(root / "corpus.jsonl", n=n)
+    encoder = Encoder.from_pretrained(str(model_dir), show_progress=False)
+    ref = build_index(encoder, corpus, root / "ref", model_spec=str(model_dir), shard_size=shard_size, **kw)
+    return {"root": root, "model": model_dir, "corpus": corpus, "encoder": encoder, "ref": ref}

@@ -96,38 +96,68 @@ def _make_encoder(args, templates=None):
     )
 
 
-def run_evaluation(datasets, methods, templates, args, out_dir: Path):
-    """Evaluate every (dataset, method[, template]) and write results; returns the Result list."""
-    from .data.beir import load_beir
-    from .evaluation.runner import evaluate_bm25, evaluate_dense, save_result, write_summary
+def _add_fusion_args(p: argparse.ArgumentParser, *, overrides: bool = False) -> None:
+    """--fusion, --alpha, --rrf-k, --depth, --normalization. With ``overrides`` the defaults are None
+    (the index's settings apply)."""
+    from .retrieval.fusion import DEFAULT_ALPHA, DEFAULT_DEPTH, DEFAULT_RRF_K, FUSIONS, NORMALIZATIONS
 
-    results = []
-    encoder = None
-    for path in datasets:
-        ds = load_beir(path, split=args.split)
-        for method in methods:
-            if method == "bm25":
-                pairs = [evaluate_bm25(ds, k=args.k)]
-            else:
-                if encoder is None:
-                    encoder = _make_encoder(args, templates)
-                pairs = evaluate_dense(ds, encoder, templates or [encoder.template], k=args.k)
-            for res, run in pairs:
-                save_result(res, run, out_dir)
-                results.append(res)
-            tr = pairs[0][0].settings.get("truncated_passages")
-            if tr:
-                log.info("%s: %d of %d passages truncated to %d tokens (prompt included)",
-                         ds.name, tr, pairs[0][0].num_docs, pairs[0][0].settings["max_passage_length"])
-    write_summary(results, out_dir)
-    return results
+    d = (lambda v: None) if overrides else (lambda v: v)
+    src = "the index's" if overrides else "%(default)s"
+    g = p.add_argument_group("hybrid retrieval (BM25 + dense fusion)")
+    g.add_argument("--fusion", choices=FUSIONS, default=d("linear"),
+                   help=f"linear: alpha * dense + (1 - alpha) * BM25 on per-query normalised scores; rrf: "
+                        f"reciprocal rank fusion (default: {src})")
+    g.add_argument("--alpha", type=float, default=d(DEFAULT_ALPHA),
+                   help=f"weight of the dense run in linear fusion, 0..1 (default: {src})")
+    g.add_argument("--normalization", choices=NORMALIZATIONS, default=d("minmax"),
+                   help=f"per-query score normalisation for linear fusion (default: {src})")
+    g.add_argument("--rrf-k", type=float, default=d(DEFAULT_RRF_K), help=f"the k of RRF (default: {src})")
+    g.add_argument("--depth", type=int, default=d(DEFAULT_DEPTH),
+                   help=f"candidates taken from each run (at least -k) (default: {src})")
+
+
+def _fusion(args, base=None):
+    """A FusionConfig from the fusion flags (unset ones from ``base``); ValueError when invalid."""
+    from .retrieval.fusion import FusionConfig
+
+    given = {"method": args.fusion, "alpha": args.alpha, "normalization": args.normalization,
+             "rrf_k": args.rrf_k, "depth": args.depth}
+    return FusionConfig(**{**(base.to_dict() if base else {}), **{k: v for k, v in given.items() if v is not None}})
+
+
+def run_evaluation(datasets, methods, templates, args, out_dir: Path):
+    """Evaluate every (dataset, method[, template]) and write results; returns the (Result, run) pairs."""
+    from .evaluation.runner import evaluate_datasets
+
+    return evaluate_datasets(datasets, methods, out_dir, encoder=lambda: _make_encoder(args, templates),
+                             templates=templates, split=args.split, k=args.k, fusion=_fusion(args))
+
+
+def print_side_by_side(results, title: str) -> None:
+    from rich.table import Table
+
+    from .evaluation.runner import side_by_side
+
+    head, rows = side_by_side(results)
+    if len(head) <= 2:
+        return
+    table = Table(title=title)
+    for col in head:
+        table.add_column(col, justify="left" if col == "dataset" else "right")
+    for row in rows:
+        table.add_row(*row)
+    _console().print(table)
 
 
 def cmd_evaluate(args) -> int:
     out = Path(args.output)
     methods = args.method or ["dense"]
-    results = run_evaluation(args.dataset, methods, args.template, args, out)
+    try:
+        results = [r for r, _ in run_evaluation(args.dataset, methods, args.template, args, out)]
+    except ValueError as e:
+        return _fail(e)
     print_table(results, f"retrieval quality ({args.split} split)")
+    print_side_by_side(results, "nDCG@10, side by side")
     _console().print(f"results written to {out}/ (summary.md, summary.json, <dataset>/<method>/metrics.json, run.trec)")
     return 0
 
@@ -148,7 +178,8 @@ def cmd_demo(args) -> int:
                   f"to {args.max_passage_length} tokens and queries to {args.max_query_length} (prompts included), "
                   "to finish in minutes on a laptop CPU.")
     console.print("[bold]1/3[/bold] zero-shot: BM25 and the untrained model's embeddings")
-    before = run_evaluation([args.dataset], ["bm25", "dense"], args.template, args, out / "before")
+    before_pairs = run_evaluation([args.dataset], ["bm25", "dense"], args.template, args, out / "before")
+    before = [r for r, _ in before_pairs]
     print_table(before, "before adaptation (zero-shot)")
     if args.adapt_steps <= 0:
         console.print(f"done in {time.perf_counter() - t0:.0f} s; results in {out}/")
@@ -163,13 +194,24 @@ def cmd_demo(args) -> int:
 
     console.print("[bold]3/3[/bold] the adapted model's slot embeddings")
     adapted = argparse.Namespace(**{**vars(args), "model": str(result.export_dir), "template": ["llara"]})
-    after = run_evaluation([args.dataset], ["dense"], ["llara"], adapted, out / "after")
+    after_pairs = run_evaluation([args.dataset], ["dense"], ["llara"], adapted, out / "after")
+    # hybrid: the BM25 run of step 1 fused with the adapted run of step 3 (no new retrieval, no encoding)
+    from .data.beir import load_beir
+    from .evaluation.runner import evaluate_hybrid, save_result
+
+    bm25_pair = next(p for p in before_pairs if p[0].retrieval == "bm25")
+    fusion = _fusion(args)
+    hybrid = evaluate_hybrid(load_beir(args.dataset, split=args.split), bm25_pair, after_pairs[0], fusion, k=args.k)
+    save_result(*hybrid, out / "after")
+    after = [r for r, _ in after_pairs] + [hybrid[0]]
     for r in after:
         r.model = "adapted"
     rows = [r for r in before if r.template != "eos"] + after
     print_table(rows, f"before and after {args.adapt_steps} adaptation steps")
-    get = {r.template if r.model != "adapted" else "adapted": r.metrics for r in rows}
-    names = {"llara": "untrained slots", "adapted": "adapted slots", "mean": "untrained mean pooling", "bm25": "BM25"}
+    get = {("hybrid" if r.retrieval == "hybrid" else "adapted") if r.model == "adapted" else r.template: r.metrics
+           for r in rows}
+    names = {"llara": "untrained slots", "adapted": "adapted slots", "mean": "untrained mean pooling", "bm25": "BM25",
+             "hybrid": f"hybrid: BM25 + adapted slots ({fusion.describe()})"}
     cols = [c for c in names if c in get]  # --template may leave out mean (or the untrained slots)
     lines = ["| metric | " + " | ".join(names[c] for c in cols) + " |", "|---|" + "---|" * len(cols)]
     for k in ("ndcg@10", "recall@100", "mrr@10"):
@@ -179,6 +221,8 @@ def cmd_demo(args) -> int:
     console.print(f"nDCG@10 of the LLaRA slots: {untrained}"
                   f"[bold]{get['adapted']['ndcg@10']:.3f}[/bold] adapted ({args.adapt_steps} steps); "
                   f"loss curve: {result.plot_path}; adapted model: {result.export_dir}")
+    console.print(f"nDCG@10, hybrid of BM25 and the adapted slots: [bold]{get['hybrid']['ndcg@10']:.3f}[/bold] "
+                  f"(BM25 alone {get['bm25']['ndcg@10']:.3f}, adapted slots alone {get['adapted']['ndcg@10']:.3f})")
     console.print(f"done in {time.perf_counter() - t0:.0f} s; results in {out}/ (summary.md, before/, after/, adapt/)")
     return 0
 
@@ -199,25 +243,42 @@ def _fail(e: Exception) -> int:
 
 
 def cmd_index(args) -> int:
-    """Encode a corpus.jsonl into a persistent, resumable index directory."""
+    """Encode a corpus.jsonl into a persistent, resumable index directory (and export it to a vector database)."""
     from .retrieval.index import build_index
 
     if args.template and len(args.template) > 1:
         return _fail(ValueError("an index has one template; give --template once"))
+    if args.backend != "faiss" and (not args.uri or args.shard):
+        return _fail(ValueError(f"--backend {args.backend} needs --uri, and exports a whole index (no --shard)"))
     args.no_cache = True  # the shards are the cache; the embedding cache would store them twice
     t0 = time.perf_counter()
     try:
         encoder = _make_encoder(args, args.template)
+        engine = None
+        if args.engine == "ray":
+            from .retrieval.ray_engine import RayEngine
+
+            engine = RayEngine.from_encoder(encoder, args.model, workers=args.workers, address=args.ray_address,
+                                            batch_size=args.batch_size, device=args.device, dtype=args.dtype)
         out = build_index(encoder, args.corpus, args.output, model_spec=args.model, shard_size=args.shard_size,
                           factory=args.factory, resume=args.resume, shard=args.shard, batch_size=args.batch_size,
-                          train_size=args.train_size)
+                          train_size=args.train_size, faiss_index=args.backend == "faiss", engine=engine,
+                          bm25=args.bm25, fusion=_fusion(args))
+        if args.backend == "qdrant":
+            from .retrieval.qdrant import export_to_qdrant
+
+            meta = export_to_qdrant(out, args.uri, args.collection)
     except ValueError as e:  # DataError and TemplateError included
         return _fail(e)
     import json
 
     m = json.loads((out / "manifest.json").read_text())
     what = f"part {args.shard[0]}/{args.shard[1]} " if args.shard else ""
-    _console().print(f"indexed {what}{m['count']} passages ({len(m['shards'])} shards, {m['factory']}) into {out} "
+    where = f"{out}" + (f" and Qdrant {args.uri} (collection {args.collection!r}, {meta['count']} points)"
+                        if args.backend == "qdrant" else "")
+    kind = m["factory"] if args.backend == "faiss" else "shards only"
+    lexical = ", + BM25" if m.get("bm25") else ""
+    _console().print(f"indexed {what}{m['count']} passages ({len(m['shards'])} shards, {kind}{lexical}) into {where} "
                      f"in {time.perf_counter() - t0:.1f} s")
     return 0
 
@@ -227,11 +288,32 @@ def cmd_merge(args) -> int:
     from .retrieval.index import merge_indexes
 
     try:
-        out = merge_indexes(args.parts, args.output, factory=args.factory, train_size=args.train_size)
+        out = merge_indexes(args.parts, args.output, factory=args.factory, train_size=args.train_size,
+                            bm25=args.bm25, fusion=_fusion(args))
     except ValueError as e:
         return _fail(e)
     _console().print(f"merged {len(args.parts)} parts into {out}")
     return 0
+
+
+def _index_location(args) -> str:
+    """--index DIR (faiss) or --uri URI (a vector database)."""
+    if args.backend == "faiss":
+        if not args.index:
+            raise ValueError("give --index DIR (or --backend qdrant --uri URI)")
+        return args.index
+    if not args.uri:
+        raise ValueError(f"--backend {args.backend} needs --uri (a server URL or a local directory)")
+    return args.uri
+
+
+def _add_backend_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--backend", choices=["faiss", "qdrant"], default="faiss",
+                   help="where the vectors are searched: the index folder's FAISS file, or a Qdrant collection "
+                        "(default: %(default)s)")
+    p.add_argument("--uri", default=None, help="Qdrant: a server URL (http://host:6333; API key from "
+                                               "$QDRANT_API_KEY) or a local directory (embedded mode)")
+    p.add_argument("--collection", default="llara", help="Qdrant collection (default: %(default)s)")
 
 
 def cmd_search(args) -> int:
@@ -241,9 +323,14 @@ def cmd_search(args) -> int:
     from .retrieval.searcher import Searcher
 
     try:
-        searcher = Searcher.from_index(args.index, device=args.device, params=args.faiss_params,
-                                       verify=args.verify)
-        results = searcher.search(args.query, k=args.k)
+        searcher = Searcher.from_index(_index_location(args), device=args.device, params=args.faiss_params,
+                                       verify=args.verify, backend=args.backend, collection=args.collection)
+        mode = searcher.check_mode(args.mode)
+        given = any(v is not None for v in (args.fusion, args.alpha, args.normalization, args.rrf_k, args.depth))
+        if given and mode != "hybrid":
+            raise ValueError(f"--fusion/--alpha/--normalization/--rrf-k/--depth are for --mode hybrid, not {mode}")
+        results = searcher.search(args.query, k=args.k, mode=mode,
+                                  fusion=_fusion(args, searcher.fusion) if given else None)
     except ValueError as e:
         return _fail(e)
     if args.json:
@@ -267,7 +354,8 @@ def cmd_serve(args) -> int:
     from .serve import run
 
     try:
-        run(args.index, host=args.host, port=args.port, device=args.device, params=args.faiss_params,
+        run(_index_location(args), backend=args.backend, collection=args.collection,
+            host=args.host, port=args.port, device=args.device, params=args.faiss_params,
             max_batch=args.max_batch, max_wait_ms=args.max_wait_ms, max_k=args.max_k,
             max_query_chars=args.max_query_chars, max_body_bytes=args.max_body_bytes, verify=args.verify)
     except ValueError as e:
@@ -373,12 +461,14 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("evaluate", help="evaluate dense templates and/or BM25 on BEIR-format datasets")
     p.add_argument("--dataset", action="append", required=True, help="BEIR-format directory; repeatable")
-    p.add_argument("--method", action="append", choices=["dense", "bm25"],
-                   help="repeatable (default: dense)")
+    p.add_argument("--method", action="append", choices=["dense", "bm25", "hybrid"],
+                   help="repeatable (default: dense); hybrid fuses the dense and BM25 runs (one pass of each "
+                        "per dataset, shared with --method dense / bm25)")
     p.add_argument("--split", default="test")
     p.add_argument("-k", type=int, default=100, help="documents retrieved per query (default: %(default)s)")
     p.add_argument("--output", required=True, help="directory for metrics.json, run.trec and summary files")
     _add_encoder_args(p)
+    _add_fusion_args(p)
     p.set_defaults(func=cmd_evaluate)
 
     p = sub.add_parser("mine", help="mine hard negatives: write {query, pos, neg} training lines")
@@ -426,6 +516,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--split", default="test")
     p.add_argument("-k", type=int, default=100)
     _add_encoder_args(p)
+    _add_fusion_args(p)
     p.set_defaults(func=cmd_demo, template=None, max_passage_length=112, max_query_length=64)
     p = sub.add_parser("index", help="encode a corpus.jsonl into a persistent FAISS index directory (resumable)")
     p.add_argument("--corpus", required=True, help="BEIR corpus.jsonl ({_id, title, text} per line), streamed")
@@ -439,7 +530,17 @@ def build_parser() -> argparse.ArgumentParser:
                         "join the parts with 'llara merge'")
     p.add_argument("--train-size", type=int, default=200_000,
                    help="vectors sampled to train non-Flat indexes (default: %(default)s)")
+    p.add_argument("--no-bm25", dest="bm25", action="store_false",
+                   help="do not build the BM25 index of the corpus (dense search only)")
+    p.add_argument("--engine", choices=["local", "ray"], default="local",
+                   help="local: this process; ray: Ray Data actors, one model each, on a local or remote Ray "
+                        "cluster (pip install 'llara[ray]'); same shards and manifest (default: %(default)s)")
+    p.add_argument("--ray-address", default=None,
+                   help="Ray cluster to join (e.g. ray://head:10001 or auto); default: start a local one")
+    p.add_argument("--workers", type=int, default=2, help="Ray: encoder actors (default: %(default)s)")
+    _add_backend_args(p)
     _add_encoder_args(p)
+    _add_fusion_args(p)
     p.set_defaults(func=cmd_index)
 
     p = sub.add_parser("merge", help="join index parts built with --shard i/n")
@@ -447,25 +548,34 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("parts", nargs="+", metavar="PART_DIR")
     p.add_argument("--factory", default=None, help="FAISS factory string (default: the parts')")
     p.add_argument("--train-size", type=int, default=200_000)
+    p.add_argument("--no-bm25", dest="bm25", action="store_false", help="do not build the BM25 index")
+    _add_fusion_args(p)
     p.set_defaults(func=cmd_merge)
 
     p = sub.add_parser("search", help="search an index with the model recorded in it")
-    p.add_argument("--index", required=True, help="index directory")
+    p.add_argument("--index", help="index directory (FAISS backend)")
+    _add_backend_args(p)
     p.add_argument("query", nargs="+", help="one or more queries")
     p.add_argument("-k", type=int, default=10, help="hits per query (default: %(default)s)")
     p.add_argument("--json", action="store_true", help="one JSON object per query on stdout")
+    p.add_argument("--mode", choices=["dense", "bm25", "hybrid"], default=None,
+                   help="default: hybrid when the index has BM25, else dense")
+    _add_fusion_args(p, overrides=True)
     p.add_argument("--device", default=None)
-    p.add_argument("--faiss-params", default=None, help="FAISS run-time parameters, e.g. nprobe=32 or efSearch=128")
+    p.add_argument("--faiss-params", "--search-params", dest="faiss_params", default=None,
+                   help="FAISS run-time parameters, e.g. nprobe=32 or efSearch=128; Qdrant: exact=1 or hnsw_ef=128")
     p.add_argument("--no-verify", dest="verify", action="store_false",
                    help="skip the sha256 of every index file on open (sizes are still checked); for large indexes")
     p.set_defaults(func=cmd_search)
 
     p = sub.add_parser("serve", help="HTTP search service over an index (POST /search, GET /health, GET /info)")
-    p.add_argument("--index", required=True, help="index directory")
+    p.add_argument("--index", help="index directory (FAISS backend)")
+    _add_backend_args(p)
     p.add_argument("--host", default="127.0.0.1", help="bind address (default: loopback only)")
     p.add_argument("--port", type=int, default=8000)
     p.add_argument("--device", default=None)
-    p.add_argument("--faiss-params", default=None, help="FAISS run-time parameters, e.g. nprobe=32")
+    p.add_argument("--faiss-params", "--search-params", dest="faiss_params", default=None,
+                   help="FAISS run-time parameters, e.g. nprobe=32; Qdrant: exact=1 or hnsw_ef=128")
     p.add_argument("--max-batch", type=int, default=32, help="queries per encoder call (default: %(default)s)")
     p.add_argument("--max-wait-ms", type=float, default=5.0,
                    help="how long a request may wait for others to share its batch (default: %(default)s)")

@@ -2,14 +2,17 @@
 
 Endpoints::
 
-    POST /search   {"query": "text", "k": 10}  or  {"queries": ["a", "b"], "k": 10}
+    POST /search   {"query": "text", "k": 10}  or  {"queries": ["a", "b"], "k": 10}; optional "mode"
+                   (dense, bm25, hybrid; default hybrid when the index has BM25) and, for hybrid,
+                   "fusion" (linear, rrf), "alpha", "rrf_k" (default: the index's settings)
     GET  /health   {"status": "ok", "passages": N}
     GET  /info     model, template, index size and the request limits
 
 Concurrent requests are micro-batched: each request puts its queries on an asyncio queue, and a
 single worker takes whatever has arrived within ``max_wait_ms`` of the oldest waiting request (up
-to ``max_batch`` queries) and runs *one* encoder call + FAISS search for all of them in a
-dedicated thread, so the event loop keeps accepting requests meanwhile.
+to ``max_batch`` queries) and runs *one* encoder call + FAISS search for all of them (the dense
+half of hybrid requests included; BM25 and fusion are per query) in a dedicated thread, so the
+event loop keeps accepting requests meanwhile.
 
 Every malformed request gets a 4xx with ``{"error": "<what is wrong>"}``: bodies over
 ``max_body_bytes`` (by Content-Length and by the bytes actually received), bad JSON, wrong types,
@@ -68,11 +71,11 @@ class MicroBatcher:
             self.task = None
         self.executor.shutdown(wait=False, cancel_futures=True)
 
-    async def search(self, queries: list[str], k: int):
+    async def search(self, queries: list[str], k: int, mode: str | None = None, fusion=None):
         self.start()
         loop = asyncio.get_running_loop()
         fut = loop.create_future()
-        await self.queue.put((queries, k, fut, loop.time()))
+        await self.queue.put((queries, k, fut, loop.time(), mode, fusion))
         return await fut
 
     async def _collect(self) -> list[tuple]:
@@ -93,15 +96,17 @@ class MicroBatcher:
         return batch
 
     async def _work(self) -> None:
+        from .retrieval.searcher import Request
+
         loop = asyncio.get_running_loop()
         while True:
             batch = [b for b in await self._collect() if not b[2].done()]  # done = client went away
             if not batch:
                 continue
             queries = [q for b in batch for q in b[0]]
-            k = max(b[1] for b in batch)
+            requests = [Request(tuple(qs), k, mode, fusion) for qs, k, _, _, mode, fusion in batch]
             try:
-                hits = await loop.run_in_executor(self.executor, self.searcher.search, queries, k)
+                hits = await loop.run_in_executor(self.executor, self.searcher.search_requests, requests)
             except Exception as e:  # handed to every waiting request, which answers 500
                 log.exception("search failed for a batch of %d queries", len(queries))
                 for b in batch:
@@ -110,11 +115,9 @@ class MicroBatcher:
                 continue
             self.batches += 1
             self.queries += len(queries)
-            start = 0
-            for qs, kk, fut, _ in batch:
-                if not fut.done():
-                    fut.set_result([h[:kk] for h in hits[start : start + len(qs)]])
-                start += len(qs)
+            for b, h in zip(batch, hits):
+                if not b[2].done():
+                    b[2].set_result(h)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -185,6 +188,8 @@ class BodyLimit:
 # the app
 # ----------------------------------------------------------------------------------------------
 def _request_model(max_query_chars: int, max_k: int, max_queries: int, default_k: int):
+    from typing import Literal
+
     from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
     Query = Field(default=None, min_length=1, max_length=max_query_chars)
@@ -195,6 +200,10 @@ def _request_model(max_query_chars: int, max_k: int, max_queries: int, default_k
         query: Optional[str] = Query
         queries: Optional[list[str]] = Field(default=None, min_length=1, max_length=max_queries)
         k: int = Field(default=default_k, ge=1, le=max_k)
+        mode: Optional[Literal["dense", "bm25", "hybrid"]] = None
+        fusion: Optional[Literal["linear", "rrf"]] = None
+        alpha: Optional[float] = Field(default=None, ge=0, le=1)
+        rrf_k: Optional[float] = Field(default=None, ge=0, allow_inf_nan=False)
 
         @field_validator("query")
         @classmethod
@@ -220,6 +229,20 @@ def _request_model(max_query_chars: int, max_k: int, max_queries: int, default_k
             return self
 
     return SearchRequest
+
+
+def _mode_and_fusion(searcher, req):
+    """The request's mode (checked against the index) and fusion settings (the index's, overridden)."""
+    mode = searcher.check_mode(req.mode)
+    given = {k: v for k, v in (("method", req.fusion), ("alpha", req.alpha), ("rrf_k", req.rrf_k)) if v is not None}
+    if given and mode != "hybrid":
+        names = ", ".join("fusion" if k == "method" else k for k in given)
+        raise ValueError(f"{names}: only for mode 'hybrid' (this request's mode is {mode!r})")
+    if not given:
+        return mode, None
+    from .retrieval.fusion import FusionConfig
+
+    return mode, FusionConfig(**{**searcher.fusion.to_dict(), **given})
 
 
 def _describe(errors) -> str:
@@ -291,15 +314,19 @@ def create_app(
         t0 = time.perf_counter()
         queries = [req.query] if req.query is not None else req.queries
         try:
-            hits = await batcher.search(queries, req.k)
+            mode, fusion = _mode_and_fusion(searcher, req)
+        except ValueError as e:
+            return JSONResponse({"error": str(e)}, status_code=422)
+        try:
+            hits = await batcher.search(queries, req.k, mode, fusion)
         except Exception:
             return JSONResponse({"error": "search failed (see the server log)"}, status_code=500)
         results = [{"query": q, "hits": [{"doc_id": h.doc_id, "score": h.score, "title": h.title} for h in hs]}
                    for q, hs in zip(queries, hits)]
         took_ms = round((time.perf_counter() - t0) * 1000, 3)
         if req.query is not None:
-            return {**results[0], "k": req.k, "took_ms": took_ms}
-        return {"results": results, "k": req.k, "took_ms": took_ms}
+            return {**results[0], "k": req.k, "mode": mode, "took_ms": took_ms}
+        return {"results": results, "k": req.k, "mode": mode, "took_ms": took_ms}
 
     @app.get("/health")
     async def health():
@@ -331,6 +358,8 @@ def run(
     params: str | None = None,
     limit_concurrency: int = 256,
     verify: bool = True,
+    backend: str = "faiss",
+    collection: str | None = None,
     **app_kwargs,
 ) -> None:
     """Load the index and its model, then serve until interrupted (binds to loopback by default)."""
@@ -340,7 +369,8 @@ def run(
 
     if not _is_loopback(host):
         log.warning("serving on %s: reachable from other machines; the service has no authentication", host)
-    searcher = Searcher.from_index(index_dir, device=device, params=params, verify=verify)
+    searcher = Searcher.from_index(index_dir, device=device, params=params, verify=verify, backend=backend,
+                                   collection=collection)
     app = create_app(searcher, **app_kwargs)
     log.info("serving %d passages on http://%s:%d", len(searcher.index), host, port)
     uvicorn.run(app, host=host, port=port, log_level="warning", access_log=False,

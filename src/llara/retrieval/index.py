@@ -259,6 +259,39 @@ def _load_embeddings(index_dir: Path, shard: dict, mmap: bool = True) -> np.ndar
 # ----------------------------------------------------------------------------------------------
 # building
 # ----------------------------------------------------------------------------------------------
+@dataclass
+class ShardJob:
+    """A shard to encode: its number and its passages' texts (title and text joined)."""
+
+    number: int
+    texts: list[str]
+
+
+@dataclass
+class ShardResult:
+    number: int
+    embeddings: np.ndarray
+    tokens: int
+    seconds: float
+
+
+class LocalEngine:
+    """Encodes the shards one after the other in this process (streaming: one shard in memory).
+
+    An engine is any callable ``engine(jobs: Iterator[ShardJob]) -> Iterator[ShardResult]``; results
+    may come in any order (see :mod:`llara.retrieval.ray_engine`)."""
+
+    def __init__(self, encoder, batch_size: int | None = None):
+        self.encoder, self.batch_size = encoder, batch_size
+
+    def __call__(self, jobs: Iterator[ShardJob]) -> Iterator[ShardResult]:
+        for job in jobs:
+            ts = time.perf_counter()
+            emb = self.encoder.encode(job.texts, "passage", batch_size=self.batch_size)
+            yield ShardResult(job.number, emb, int(getattr(self.encoder.last_stats, "tokens", 0)),
+                              time.perf_counter() - ts)
+
+
 def _model_settings(encoder, model_spec: str) -> dict:
     p = Path(model_spec)
     spec = str(p.resolve()) if p.exists() else model_spec  # a path must survive a change of cwd
@@ -300,13 +333,23 @@ def build_index(
     batch_size: int | None = None,
     train_size: int = DEFAULT_TRAIN_SIZE,
     seed: int = 0,
+    faiss_index: bool = True,
+    engine=None,
+    bm25: bool = True,
+    fusion=None,
 ) -> Path:
     """Encode ``corpus.jsonl`` shard by shard into ``out_dir`` and build ``index.faiss``.
+
+    With ``bm25`` (and no ``shard``), the BM25 index of the same corpus is built too
+    (:mod:`llara.retrieval.lexical`) and ``fusion`` (a :class:`~llara.retrieval.fusion.FusionConfig`,
+    default its defaults) is recorded as the index's hybrid-search settings.
 
     ``model_spec`` is what :meth:`Encoder.from_pretrained` needs to load the same model again (a
     path is stored absolute); the searcher reloads it from the manifest. With ``shard=(i, n)`` only
     part ``i`` of ``n`` is encoded and no FAISS index is built (see :func:`merge_indexes`).
-    Returns ``out_dir``.
+    ``faiss_index=False`` writes the shards and manifest only (for a vector database backend).
+    ``engine`` encodes the shards (default: :class:`LocalEngine` on ``encoder``; a Ray Data engine
+    in :mod:`llara.retrieval.ray_engine`). Returns ``out_dir``.
     """
     corpus_path, out = Path(corpus_path), Path(out_dir)
     part = parse_shard_spec(shard)
@@ -359,35 +402,44 @@ def build_index(
 
     t0 = time.perf_counter()
     total_docs = 0
-    for number, docs in _iter_shards(corpus_path, shard_size):
-        total_docs += len(docs)
-        if part and number % part[1] != part[0]:
-            continue
-        ids = [d[0] for d in docs]
-        if number in done:
-            # The corpus must not have changed under a finished shard.
-            have = _read_ids(out / done[number]["files"]["ids"]["path"])
-            if have != ids:
-                raise DataError(corpus_path, None, f"cannot resume: the documents of shard {number} differ from "
-                                                   f"those already indexed in {out}; the corpus changed")
-            continue
-        texts = [passage_text({"title": t, "text": x}) for _, t, x in docs]
-        ts = time.perf_counter()
-        emb = encoder.encode(texts, "passage", batch_size=batch_size)
-        seconds = time.perf_counter() - ts
+    pending: dict[int, tuple[list[str], list[str]]] = {}  # shards being encoded: ids, titles
+    ids_digest = hashlib.sha256()  # of every id in row order: ties the BM25 rows to the dense rows
+
+    def jobs() -> Iterator[ShardJob]:
+        nonlocal total_docs
+        for number, docs in _iter_shards(corpus_path, shard_size):
+            total_docs += len(docs)
+            for d in docs:
+                ids_digest.update(d[0].encode("utf-8", "surrogatepass") + b"\n")
+            if part and number % part[1] != part[0]:
+                continue
+            ids = [d[0] for d in docs]
+            if number in done:
+                # The corpus must not have changed under a finished shard.
+                have = _read_ids(out / done[number]["files"]["ids"]["path"])
+                if have != ids:
+                    raise DataError(corpus_path, None, f"cannot resume: the documents of shard {number} differ "
+                                                       f"from those already indexed in {out}; the corpus changed")
+                continue
+            pending[number] = (ids, [d[1] for d in docs])
+            yield ShardJob(number, [passage_text({"title": t, "text": x}) for _, t, x in docs])
+
+    for res in (engine or LocalEngine(encoder, batch_size))(jobs()):
+        emb = res.embeddings
         if manifest["dimension"] is None:
             manifest["dimension"] = int(emb.shape[1])
         elif emb.shape[1] != manifest["dimension"]:
             raise ValueError(f"encoder gives dimension {emb.shape[1]}, the index has {manifest['dimension']}")
-        entry = _write_shard(out, number, emb, ids, [d[1] for d in docs])
-        entry["tokens"] = int(getattr(encoder.last_stats, "tokens", 0))
-        entry["seconds"] = round(seconds, 3)
-        done[number] = entry
+        ids, titles = pending.pop(res.number)
+        entry = _write_shard(out, res.number, emb, ids, titles)
+        entry["tokens"] = res.tokens
+        entry["seconds"] = round(res.seconds, 3)
+        done[res.number] = entry
         manifest["shards"] = [done[k] for k in sorted(done)]
         manifest["count"] = sum(s["rows"] for s in manifest["shards"])
         _write_json(manifest_path, manifest)
-        log.info("shard %d: %d passages in %.1f s (%.0f passages/s)", number, len(docs), seconds,
-                 len(docs) / max(seconds, 1e-9))
+        log.info("shard %d: %d passages in %.1f s (%.0f passages/s)", res.number, len(ids), res.seconds,
+                 len(ids) / max(res.seconds, 1e-9))
 
     manifest["corpus_documents"] = total_docs
     expected = [n for n in range(-(-total_docs // shard_size)) if not part or n % part[1] == part[0]]
@@ -399,12 +451,32 @@ def build_index(
     manifest["count"] = sum(s["rows"] for s in manifest["shards"])
     if manifest["dimension"] is None and not part:
         raise DataError(corpus_path, None, "no documents to index")
-    if part is None:
+    if part is None and faiss_index:
         manifest["faiss"] = _build_faiss(out, manifest, train_size=train_size, seed=seed)
+    if bm25 and part is None:
+        _add_bm25(out, corpus_path, manifest, total_docs, ids_digest.hexdigest(), fusion)
     manifest["complete"] = True
     _write_json(manifest_path, manifest)
     log.info("indexed %d passages into %s in %.1f s", manifest["count"], out, time.perf_counter() - t0)
     return out
+
+
+def _add_bm25(out: Path, corpus_path: Path, manifest: dict, documents: int, digest: str, fusion) -> None:
+    """Build (or, on resume, keep if intact) the BM25 half and record the fusion settings."""
+    from .fusion import FusionConfig
+    from .lexical import bm25_entry_ok, build_bm25
+
+    if bm25_entry_ok(out, manifest.get("bm25"), documents, digest):
+        log.info("BM25 index already built and verified")
+    else:
+        entry = build_bm25(out, corpus_path)
+        if (entry["documents"], entry["ids_sha256"]) != (documents, digest):
+            raise DataError(corpus_path, None, f"the corpus changed while indexing: {entry['documents']} documents "
+                                               f"for BM25, {documents} in the dense shards (or other ids)")
+        manifest["bm25"] = entry
+    if fusion is not None or not manifest.get("fusion"):
+        fusion = fusion if isinstance(fusion, FusionConfig) else FusionConfig.from_dict(fusion)
+        manifest["fusion"] = fusion.to_dict()
 
 
 def _check_factory(factory: str, dim: int | None) -> None:
@@ -479,11 +551,14 @@ def merge_indexes(
     factory: str | None = None,
     train_size: int = DEFAULT_TRAIN_SIZE,
     seed: int = 0,
+    bm25: bool = True,
+    fusion=None,
 ) -> Path:
     """Join the parts written by ``build_index(..., shard=(i, n))`` for every ``i`` into one index.
 
     The parts must come from the same corpus and settings; every shard is checked (sha256) and
-    copied. ``factory`` overrides the parts' FAISS factory string.
+    copied. ``factory`` overrides the parts' FAISS factory string. With ``bm25``, the BM25 index is
+    built from the corpus the parts recorded, when that file is still there.
     """
     out = Path(out_dir)
     if not part_dirs:
@@ -544,6 +619,14 @@ def merge_indexes(
         manifest["factory"] = factory
     _write_json(out / MANIFEST, manifest)
     manifest["faiss"] = _build_faiss(out, manifest, train_size=train_size, seed=seed)
+    corpus = Path((manifest.get("corpus") or {}).get("path") or "")
+    if bm25 and corpus.is_file():
+        from .lexical import ids_sha256
+
+        ids = [i for s in entries for i in _read_ids(out / s["files"]["ids"]["path"])]
+        _add_bm25(out, corpus, manifest, len(ids), ids_sha256(ids), fusion)
+    elif bm25:
+        log.warning("no BM25 index (the parts' corpus %s is gone): the merged index serves dense search only", corpus)
     manifest["complete"] = True
     _write_json(out / MANIFEST, manifest)
     log.info("merged %d parts (%d passages) into %s", len(manifests), manifest["count"], out)
@@ -600,8 +683,11 @@ def open_index(index_dir: "str | os.PathLike", *, verify: bool = True) -> DenseI
     if manifest.get("part"):
         i, n = manifest["part"]
         raise DataError(d, None, f"this is part {i}/{n} of an index; merge the parts first (llara merge)")
-    if not manifest.get("complete") or not manifest.get("faiss"):
+    if not manifest.get("complete"):
         raise DataError(d, None, "the index is unfinished; finish it with --resume")
+    if not manifest.get("faiss"):
+        raise DataError(d, None, "the index has no FAISS file (built for a vector database with --backend); "
+                                 "search it there, or build index.faiss with llara index --resume")
     ids: list[str] = []
     titles: list[str] = []
     for s in manifest["shards"]:

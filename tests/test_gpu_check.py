@@ -1,0 +1,52 @@
+"""benchmarks/gpu_check.py's plumbing on CPU with a tiny model: every section runs and writes its numbers."""
+from __future__ import annotations
+
+import importlib.util
+import json
+import math
+from pathlib import Path
+
+from tiny_index import save_model
+
+SCRIPT = Path(__file__).resolve().parents[1] / "benchmarks" / "gpu_check.py"
+
+
+def load_script():
+    spec = importlib.util.spec_from_file_location("gpu_check", SCRIPT)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_gpu_check_tiny_on_cpu(tmp_path):
+    model = save_model(tmp_path / "model")
+    out = tmp_path / "gpu_check.json"
+    rc = load_script().main(["--tiny", "--cpu", "--model", str(model), "--out", str(out)])
+    result = json.loads(out.read_text())
+    errors = {k: v.get("error") for k, v in result["sections"].items() if "error" in v}
+    assert not errors, errors
+    assert rc == 0 and result["ok"] is True
+    assert list(result["sections"]) == ["joint_pass", "pretrain", "finetune", "llama7b_lora", "encoder"]
+    s = result["sections"]
+    for dtype in ("fp32", "bf16"):
+        for side in ("self", "next"):
+            assert s["joint_pass"][dtype][side]["min_cosine"] > 0.999
+    assert s["joint_pass"]["fp32"]["self"]["max_abs_diff"] < 1e-4
+    for name in ("pretrain", "finetune"):
+        assert s[name]["steps"] == 3 and math.isfinite(s[name]["last_loss"]) and s[name]["median_tokens_per_s"] > 0
+    big = s["llama7b_lora"]
+    assert big["shape"]["num_hidden_layers"] == 2 and big["gradient_checkpointing"]
+    assert 0 < big["trainable_parameters"] < big["parameters"] and big["tokens_per_s"] > 0
+    assert all(math.isfinite(x) for x in big["losses"])
+    assert s["encoder"]["passages"] == 8 and s["encoder"]["tokens_per_s"] > 0
+
+
+def test_mfu_peak_table():
+    gc = load_script()
+    import argparse
+
+    import torch
+
+    args = argparse.Namespace(peak_tflops=None)
+    assert gc._peak_tflops(args, torch.device("cpu")) is None
+    assert gc._peak_tflops(argparse.Namespace(peak_tflops=100.0), torch.device("cpu")) == 100.0
