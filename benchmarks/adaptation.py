@@ -50,11 +50,11 @@ BASELINES = {"bm25": "BM25", "default:eos": "untrained, EOS", "default:mean": "u
              "default:llara": "untrained, slots"}
 
 
-def train_command(name: str, args) -> list[str]:
+def train_command(name: str, args, output: Path | None = None) -> list[str]:
     cmd = [str(ROOT / ".venv" / "bin" / "llara"), "pretrain", "--model", "default"]
     for f in TRAIN_FILES:
         cmd += ["--data", str(f)]
-    cmd += ["--interleave", "--output", str(RUNS / name), "--max-steps", str(args.steps), "--batch-size", "8",
+    cmd += ["--interleave", "--output", str(output or RUNS / name), "--max-steps", str(args.steps), "--batch-size", "8",
             "--lr", "5e-5", "--chunk-tokens", str(args.chunk_tokens), "--save-every", "25", "--seed", "0",
             "--no-progress", "--resume"] + VARIANTS[name][1]
     return cmd
@@ -101,7 +101,7 @@ def evaluate_models(models: dict[str, tuple[str, list[str]]], out_json: Path, ar
     for label, (spec, templates) in models.items():
         enc = None
         for ds in sets:
-            todo = [t for t in templates if (f"{label}:{t}", ds.name) not in done]
+            todo = [t for t in templates if (f"{label}:{getattr(t, 'name', t)}", ds.name) not in done]
             if not todo:
                 continue
             if enc is None:
@@ -109,7 +109,9 @@ def evaluate_models(models: dict[str, tuple[str, list[str]]], out_json: Path, ar
                                               max_query_length=args.max_query_length,
                                               max_passage_length=args.max_passage_length, batch_size=32,
                                               cache_dir=cache_root() / "embeddings")
-            for r, _ in evaluate_dense(ds, enc, todo):
+            results = evaluate_dense(ds, enc, todo)
+            rows = load_rows(out_json)  # reread: another process may have added rows meanwhile
+            for r, _ in results:
                 rows.append({"method": f"{label}:{r.template}", **r.to_dict()})
                 print(f"{ds.name:10s} {label}:{r.template:8s} nDCG@10={r.metrics['ndcg@10']:.4f} "
                       f"R@100={r.metrics['recall@100']:.4f} ({r.seconds:.0f}s)", flush=True)

@@ -1,5 +1,6 @@
 """Contrastive fine-tuning: loss vs. brute force, GradCache == plain gradients, no duplicate
 positives in a batch, 2 processes (gloo) with cross-device negatives == 1 process, doubled batch."""
+import dataclasses
 import math
 
 import pytest
@@ -83,6 +84,20 @@ def test_collator_layout_and_prompts():
         torch.testing.assert_close(w.sum(1), torch.ones(ids.size(0)))
     # positive first in each query's block
     assert col.sample_passages(groups[1], groups[1].query)[0] == groups[1].pos[0]
+
+
+def test_collator_applies_the_template_casing():
+    _, tok = setup_model()
+    groups = make_groups(3)
+    caps = [Group(g.query.upper(), [p.upper() for p in g.pos], [n.upper() for n in g.neg]) for g in groups]
+    # group_size 1: negatives are sampled with the query text as seed, which the capitals change
+    col = ContrastiveCollator(tok, "llara", group_size=1, max_query_length=24, max_passage_length=32)
+    a, b = col(groups), col(caps)
+    for side in ("query", "passage"):
+        assert torch.equal(a[side]["input_ids"], b[side]["input_ids"])
+    keep = dataclasses.replace(get_template("llara"), casing="keep")
+    c = ContrastiveCollator(tok, keep, group_size=1, max_query_length=24, max_passage_length=32)(caps)
+    assert not torch.equal(a["query"]["input_ids"], c["query"]["input_ids"])
 
 
 @pytest.mark.parametrize("lora", [False, True])

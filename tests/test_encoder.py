@@ -1,4 +1,6 @@
 """Encoder invariances, template id construction, pooling, save/load and caching."""
+import dataclasses
+
 import numpy as np
 import pytest
 import torch
@@ -158,3 +160,38 @@ def test_builtin_templates_are_complete():
     assert {"llara", "paper", "eos", "mean", "prompteol"} <= set(BUILTIN_TEMPLATES)
     t = get_template(None)
     assert t.name == "llara" and t.passage.slots == tuple(SLOTS[:8]) and t.query.slots == tuple(SLOTS[8:])
+
+
+def test_casing_rule():
+    from llara.prompts import apply_casing
+
+    assert apply_casing("FISH BREATHE WATER.", "lower_all_caps") == "fish breathe water."
+    assert apply_casing("ÉTÉ À PARIS", "lower_all_caps") == "été à paris"
+    for kept in ("DNA in the cell", "Fish breathe water", "1984 - 2001 ?", ""):  # a lower-case letter, or none cased
+        assert apply_casing(kept, "lower_all_caps") == kept
+    assert apply_casing("DNA in the Cell", "lower") == "dna in the cell"
+    assert apply_casing("FISH", "keep") == "FISH"
+
+
+def test_casing_is_a_template_option(tmp_path):
+    assert all(t.casing == "lower_all_caps" for t in BUILTIN_TEMPLATES.values())
+    t = get_template({"name": "k", "query": {}, "passage": {}, "casing": "keep"})
+    assert t.casing == "keep" and get_template(t.to_dict()) == t
+    assert t.prepare(["FISH"]) == ["FISH"] and get_template("eos").prepare(["FISH", "Fish"]) == ["fish", "Fish"]
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("query: {}\npassage: {}\ncasing: upper\n")
+    with pytest.raises(TemplateError, match="bad.yaml.*casing"):
+        get_template(str(bad))
+
+
+@pytest.mark.parametrize("template", ["llara", "mean"])
+def test_text_in_capitals_encodes_like_lower_case(template, tmp_path):
+    """Queries and passages go through the same normalisation; the cache is keyed by the prepared text."""
+    enc = make_encoder(template=template, cache_dir=tmp_path, fingerprint="w")
+    caps = [t.upper() for t in TEXTS]
+    for side in ("query", "passage"):
+        np.testing.assert_allclose(enc.encode(caps, side), enc.encode(TEXTS, side), atol=1e-6)
+    keep = dataclasses.replace(get_template(template), name="kept", casing="keep")
+    out = enc.encode_multi(caps, "passage", [get_template(template), keep])  # two casings, one call
+    np.testing.assert_allclose(out[template], enc.encode(TEXTS, "passage"), atol=1e-6)
+    assert not np.allclose(out["kept"], out[template], atol=1e-3)  # capitals are other tokens

@@ -74,3 +74,23 @@ def test_cli_mine_on_adi(adi_dir, tmp_path, method):
         assert not set(r["neg_ids"]) & qrels[r["query_id"]]
         assert len(set(r["neg_ids"])) == len(r["neg_ids"]) <= 4
         assert len(r["neg"]) == len(r["neg_ids"]) and isinstance(r["query"], str)
+
+
+def test_shipped_squad_pairs_load_and_resolve():
+    from llara.cli import PAIRS_DIR
+    from llara.data.beir import load_corpus, load_qrels, load_queries
+
+    d = PAIRS_DIR / "squad"
+    corpus, queries = load_corpus(d / "corpus.jsonl.gz"), load_queries(d / "queries.jsonl.gz")
+    qrels = load_qrels(d / "qrels" / "train.tsv.gz")
+    assert (len(corpus), len(queries), len(qrels)) == (2067, 10570, 10570)
+    assert all(q in queries and set(rel) <= set(corpus) for q, rel in qrels.items())
+    assert "CC BY-SA 4.0" in (d / "README.md").read_text()
+
+
+def test_cli_mine_pairs_conflicts_with_explicit_files(adi_dir, tmp_path, capsys):
+    out = tmp_path / "train.jsonl"
+    assert main(["mine", "--pairs", "squad", "--corpus", str(adi_dir / "corpus.jsonl"), "--output", str(out)]) == 2
+    assert "--pairs replaces" in capsys.readouterr().err
+    assert main(["mine", "--output", str(out)]) == 2
+    assert not out.exists()

@@ -379,3 +379,16 @@ def test_collator_paper_template_reads_the_eos():
     assert batch["input_ids"].gather(1, batch["self_slots"]).tolist() == [[eos]]
     assert batch["input_ids"].gather(1, batch["next_slots"]).tolist() == [[eos]]
     assert batch["next_slots"][0, 0] > batch["self_slots"][0, 0]
+
+
+def test_documents_go_through_the_template_casing(tmp_path):
+    from llara.prompts import get_template
+
+    path = tmp_path / "caps.jsonl"
+    write_jsonl(path, [{"text": "FISH PLANT WATER . THE RIVER IN THE CITY ."}, {"text": "the capital of France"}])
+    ds = PretrainDataset(path, tok(), chunk_tokens=4, chunking="tokens", shuffle_buffer=0, min_chunk_tokens=1,
+                         prepare=get_template("llara").prepare)
+    assert [" ".join(u) for u in ds.documents()] == ["fish plant water . the river in the city .",
+                                                     "the capital of France"]
+    first = next(iter(ds))
+    assert tok().unk_token_id not in first.text_ids + first.next_ids

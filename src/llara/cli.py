@@ -14,6 +14,7 @@ from typing import Sequence
 log = logging.getLogger("llara")
 
 DEMO_DIR = Path(__file__).parent / "data" / "demo"
+PAIRS_DIR = Path(__file__).parent / "data" / "pairs"  # shipped, redistributable training pairs (README inside)
 
 
 def _setup_logging(verbose: bool) -> None:
@@ -420,6 +421,14 @@ def cmd_mine(args) -> int:
     from .data.beir import load_corpus, load_qrels, load_queries
     from .retrieval import mining
 
+    if args.pairs:
+        if args.corpus or args.queries or args.qrels or args.train:
+            return _fail(ValueError("--pairs replaces --corpus, --queries, --qrels and --train: give one or the other"))
+        shipped = PAIRS_DIR / args.pairs
+        args.corpus, args.queries = str(shipped / "corpus.jsonl.gz"), str(shipped / "queries.jsonl.gz")
+        args.qrels = str(shipped / "qrels" / "train.tsv.gz")
+    elif not args.corpus:
+        return _fail(ValueError("give --corpus (with --queries/--qrels or --train), or --pairs squad"))
     corpus = load_corpus(args.corpus)
     if args.train:
         queries, positives, unmatched = mining.positives_from_train_jsonl(args.train, corpus)
@@ -524,7 +533,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_evaluate)
 
     p = sub.add_parser("mine", help="mine hard negatives: write {query, pos, neg} training lines")
-    p.add_argument("--corpus", required=True, help="corpus.jsonl to mine from")
+    p.add_argument("--corpus", help="corpus.jsonl to mine from")
+    p.add_argument("--pairs", choices=["squad"],
+                   help="instead of --corpus/--queries/--qrels: pairs shipped with llara; squad = 10,570 SQuAD v1.1 "
+                        "questions and their Wikipedia paragraphs (CC BY-SA 4.0, attribution in data/pairs/squad)")
     p.add_argument("--queries", help="queries.jsonl (with --qrels)")
     p.add_argument("--qrels", help="qrels .tsv naming the positives (e.g. qrels/train.tsv)")
     p.add_argument("--train", help="instead of --queries/--qrels: train.jsonl with {query, pos: [...]}")

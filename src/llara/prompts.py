@@ -24,6 +24,11 @@ from typing import Any, Sequence
 import yaml
 
 POOLINGS = ("slots", "last", "mean")
+# How a text's letter case is normalised before tokenization (the same for queries and passages):
+# keep it, lower-case every text, or lower-case only the texts written without a lower-case letter
+# (a corpus in capitals: BM25 lower-cases, but a BPE tokenizer splits capitals into rare pieces).
+CASINGS = ("keep", "lower", "lower_all_caps")
+DEFAULT_CASING = "lower_all_caps"
 SELF_SLOTS = tuple(f"<s{i}>" for i in range(1, 9))
 NEXT_SLOTS = tuple(f"<s{i}>" for i in range(9, 17))
 ALL_SLOTS = SELF_SLOTS + NEXT_SLOTS
@@ -31,6 +36,13 @@ ALL_SLOTS = SELF_SLOTS + NEXT_SLOTS
 
 class TemplateError(ValueError):
     """A template that cannot be built or used with a tokenizer."""
+
+
+def apply_casing(text: str, casing: str) -> str:
+    """``text`` with the template's case normalisation (see ``CASINGS``)."""
+    if casing == "lower" or (casing == "lower_all_caps" and text == text.upper() and text != text.lower()):
+        return text.lower()
+    return text
 
 
 @dataclass(frozen=True)
@@ -68,6 +80,17 @@ class Template:
     passage: PromptSide
     normalize: bool = True
     description: str = ""
+    casing: str = DEFAULT_CASING
+
+    def __post_init__(self) -> None:
+        if self.casing not in CASINGS:
+            raise TemplateError(f"casing must be one of {CASINGS}, got {self.casing!r}")
+
+    def prepare(self, texts: Sequence[str]) -> list[str]:
+        """The texts as the model sees them (case normalisation); used by encoding and training alike."""
+        if self.casing == "keep":
+            return list(texts)
+        return [apply_casing(t, self.casing) for t in texts]
 
     def side(self, side: str) -> PromptSide:
         if side not in ("query", "passage"):
@@ -101,6 +124,7 @@ class Template:
                 passage=sides["passage"],
                 normalize=bool(d.get("normalize", True)),
                 description=str(d.get("description", "")),
+                casing=str(d.get("casing", DEFAULT_CASING)),
             )
         except (TemplateError, TypeError) as e:
             raise TemplateError(f"{source}: invalid template: {e}") from None

@@ -41,7 +41,7 @@ import os
 import random
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Iterable, Iterator, Sequence
+from typing import Any, Callable, Iterable, Iterator, Sequence
 
 import torch
 from torch import Tensor
@@ -185,9 +185,11 @@ class PretrainDataset(IterableDataset):
         world_size: int | None = None,
         distributed: bool = False,
         loader_batch_size: int | None = None,
+        prepare: Callable[[Sequence[str]], list[str]] | None = None,
         **options: Any,
     ):
         super().__init__()
+        self.prepare = prepare  # e.g. Template.prepare: the template's case normalisation of each text unit
         self.paths = [paths] if isinstance(paths, (str, os.PathLike)) else list(paths)
         if not self.paths:
             raise ValueError("no input files")
@@ -246,8 +248,9 @@ class PretrainDataset(IterableDataset):
 
     def documents(self) -> Iterator[list[str]]:
         c = self.config
-        return iter_documents(self.paths, fmt=c.fmt, text_field=c.text_field, title_field=c.title_field,
+        docs = iter_documents(self.paths, fmt=c.fmt, text_field=c.text_field, title_field=c.title_field,
                               txt_mode=c.txt_mode, interleave=c.interleave)
+        return docs if self.prepare is None else map(self.prepare, docs)
 
     def shard_examples(self, shard: int = 0, shards: int = 1) -> Iterator[PretrainExample]:
         """Unshuffled examples of the documents d with d % shards == shard, in file order."""

@@ -205,19 +205,20 @@ class Encoder:
             self._ensure_slots(t)
         out: dict[str, np.ndarray] = {}
         groups: dict[tuple, list[Template]] = {}
+        prepared = {t.casing: t.prepare(texts) for t in templates}  # the cache is keyed by the prepared texts
         for t in templates:
-            key = self.cache_key(texts, side, t)
+            key = self.cache_key(prepared[t.casing], side, t)
             cached = self._cache_load(key)
             if cached is not None:
                 out[t.name] = cached
             else:
-                groups.setdefault(t.side(side).input_signature(), []).append(t)
-        for group in groups.values():
-            arrays = self._encode_group(texts, side, [t.side(side) for t in group], batch_size)
+                groups.setdefault((t.casing, t.side(side).input_signature()), []).append(t)
+        for (casing, _), group in groups.items():
+            arrays = self._encode_group(prepared[casing], side, [t.side(side) for t in group], batch_size)
             for t, arr in zip(group, arrays):
                 if t.normalize:
                     arr /= np.maximum(np.linalg.norm(arr, axis=1, keepdims=True), 1e-12)
-                self._cache_save(self.cache_key(texts, side, t), arr)
+                self._cache_save(self.cache_key(prepared[casing], side, t), arr)
                 out[t.name] = arr
         return out
 

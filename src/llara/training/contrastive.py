@@ -124,7 +124,7 @@ class ContrastiveCollator:
     def _side_batch(self, texts: list[str], side) -> dict[str, Tensor]:
         name = "query" if side is self.q_side else "passage"
         budget = self.max_len[name] - side.overhead
-        ids = self.tok(texts, add_special_tokens=False)["input_ids"]
+        ids = self.tok(self.template.prepare(texts), add_special_tokens=False)["input_ids"]
         built = [side.build(x[:budget], self.max_len[name]) for x in ids]
         input_ids, attention = _pad([b[0] for b in built], self.pad_id, self.multiple)
         w = torch.zeros(input_ids.shape, dtype=torch.float32)

@@ -79,7 +79,7 @@ def pretrain(model_spec: str, data_paths: Sequence[str], train_cfg: TrainConfig,
     # By default a whole chunk always fits: max_length = chunk_tokens + the joint prompt.
     max_length = loss_cfg.max_length or data_cfg.chunk_tokens + probe.prompt_tokens
     collator = PretrainCollator(tokenizer, template, max_length=max_length, keep=probe.keep, vocab_size=vocab)
-    dataset = PretrainDataset(list(data_paths), tokenizer, data_cfg)
+    dataset = PretrainDataset(list(data_paths), tokenizer, data_cfg, prepare=template.prepare)
     loader = DataLoader(dataset, batch_size=train_cfg.batch_size, collate_fn=collator)
     slot_ids = tokenizer.convert_tokens_to_ids(list(template.slot_tokens))
     extra = {"pretrain_data": {**asdict(data_cfg), "paths": [str(p) for p in data_paths]},

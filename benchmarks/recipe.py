@@ -1,0 +1,140 @@
+"""A stronger fine-tuning recipe, chosen by measurement at one fixed budget (issue 12).
+
+Every variant changes one thing against the baseline point of benchmarks/learning_curve.py (the adapted
+start fine-tuned for --steps steps with seed 0, constant learning rate after warm-up, batch 8 x 2 passages,
+BM25-mined SQuAD + SciFact-train groups) and is evaluated the same way (four dev collections, subsampled,
+96-token passages). Variants (worked through in the order given by --variants):
+
+- wiki: the training groups plus Wikipedia title -> lead-section pairs from ../shared/data/wiki_vital
+  (BM25 hard negatives mined with `llara mine` over the 10k leads; no dev collection text);
+- group8: 1 positive + 7 hard negatives per query (GradCache, chunks of 16 sequences);
+- temp05: InfoNCE temperature 0.05 instead of 0.01;
+- lr1e4: learning rate 1e-4 instead of 3e-4;
+- len160: training passages cut to 160 tokens instead of 96 (evaluation stays at 96).
+
+Reproduce (from the repository root, after benchmarks/learning_curve.py has its adapted:0:<steps> point):
+
+    .venv/bin/python benchmarks/recipe.py --variants wiki group8 temp05
+    .venv/bin/python benchmarks/recipe.py --stage report
+
+Writes benchmarks/results/recipe.{md,json}; runs go to runs/bench/recipe/.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+
+import numpy as np
+
+import finetune as ft
+import learning_curve as lc
+from adaptation import evaluate_models, load_rows, table
+from zero_shot import DATA, RESULTS, ROOT, machine
+
+from llara.data.beir import iter_jsonl
+from llara.retrieval.mining import write_jsonl_atomic
+
+RUNS = ROOT / "runs" / "bench" / "recipe"
+OUT_JSON = RESULTS / "recipe.json"
+VARIANTS = {  # name: (label, extra `llara finetune` flags, extra data)
+    "wiki": ("+ Wikipedia title -> lead pairs", {}, True),
+    "group8": ("group of 8 (7 hard negatives), GradCache", {"--group-size": "8", "--grad-cache-chunk": "16"}, False),
+    "temp05": ("temperature 0.05", {"--temperature": "0.05"}, False),
+    "lr1e4": ("lr 1e-4", {"--lr": "1e-4"}, False),
+    "len160": ("training passages of 160 tokens", {"--max-passage-length": "160"}, False),
+}
+
+
+def wiki_groups(args) -> str:
+    """train.jsonl + BM25-mined Wikipedia title -> lead groups, concatenated (the sampler shuffles)."""
+    mixed = RUNS / "train_wiki.jsonl"
+    if mixed.is_file():
+        return str(mixed)
+    beir = RUNS / "wiki_titles"
+    if not (beir / "qrels" / "train.tsv").is_file():
+        arts = [row for _, row in iter_jsonl(DATA / "wiki_vital" / "articles.jsonl")]
+        write_jsonl_atomic(({"_id": f"d{i}", "title": "", "text": a["text"]} for i, a in enumerate(arts)),
+                           beir / "corpus.jsonl")
+        write_jsonl_atomic(({"_id": f"q{i}", "text": a["title"]} for i, a in enumerate(arts)), beir / "queries.jsonl")
+        (beir / "qrels").mkdir(exist_ok=True)
+        (beir / "qrels" / "train.tsv").write_text(
+            "query-id\tcorpus-id\tscore\n" + "".join(f"q{i}\td{i}\t1\n" for i in range(len(arts))))
+    mined = RUNS / "mined_wiki.jsonl"
+    if not mined.is_file():
+        ft.run([ft.LLARA, "mine", "--corpus", str(beir / "corpus.jsonl"), "--queries", str(beir / "queries.jsonl"),
+                "--qrels", str(beir / "qrels" / "train.tsv"), "--output", str(mined), "--method", "bm25",
+                "--window", "5", "100", "--negatives", "7", "--seed", "0"], RUNS / "mine.log")
+    rows = [row for path in (args.data, mined) for _, row in iter_jsonl(path)]
+    write_jsonl_atomic(rows, mixed)
+    return str(mixed)
+
+
+def run_variants(args) -> None:
+    RUNS.mkdir(parents=True, exist_ok=True)
+    base = lc.ensure_start("adapted", args)
+    if not base:
+        raise SystemExit(f"{args.adapted} is missing")
+    for name in args.variants:
+        label = f"{name}/{args.steps}"
+        if {r["dataset"] for r in load_rows(OUT_JSON) if r["method"] == f"{label}:llara"} >= set(args.datasets):
+            continue
+        _, flags, wiki = VARIANTS[name]
+        run_args = argparse.Namespace(**vars(args))
+        if wiki:
+            run_args.data = wiki_groups(args)
+        model = lc.train_to(RUNS / name, base, 0, args.steps, run_args, flags)
+        with lc.heavy(args):
+            evaluate_models({label: (str(model), ["llara"])}, OUT_JSON, args, bm25=False)
+
+
+def report(args) -> None:
+    base = load_rows(lc.OUT_JSON)
+    key = f"{lc.point_label('adapted', 0, args.steps)}:llara"
+    rows = [dict(r, method="baseline:llara") for r in base if r["method"] == key]
+    rows += [r for r in base if r["method"] == "bm25"] + load_rows(OUT_JSON)
+    methods = {"bm25": "BM25", "baseline:llara": f"baseline (learning_curve.py, adapted start, {args.steps} steps)"}
+    methods |= {f"{n}/{args.steps}:llara": VARIANTS[n][0] for n in VARIANTS}
+    names = list(args.datasets)
+    get = {(r["method"], r["dataset"]): r["metrics"]["ndcg@10"] for r in rows}
+    lines = ["# Fine-tuning recipe variants at one budget", "",
+             f"Each row changes one setting against the baseline: the adapted start (50 steps of EBAE + EBAR + LM) "
+             f"fine-tuned for {args.steps} steps of 8 queries (seed 0, lr 3e-4 constant after 4 warm-up steps, 2 passages "
+             "per query, temperature 0.01, BM25-mined SQuAD + SciFact-train groups, LoRA r 64), evaluated on the "
+             f"subsampled dev collections with 96-token passages. One seed. Machine: {machine()}.", "",
+             "## nDCG@10 / Recall@100", ""] + table(rows, methods, names) + [""]
+    avg = {m: float(np.mean([get[(m, d)] for d in names])) for m in methods if all((m, d) in get for d in names)}
+    if "baseline:llara" in avg:
+        lines += ["Change of the average nDCG@10 against the baseline: " + ", ".join(
+            f"{VARIANTS[m.split('/')[0]][0]} {avg[m] - avg['baseline:llara']:+.3f}"
+            for m in avg if m not in ("bm25", "baseline:llara")) + ".", ""]
+    steps = {}
+    for n in VARIANTS:
+        log = RUNS / n / "train_log.jsonl"
+        if log.is_file():
+            entries = [json.loads(x) for x in log.read_text().splitlines() if x.strip()]
+            steps[n] = entries[-1]["elapsed_s"] / max(entries[-1]["step"], 1)
+    if steps:
+        lines += ["Training time per step (s, wall, shared 2-core machine): "
+                  + ", ".join(f"{n} {s:.1f}" for n, s in steps.items()) + ".", ""]
+    lines += ["## Commands", "", "```bash", ".venv/bin/python benchmarks/recipe.py --variants "
+              + " ".join(args.variants), "```", ""]
+    (RESULTS / "recipe.md").write_text("\n".join(lines))
+    print("\n".join(lines))
+
+
+def main(argv=None) -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--stage", choices=["all", "run", "report"], default="all")
+    p.add_argument("--variants", nargs="+", default=list(VARIANTS), choices=list(VARIANTS))
+    p.add_argument("--steps", type=int, default=32)
+    lc.add_train_args(p)
+    lc.add_eval_args(p)
+    args = p.parse_args(argv)
+    if args.stage in ("all", "run"):
+        run_variants(args)
+    if args.stage in ("all", "report"):
+        report(args)
+
+
+if __name__ == "__main__":
+    main()
