@@ -91,7 +91,8 @@ def test_collator_applies_the_template_casing():
     groups = make_groups(3)
     caps = [Group(g.query.upper(), [p.upper() for p in g.pos], [n.upper() for n in g.neg]) for g in groups]
     # group_size 1: negatives are sampled with the query text as seed, which the capitals change
-    col = ContrastiveCollator(tok, "llara", group_size=1, max_query_length=24, max_passage_length=32)
+    lowering = dataclasses.replace(get_template("llara"), casing="lower_all_caps")
+    col = ContrastiveCollator(tok, lowering, group_size=1, max_query_length=24, max_passage_length=32)
     a, b = col(groups), col(caps)
     for side in ("query", "passage"):
         assert torch.equal(a[side]["input_ids"], b[side]["input_ids"])

@@ -1,6 +1,7 @@
 """Unlabelled-text pipeline for LLaRA's adaptation: readers, chunk pairs, streaming dataset, collator."""
 from __future__ import annotations
 
+import dataclasses
 import functools
 import gzip
 import json
@@ -387,7 +388,7 @@ def test_documents_go_through_the_template_casing(tmp_path):
     path = tmp_path / "caps.jsonl"
     write_jsonl(path, [{"text": "FISH PLANT WATER . THE RIVER IN THE CITY ."}, {"text": "the capital of France"}])
     ds = PretrainDataset(path, tok(), chunk_tokens=4, chunking="tokens", shuffle_buffer=0, min_chunk_tokens=1,
-                         prepare=get_template("llara").prepare)
+                         prepare=dataclasses.replace(get_template("llara"), casing="lower_all_caps").prepare)
     assert [" ".join(u) for u in ds.documents()] == ["fish plant water . the river in the city .",
                                                      "the capital of France"]
     first = next(iter(ds))

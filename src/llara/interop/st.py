@@ -86,7 +86,8 @@ class LlaraTransformer(Transformer):
         name = self._side_name(prompt, task)
         side = self._encoded_side(name)
         max_length = self.max_query_length if name == "query" else self.max_passage_length
-        text_ids, _ = tokenize_texts(self.tokenizer, inputs, max(max_length - side.overhead, 1))
+        texts = self.template.prepare(list(inputs))  # the template's casing, as llara's Encoder applies it
+        text_ids, _ = tokenize_texts(self.tokenizer, texts, max(max_length - side.overhead, 1))
         built = [side.build(ids, max_length) for ids in text_ids]
         pad_id = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else 0
         input_ids, attention, spans = pad_right(built, pad_id)
