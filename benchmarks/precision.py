@@ -211,7 +211,7 @@ def step_split(args) -> None:
         opt.zero_grad()
         t3 = time.perf_counter()
         times[precision].append({"forward": t1 - t0, "backward": t2 - t1, "optimizer": t3 - t2, "total": t3 - t0,
-                                 "loss": float(out["loss"])})
+                                 "loss": out["loss"].item()})
         print(precision, {k: round(v, 2) for k, v in times[precision][-1].items()}, flush=True)
     _store("step", "split", {"tokens": int(batch["num_tokens"]), "times": times, "load_average": os.getloadavg(),
                              "machine": machine()})
@@ -269,7 +269,7 @@ def report(args) -> None:
                   f"The demo's step ({st['tokens']} tokens: 8 pairs of 96-token MED chunks, joint pass, EBAE + EBAR + "
                   "LM loss, full fine-tuning, fused AdamW), fp32 and bf16 autocast interleaved in one process, "
                   f"median of {len(st['times']['fp32'])} each; load average "
-                  f"{', '.join(f'{x:.1f}' for x in st['load_average'])} (other jobs ran beside it).", "",
+                  f"{', '.join(f'{x:.1f}' for x in st['load_average'])} (1, 5, 15 min) when it ended.", "",
                   "| precision | forward s | backward s | optimizer s | step s | tokens/s |", "|---|---|---|---|---|---|"]
         for p, m in med.items():
             lines.append(f"| {p} | {m['forward']:.2f} | {m['backward']:.2f} | {m['optimizer']:.2f} | {m['total']:.2f} | "
