@@ -29,7 +29,7 @@ import argparse
 import json
 import os
 import random
-import resource
+import shutil
 import statistics
 import subprocess
 import sys
@@ -116,15 +116,9 @@ def quality(args) -> None:
 
 
 # --------------------------------------------------------------------------- training steps
-def _child_peak_mib() -> float:
-    return resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 1024
-
-
 def _train_run(kind: str, precision: str, args) -> dict:
     out = RUNS / f"{kind}-{precision}"
     if out.exists():
-        import shutil
-
         shutil.rmtree(out)
     common = ["--model", "default", "--output", str(out), "--max-steps", str(args.train_steps), "--batch-size", "8",
               "--precision", precision, "--seed", "0", "--no-progress", "--no-export", "--save-every", "0"]
