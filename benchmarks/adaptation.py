@@ -32,7 +32,8 @@ import torch
 from zero_shot import DATA, RESULTS, ROOT, SUBSAMPLED, machine, subsample
 
 from llara.data.beir import load_beir
-from llara.evaluation.runner import evaluate_bm25, evaluate_dense
+from llara.io import write_json
+from llara.evaluation.runner import evaluate_bm25, evaluate_datasets
 from llara.modeling.encoder import Encoder
 from llara.modeling.loading import cache_root
 
@@ -77,9 +78,7 @@ def load_rows(path: Path) -> list[dict]:
 
 
 def save_rows(path: Path, rows: list[dict]) -> None:
-    tmp = path.with_suffix(".tmp")
-    tmp.write_text(json.dumps(rows, indent=2) + "\n")
-    os.replace(tmp, path)
+    write_json(path, rows)
 
 
 def datasets(args):
@@ -89,34 +88,33 @@ def datasets(args):
 
 def evaluate_models(models: dict[str, tuple[str, list[str]]], out_json: Path, args, bm25: bool = True) -> list[dict]:
     """models: label -> (model spec, templates). Rows keyed by (label:template, dataset); resumable.
-    Each model is loaded once, and only when one of its rows is missing."""
+    Each model is loaded once, and only when one of its rows is missing; the evaluation itself is
+    the library's (``llara.evaluation.runner.evaluate_datasets``: one encoder pass per dataset for all
+    templates), its run files under runs/bench/adapt/eval/."""
     rows = load_rows(out_json)
     done = {(r["method"], r["dataset"]) for r in rows}
     sets = list(datasets(args))
-    for ds in sets:
-        if bm25 and ("bm25", ds.name) not in done:
-            r = evaluate_bm25(ds)[0]
-            rows.append({"method": "bm25", **r.to_dict()})
-            save_rows(out_json, rows)
-    for label, (spec, templates) in models.items():
-        enc = None
-        for ds in sets:
-            todo = [t for t in templates if (f"{label}:{getattr(t, 'name', t)}", ds.name) not in done]
-            if not todo:
+    jobs = {"bm25": (None, ["bm25"])} if bm25 else {}
+    jobs.update(models)
+    for label, (spec, templates) in jobs.items():
+        methods = {f"{label}:{getattr(t, 'name', t)}" for t in templates} if spec else {"bm25"}
+        todo = [ds for ds in sets if any((m, ds.name) not in done for m in methods)]
+        if not todo:
+            continue
+        encoder = (lambda spec=spec, templates=templates: Encoder.from_pretrained(
+            spec, template=templates[0], device="cpu", max_query_length=args.max_query_length,
+            max_passage_length=args.max_passage_length, batch_size=32, cache_dir=cache_root() / "embeddings"))
+        pairs = evaluate_datasets(todo, ["dense"] if spec else ["bm25"], RUNS / "eval" / label.replace("/", "_"),
+                                  encoder=encoder if spec else None, templates=templates if spec else None)
+        rows = load_rows(out_json)  # reread: another process may have added rows meanwhile
+        for r, _ in pairs:
+            method = f"{label}:{r.template}" if spec else "bm25"
+            if (method, r.dataset) in done:
                 continue
-            if enc is None:
-                enc = Encoder.from_pretrained(spec, template=templates[0], device="cpu",
-                                              max_query_length=args.max_query_length,
-                                              max_passage_length=args.max_passage_length, batch_size=32,
-                                              cache_dir=cache_root() / "embeddings")
-            results = evaluate_dense(ds, enc, todo)
-            rows = load_rows(out_json)  # reread: another process may have added rows meanwhile
-            for r, _ in results:
-                rows.append({"method": f"{label}:{r.template}", **r.to_dict()})
-                print(f"{ds.name:10s} {label}:{r.template:8s} nDCG@10={r.metrics['ndcg@10']:.4f} "
-                      f"R@100={r.metrics['recall@100']:.4f} ({r.seconds:.0f}s)", flush=True)
-            save_rows(out_json, rows)
-        del enc
+            rows.append({"method": method, **r.to_dict()})
+            print(f"{r.dataset:10s} {method:16s} nDCG@10={r.metrics['ndcg@10']:.4f} "
+                  f"R@100={r.metrics['recall@100']:.4f} ({r.seconds:.0f}s)", flush=True)
+        save_rows(out_json, rows)
     return rows
 
 

@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import shutil
 import statistics
 import subprocess
@@ -31,6 +30,8 @@ import numpy as np
 from adaptation import (DATASETS, RUNS as ADAPT_RUNS, bar_chart, datasets, evaluate_models, load_rows,
                         settings_line, table)
 from zero_shot import DATA, RESULTS, ROOT, machine
+
+from llara.io import write_text
 
 RUNS = ROOT / "runs" / "bench" / "finetune"
 LLARA = str(ROOT / ".venv" / "bin" / "llara")
@@ -75,11 +76,7 @@ def mine(args) -> None:
     for name, cmd in mine_commands(args).items():
         if not (RUNS / f"mined_{name}.jsonl").is_file():
             run(cmd, RUNS / "mine.log")
-    tmp = train.with_suffix(".tmp")
-    with open(tmp, "w") as out:
-        for name in ("squad", "scifact"):
-            out.write((RUNS / f"mined_{name}.jsonl").read_text())
-    os.replace(tmp, train)
+    write_text(train, "".join((RUNS / f"mined_{name}.jsonl").read_text() for name in ("squad", "scifact")))
 
 
 def finetune_command(base: str, out: Path, args, *, steps: int, batch: int, group: int,

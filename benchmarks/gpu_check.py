@@ -272,9 +272,9 @@ def machine(device: torch.device) -> dict:
 
 
 def _write(path: Path, result: dict) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(result, indent=2) + "\n")
-    os.replace(tmp, path)
+    from llara.io import write_json
+
+    write_json(path, result)
 
 
 def main(argv=None) -> int:

@@ -42,6 +42,7 @@ from adaptation import datasets, load_rows, save_rows
 from zero_shot import DATA, RESULTS, ROOT, machine
 
 from llara.data.beir import load_beir, passage_text
+from llara.io import write_text
 from llara.evaluation.runner import evaluate_dense
 from llara.modeling.encoder import Encoder
 from llara.modeling.loading import cache_root
@@ -283,9 +284,7 @@ def report(args) -> None:
                              "the fp32 step's tokens/s.")
         lines += ["", "Commands: " + "; ".join(f"`{r['command']}`" for r in t.values()), ""]
     lines += ["Reproduce: `.venv/bin/python benchmarks/precision.py` (stages: encode, quality, train, report).", ""]
-    tmp = RESULTS / "precision.md.tmp"
-    tmp.write_text("\n".join(lines))
-    os.replace(tmp, RESULTS / "precision.md")
+    write_text(RESULTS / "precision.md", "\n".join(lines))
     print("\n".join(lines))
 
 

@@ -32,7 +32,7 @@ from adaptation import evaluate_models, load_rows, table
 from zero_shot import DATA, RESULTS, ROOT, machine
 
 from llara.data.beir import iter_jsonl
-from llara.retrieval.mining import write_jsonl_atomic
+from llara.io import write_jsonl
 
 RUNS = ROOT / "runs" / "bench" / "recipe"
 OUT_JSON = RESULTS / "recipe.json"
@@ -53,9 +53,9 @@ def wiki_groups(args) -> str:
     beir = RUNS / "wiki_titles"
     if not (beir / "qrels" / "train.tsv").is_file():
         arts = [row for _, row in iter_jsonl(DATA / "wiki_vital" / "articles.jsonl")]
-        write_jsonl_atomic(({"_id": f"d{i}", "title": "", "text": a["text"]} for i, a in enumerate(arts)),
+        write_jsonl(({"_id": f"d{i}", "title": "", "text": a["text"]} for i, a in enumerate(arts)),
                            beir / "corpus.jsonl")
-        write_jsonl_atomic(({"_id": f"q{i}", "text": a["title"]} for i, a in enumerate(arts)), beir / "queries.jsonl")
+        write_jsonl(({"_id": f"q{i}", "text": a["title"]} for i, a in enumerate(arts)), beir / "queries.jsonl")
         (beir / "qrels").mkdir(exist_ok=True)
         (beir / "qrels" / "train.tsv").write_text(
             "query-id\tcorpus-id\tscore\n" + "".join(f"q{i}\td{i}\t1\n" for i in range(len(arts))))
@@ -65,7 +65,7 @@ def wiki_groups(args) -> str:
                 "--qrels", str(beir / "qrels" / "train.tsv"), "--output", str(mined), "--method", "bm25",
                 "--window", "5", "100", "--negatives", "7", "--seed", "0"], RUNS / "mine.log")
     rows = [row for path in (args.data, mined) for _, row in iter_jsonl(path)]
-    write_jsonl_atomic(rows, mixed)
+    write_jsonl(rows, mixed)
     return str(mixed)
 
 

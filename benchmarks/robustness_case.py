@@ -27,7 +27,7 @@ from zero_shot import DATA, RESULTS, ROOT, machine
 
 from llara.data.beir import iter_jsonl
 from llara.prompts import get_template
-from llara.retrieval.mining import write_jsonl_atomic
+from llara.io import write_jsonl
 
 RUNS = ROOT / "runs" / "bench" / "case"
 OUT_JSON = RESULTS / "robustness_case.json"
@@ -42,7 +42,7 @@ def upper_copy(name: str) -> str:
         for f in ("corpus.jsonl", "queries.jsonl"):
             rows = ({k: v.upper() if k in ("title", "text") else v for k, v in row.items()}
                     for _, row in iter_jsonl(src / f))
-            write_jsonl_atomic(rows, out / f)
+            write_jsonl(rows, out / f)
         shutil.copytree(src / "qrels", out / "qrels", dirs_exist_ok=True)
     return out.name
 

@@ -8,8 +8,11 @@ import sys
 import time
 from pathlib import Path
 
-import numpy as np
 from typing import Sequence
+
+from .cli_args import (NO_VERIFY_HELP, add_backend_args, add_encoder_args, add_fusion_args, add_training_args,
+                       fusion_config, index_location, make_encoder, port_arg, shard_arg, train_config)
+from .console import ConsoleReport, console, fail, print_hits, print_side_by_side, print_table, setup_logging, styled
 
 log = logging.getLogger("llara")
 
@@ -17,148 +20,12 @@ DEMO_DIR = Path(__file__).parent / "data" / "demo"
 PAIRS_DIR = Path(__file__).parent / "data" / "pairs"  # shipped, redistributable training pairs (README inside)
 
 
-def _setup_logging(verbose: bool) -> None:
-    from rich.logging import RichHandler
-
-    logging.basicConfig(
-        level=logging.INFO if verbose else logging.WARNING,
-        format="%(message)s",
-        handlers=[RichHandler(show_path=False, console=_console(stderr=True))],
-    )
-    if not verbose:
-        logging.getLogger("llara").setLevel(logging.INFO)
-    for noisy in ("transformers", "accelerate", "huggingface_hub", "bm25s"):
-        logging.getLogger(noisy).setLevel(logging.ERROR)
-
-
-def _console(stderr: bool = False):
-    from rich.console import Console
-
-    stream = sys.stderr if stderr else sys.stdout
-    # Piped or captured output gets full-width tables instead of rich's 80-column default. No markup:
-    # ids, titles, queries and paths are data and may hold "[/bold]" (styles go through rich.text.Text).
-    return Console(stderr=stderr, width=None if stream.isatty() else 160, markup=False)
-
-
-def _styled(*parts) -> "object":
-    """A line of plain strings and ``(text, style)`` pairs, printed without markup parsing."""
-    from rich.text import Text
-
-    return Text.assemble(*parts)
-
-
-def print_table(results, title: str) -> None:
-    from rich.table import Table
-
-    from .evaluation.runner import REPORTED
-
-    table = Table(title=title)
-    for col in ("dataset", "method", *REPORTED, "queries", "docs", "s"):
-        table.add_column(col, justify="left" if col in ("dataset", "method") else "right")
-    for r in results:
-        table.add_row(r.dataset, r.label, *(f"{r.metrics[k]:.4f}" for k in REPORTED),
-                      str(r.num_queries), str(r.num_docs), f"{r.seconds:.1f}")
-    _console().print(table)
-
-
-def _add_encoder_args(p: argparse.ArgumentParser) -> None:
-    from .modeling.encoder import DEFAULT_MAX_PASSAGE_LENGTH, DEFAULT_MAX_QUERY_LENGTH
-
-    p.add_argument("--model", default="default",
-                   help="'default' (embedded SmolLM2-135M-Instruct), a .gguf file, a llara checkpoint, "
-                        "or a Hugging Face directory / hub id (default: %(default)s)")
-    p.add_argument("--template", action="append", default=None,
-                   help="built-in name (llara, paper, eos, mean, prompteol) or a .yaml/.json file; repeatable "
-                        "(default: the checkpoint's template, else llara)")
-    p.add_argument("--max-query-length", type=int, default=None,
-                   help="tokens per query, prompt included; only the text is truncated "
-                        f"(default: the checkpoint's, else {DEFAULT_MAX_QUERY_LENGTH})")
-    p.add_argument("--max-passage-length", type=int, default=None,
-                   help="tokens per passage, prompt included "
-                        f"(default: the checkpoint's, else {DEFAULT_MAX_PASSAGE_LENGTH})")
-    p.add_argument("--batch-size", type=int, default=32)
-    p.add_argument("--device", default=None, help="cpu, cuda, cuda:1 ... (default: cuda if available)")
-    p.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"],
-                   help="auto: bfloat16 on GPUs and on CPUs whose bf16 matmul is measured faster than fp32 "
-                        "(AMX, AVX512-BF16), else float32 (default: %(default)s)")
-    p.add_argument("--runtime", default="torch", choices=["torch", "onnx-int8"],
-                   help="onnx-int8: the forward pass int8 in ONNX Runtime on the CPU (needs the int8 extra; "
-                        "exported once and cached; pooling unchanged) (default: %(default)s)")
-    p.add_argument("--cache-dir", default=None,
-                   help="embedding cache keyed by weights, template and text (default: $LLARA_CACHE/embeddings)")
-    p.add_argument("--no-cache", action="store_true", help="do not read or write the embedding cache")
-
-
-def _make_encoder(args, templates=None):
-    from .modeling.encoder import Encoder
-    from .modeling.loading import cache_root
-
-    cache = None if args.no_cache else (args.cache_dir or cache_root() / "embeddings")
-    lengths = {k: v for k, v in (("max_query_length", args.max_query_length),
-                                 ("max_passage_length", args.max_passage_length)) if v is not None}
-    return Encoder.from_pretrained(
-        args.model,
-        template=templates[0] if templates else None,
-        device=args.device,
-        dtype=args.dtype,
-        batch_size=args.batch_size,
-        cache_dir=cache,
-        runtime=args.runtime,
-        **lengths,
-    )
-
-
-def _add_fusion_args(p: argparse.ArgumentParser, *, overrides: bool = False) -> None:
-    """--fusion, --alpha, --rrf-k, --depth, --normalization. With ``overrides`` the defaults are None
-    (the index's settings apply)."""
-    from .retrieval.fusion import DEFAULT_ALPHA, DEFAULT_DEPTH, DEFAULT_RRF_K, FUSIONS, NORMALIZATIONS
-
-    d = (lambda v: None) if overrides else (lambda v: v)
-    src = "the index's" if overrides else "%(default)s"
-    g = p.add_argument_group("hybrid retrieval (BM25 + dense fusion)")
-    g.add_argument("--fusion", choices=FUSIONS, default=d("linear"),
-                   help=f"linear: alpha * dense + (1 - alpha) * BM25 on per-query normalised scores; rrf: "
-                        f"reciprocal rank fusion (default: {src})")
-    g.add_argument("--alpha", type=float, default=d(DEFAULT_ALPHA),
-                   help=f"weight of the dense run in linear fusion, 0..1 (default: {src})")
-    g.add_argument("--normalization", choices=NORMALIZATIONS, default=d("minmax"),
-                   help=f"per-query score normalisation for linear fusion (default: {src})")
-    g.add_argument("--rrf-k", type=float, default=d(DEFAULT_RRF_K), help=f"the k of RRF (default: {src})")
-    g.add_argument("--depth", type=int, default=d(DEFAULT_DEPTH),
-                   help=f"candidates taken from each run (at least -k) (default: {src})")
-
-
-def _fusion(args, base=None):
-    """A FusionConfig from the fusion flags (unset ones from ``base``); ValueError when invalid."""
-    from .retrieval.fusion import FusionConfig
-
-    given = {"method": args.fusion, "alpha": args.alpha, "normalization": args.normalization,
-             "rrf_k": args.rrf_k, "depth": args.depth}
-    return FusionConfig(**{**(base.to_dict() if base else {}), **{k: v for k, v in given.items() if v is not None}})
-
-
 def run_evaluation(datasets, methods, templates, args, out_dir: Path):
     """Evaluate every (dataset, method[, template]) and write results; returns the (Result, run) pairs."""
     from .evaluation.runner import evaluate_datasets
 
-    return evaluate_datasets(datasets, methods, out_dir, encoder=lambda: _make_encoder(args, templates),
-                             templates=templates, split=args.split, k=args.k, fusion=_fusion(args))
-
-
-def print_side_by_side(results, title: str) -> None:
-    from rich.table import Table
-
-    from .evaluation.runner import side_by_side
-
-    head, rows = side_by_side(results)
-    if len(head) <= 2:
-        return
-    table = Table(title=title)
-    for col in head:
-        table.add_column(col, justify="left" if col == "dataset" else "right")
-    for row in rows:
-        table.add_row(*row)
-    _console().print(table)
+    return evaluate_datasets(datasets, methods, out_dir, encoder=lambda: make_encoder(args, templates),
+                             templates=templates, split=args.split, k=args.k, fusion=fusion_config(args))
 
 
 def cmd_evaluate(args) -> int:
@@ -167,10 +34,10 @@ def cmd_evaluate(args) -> int:
     try:
         results = [r for r, _ in run_evaluation(args.dataset, methods, args.template, args, out)]
     except ValueError as e:
-        return _fail(e)
+        return fail(e)
     print_table(results, f"retrieval quality ({args.split} split)")
     print_side_by_side(results, "nDCG@10, side by side")
-    _console().print(f"results written to {out}/ (summary.md, summary.json, <dataset>/<method>/metrics.json, run.trec)")
+    console().print(f"results written to {out}/ (summary.md, summary.json, <dataset>/<method>/metrics.json, run.trec)")
     return 0
 
 
@@ -179,98 +46,38 @@ def cmd_export(args) -> int:
 
     out = export_checkpoint(args.source, args.output, template=args.template, dtype=args.dtype,
                             max_query_length=args.max_query_length, max_passage_length=args.max_passage_length)
-    _console().print(f"exported {args.source} to {out} (llara, sentence-transformers with trust_remote_code=True)")
+    console().print(f"exported {args.source} to {out} (llara, sentence-transformers with trust_remote_code=True)")
     return 0
 
 
 def cmd_demo(args) -> int:
-    """The README's main job: evaluate the embedded model, adapt it with LLaRA on the demo collection's
-    own corpus (unsupervised: no queries, no judgments), evaluate again, print before/after."""
-    from .data.pretrain import PretrainDataConfig
-    from .evaluation.runner import write_summary
-    from .training.config import TrainConfig
-    from .training.pretrain import pretrain
+    """The README's main job (llara.demo): evaluate, adapt with LLaRA, evaluate again."""
+    from .demo import DemoConfig, run_demo
 
     t0 = time.perf_counter()
-    out = Path(args.output)
-    console = _console()
-    corpus = Path(args.dataset) / "corpus.jsonl"
-    console.print(_styled(("llara demo", "bold"), f": model={args.model}, collection={args.dataset}. Passages are "
-                          f"truncated to {args.max_passage_length} tokens and queries to {args.max_query_length} "
-                          "(prompts included), to finish in minutes on a laptop CPU."))
-    console.print(_styled(("1/3", "bold"), " zero-shot: BM25 and the untrained model's embeddings"))
-    before_pairs = run_evaluation([args.dataset], ["bm25", "dense"], args.template, args, out / "before")
-    before = [r for r, _ in before_pairs]
-    print_table(before, "before adaptation (zero-shot)")
-    if args.adapt_steps <= 0:
-        console.print(f"done in {time.perf_counter() - t0:.0f} s; results in {out}/")
-        return 0
-
-    console.print(_styled(("2/3", "bold"), f" LLaRA adaptation (EBAE + EBAR + LM loss) on {corpus} for "
-                          f"{args.adapt_steps} steps of {args.adapt_batch_size} (chunk, next chunk) pairs: "
-                          "unlabelled text only"))
-    train_cfg = TrainConfig(output_dir=str(out / "adapt"), max_steps=args.adapt_steps, batch_size=args.adapt_batch_size,
-                            lr=args.adapt_lr, save_every=max(args.adapt_steps // 2, 1), seed=0, resume=True,
-                            cpu=args.device == "cpu", progress=sys.stderr.isatty())
-    result = pretrain(args.model, [str(corpus)], train_cfg, PretrainDataConfig(chunk_tokens=args.adapt_chunk_tokens))
-
-    console.print(_styled(("3/3", "bold"), " the adapted model's slot embeddings"))
-    adapted = argparse.Namespace(**{**vars(args), "model": str(result.export_dir), "template": ["llara"]})
-    after_pairs = run_evaluation([args.dataset], ["dense"], ["llara"], adapted, out / "after")
-    # hybrid: the BM25 run of step 1 fused with the adapted run of step 3 (no new retrieval, no encoding)
-    from .data.beir import load_beir
-    from .evaluation.runner import evaluate_hybrid, save_result
-
-    bm25_pair = next(p for p in before_pairs if p[0].retrieval == "bm25")
-    fusion = _fusion(args)
-    hybrid = evaluate_hybrid(load_beir(args.dataset, split=args.split), bm25_pair, after_pairs[0], fusion, k=args.k)
-    save_result(*hybrid, out / "after")
-    after = [r for r, _ in after_pairs] + [hybrid[0]]
-    for r in after:
-        r.model = "adapted"
-    rows = [r for r in before if r.template != "eos"] + after
-    print_table(rows, f"before and after {args.adapt_steps} adaptation steps")
-    get = {("hybrid" if r.retrieval == "hybrid" else "adapted") if r.model == "adapted" else r.template: r.metrics
-           for r in rows}
-    names = {"llara": "untrained slots", "adapted": "adapted slots", "mean": "untrained mean pooling", "bm25": "BM25",
-             "hybrid": f"hybrid: BM25 + adapted slots ({fusion.describe()})"}
-    cols = [c for c in names if c in get]  # --template may leave out mean (or the untrained slots)
-    lines = ["| metric | " + " | ".join(names[c] for c in cols) + " |", "|---|" + "---|" * len(cols)]
-    for k in ("ndcg@10", "recall@100", "mrr@10"):
-        lines.append(f"| {k} | " + " | ".join(f"{get[c][k]:.4f}" for c in cols) + " |")
-    write_summary(rows, out, header="\n".join(lines))
-    untrained = f"{get['llara']['ndcg@10']:.3f} untrained -> " if "llara" in get else ""
-    console.print(_styled(f"nDCG@10 of the LLaRA slots: {untrained}", (f"{get['adapted']['ndcg@10']:.3f}", "bold"),
-                          f" adapted ({args.adapt_steps} steps); loss curve: {result.plot_path}; "
-                          f"adapted model: {result.export_dir}"))
-    console.print(_styled("nDCG@10, hybrid of BM25 and the adapted slots: ", (f"{get['hybrid']['ndcg@10']:.3f}", "bold"),
-                          f" (BM25 alone {get['bm25']['ndcg@10']:.3f}, adapted slots alone "
-                          f"{get['adapted']['ndcg@10']:.3f})"))
-    console.print(f"done in {time.perf_counter() - t0:.0f} s; results in {out}/ (summary.md, before/, after/, adapt/)")
+    cfg = DemoConfig(dataset=args.dataset, output=args.output, model=args.model, templates=args.template,
+                     adapt_steps=args.adapt_steps, adapt_batch_size=args.adapt_batch_size, adapt_lr=args.adapt_lr,
+                     adapt_chunk_tokens=args.adapt_chunk_tokens, split=args.split, k=args.k, fusion=fusion_config(args),
+                     cpu=args.device == "cpu", max_query_length=args.max_query_length,
+                     max_passage_length=args.max_passage_length)
+    r = run_demo(cfg, lambda model, templates: make_encoder(argparse.Namespace(**{**vars(args), "model": model}),
+                                                             templates), ConsoleReport())
+    con, out = console(), args.output
+    if r.adapted_model is not None:
+        nd = r.ndcg
+        untrained = f"{nd['llara']:.3f} untrained -> " if "llara" in nd else ""
+        con.print(styled(f"nDCG@10 of the LLaRA slots: {untrained}", (f"{nd['adapted']:.3f}", "bold"),
+                              f" adapted ({args.adapt_steps} steps); loss curve: {r.loss_plot}; "
+                              f"adapted model: {r.adapted_model}"))
+        con.print(styled("nDCG@10, hybrid of BM25 and the adapted slots: ", (f"{nd['hybrid']:.3f}", "bold"),
+                              f" (BM25 alone {nd['bm25']:.3f}, adapted slots alone {nd['adapted']:.3f})"))
+        con.print(f"done in {time.perf_counter() - t0:.0f} s; results in {out}/ (summary.md, before/, after/, adapt/)")
+    else:
+        con.print(f"done in {time.perf_counter() - t0:.0f} s; results in {out}/")
     return 0
 
 
 # --------------------------------------------------------------------------- index, merge, search, serve
-def _shard_arg(value: str):
-    from .retrieval.index import parse_shard_spec
-
-    try:
-        return parse_shard_spec(value)
-    except ValueError as e:
-        raise argparse.ArgumentTypeError(str(e)) from None
-
-
-def _port_arg(value: str) -> int:
-    port = int(value)
-    if not 0 <= port <= 65535:
-        raise argparse.ArgumentTypeError(f"port must be 0-65535, got {port}")
-    return port
-
-
-def _fail(e: "Exception | str", status: int = 2) -> int:
-    """Print ``error: <message>`` to stderr as plain text (the message is data, never markup)."""
-    _console(stderr=True).print(_styled(("error:", "red"), f" {e}"), highlight=False, soft_wrap=True)
-    return status
 
 
 def cmd_index(args) -> int:
@@ -278,13 +85,13 @@ def cmd_index(args) -> int:
     from .retrieval.index import build_index
 
     if args.template and len(args.template) > 1:
-        return _fail(ValueError("an index has one template; give --template once"))
+        return fail(ValueError("an index has one template; give --template once"))
     if args.backend != "faiss" and (not args.uri or args.shard):
-        return _fail(ValueError(f"--backend {args.backend} needs --uri, and exports a whole index (no --shard)"))
+        return fail(ValueError(f"--backend {args.backend} needs --uri, and exports a whole index (no --shard)"))
     args.no_cache = True  # the shards are the cache; the embedding cache would store them twice
     t0 = time.perf_counter()
     try:
-        encoder = _make_encoder(args, args.template)
+        encoder = make_encoder(args, args.template)
         engine = None
         if args.engine == "ray":
             from .retrieval.ray_engine import RayEngine
@@ -294,13 +101,13 @@ def cmd_index(args) -> int:
         out = build_index(encoder, args.corpus, args.output, model_spec=args.model, shard_size=args.shard_size,
                           factory=args.factory, resume=args.resume, shard=args.shard, batch_size=args.batch_size,
                           train_size=args.train_size, faiss_index=args.backend == "faiss", engine=engine,
-                          bm25=args.bm25, fusion=_fusion(args))
+                          bm25=args.bm25, fusion=fusion_config(args))
         if args.backend == "qdrant":
             from .retrieval.qdrant import export_to_qdrant
 
             meta = export_to_qdrant(out, args.uri, args.collection)
     except ValueError as e:  # DataError and TemplateError included
-        return _fail(e)
+        return fail(e)
     import json
 
     m = json.loads((out / "manifest.json").read_text())
@@ -309,7 +116,7 @@ def cmd_index(args) -> int:
                         if args.backend == "qdrant" else "")
     kind = m["factory"] if args.backend == "faiss" else "shards only"
     lexical = ", + BM25" if m.get("bm25") else ""
-    _console().print(f"indexed {what}{m['count']} passages ({len(m['shards'])} shards, {kind}{lexical}) into {where} "
+    console().print(f"indexed {what}{m['count']} passages ({len(m['shards'])} shards, {kind}{lexical}) into {where} "
                      f"in {time.perf_counter() - t0:.1f} s")
     return 0
 
@@ -320,31 +127,11 @@ def cmd_merge(args) -> int:
 
     try:
         out = merge_indexes(args.parts, args.output, factory=args.factory, train_size=args.train_size,
-                            bm25=args.bm25, fusion=_fusion(args))
+                            bm25=args.bm25, fusion=fusion_config(args))
     except ValueError as e:
-        return _fail(e)
-    _console().print(f"merged {len(args.parts)} parts into {out}")
+        return fail(e)
+    console().print(f"merged {len(args.parts)} parts into {out}")
     return 0
-
-
-def _index_location(args) -> str:
-    """--index DIR (faiss) or --uri URI (a vector database)."""
-    if args.backend == "faiss":
-        if not args.index:
-            raise ValueError("give --index DIR (or --backend qdrant --uri URI)")
-        return args.index
-    if not args.uri:
-        raise ValueError(f"--backend {args.backend} needs --uri (a server URL or a local directory)")
-    return args.uri
-
-
-def _add_backend_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--backend", choices=["faiss", "qdrant"], default="faiss",
-                   help="where the vectors are searched: the index folder's FAISS file, or a Qdrant collection "
-                        "(default: %(default)s)")
-    p.add_argument("--uri", default=None, help="Qdrant: a server URL (http://host:6333; API key from "
-                                               "$QDRANT_API_KEY) or a local directory (embedded mode)")
-    p.add_argument("--collection", default="llara", help="Qdrant collection (default: %(default)s)")
 
 
 def cmd_search(args) -> int:
@@ -354,7 +141,7 @@ def cmd_search(args) -> int:
     from .retrieval.searcher import Searcher
 
     try:
-        searcher = Searcher.from_index(_index_location(args), device=args.device, params=args.faiss_params,
+        searcher = Searcher.from_index(index_location(args), device=args.device, params=args.faiss_params,
                                        verify=args.verify, backend=args.backend, collection=args.collection,
                                        runtime=args.runtime)
         mode = searcher.check_mode(args.mode)
@@ -362,22 +149,15 @@ def cmd_search(args) -> int:
         if given and mode != "hybrid":
             raise ValueError(f"--fusion/--alpha/--normalization/--rrf-k/--depth are for --mode hybrid, not {mode}")
         results = searcher.search(args.query, k=args.k, mode=mode,
-                                  fusion=_fusion(args, searcher.fusion) if given else None)
+                                  fusion=fusion_config(args, searcher.fusion) if given else None)
     except ValueError as e:
-        return _fail(e)
+        return fail(e)
     if args.json:
         for q, hits in zip(args.query, results):
             sys.stdout.write(json.dumps({"query": q, "hits": [h.__dict__ for h in hits]}, ensure_ascii=False) + "\n")
         return 0
-    from rich.table import Table
-
     for q, hits in zip(args.query, results):
-        table = Table(title=q)
-        for col in ("rank", "score", "doc_id", "title"):
-            table.add_column(col, justify="right" if col in ("rank", "score") else "left")
-        for rank, h in enumerate(hits, 1):
-            table.add_row(str(rank), f"{h.score:.4f}", h.doc_id, h.title)
-        _console().print(table)
+        print_hits(q, hits)
     return 0
 
 
@@ -390,12 +170,12 @@ def cmd_check_index(args) -> int:
     try:
         r = check_index(args.index, full=args.full)
     except ValueError as e:
-        return _fail(e)
+        return fail(e)
     if args.json:
         sys.stdout.write(json.dumps(r) + "\n")
         return 0
     state = "complete" if r["complete"] else f"part {r['part'][0]}/{r['part'][1]}" if r["part"] else "unfinished"
-    _console().print(f"ok: {r['path']}: {r['rows']} passages in {r['shards']} shards ({state}); {r['files']} files, "
+    console().print(f"ok: {r['path']}: {r['rows']} passages in {r['shards']} shards ({state}); {r['files']} files, "
                      f"{r['bytes'] / 1e6:.1f} MB, {r['bytes_hashed'] / 1e6:.1f} MB hashed, in {r['seconds']:.2f} s")
     return 0
 
@@ -405,72 +185,37 @@ def cmd_serve(args) -> int:
     from .serve import run
 
     try:
-        run(_index_location(args), backend=args.backend, collection=args.collection,
+        run(index_location(args), backend=args.backend, collection=args.collection,
             host=args.host, port=args.port, device=args.device, params=args.faiss_params, runtime=args.runtime,
             max_batch=args.max_batch, max_wait_ms=args.max_wait_ms, max_k=args.max_k,
             max_query_chars=args.max_query_chars, max_body_bytes=args.max_body_bytes, verify=args.verify,
             max_pending=args.max_pending, head_timeout=args.head_timeout, body_timeout=args.body_timeout,
             keep_alive=args.keep_alive)
     except ValueError as e:
-        return _fail(e)
+        return fail(e)
     return 0
 
 
 def cmd_mine(args) -> int:
     """Hard negatives for contrastive fine-tuning, from BM25 or a dense model."""
-    from .data.beir import load_corpus, load_qrels, load_queries
     from .retrieval import mining
 
     if args.pairs:
         if args.corpus or args.queries or args.qrels or args.train:
-            return _fail(ValueError("--pairs replaces --corpus, --queries, --qrels and --train: give one or the other"))
+            return fail(ValueError("--pairs replaces --corpus, --queries, --qrels and --train: give one or the other"))
         shipped = PAIRS_DIR / args.pairs
         args.corpus, args.queries = str(shipped / "corpus.jsonl.gz"), str(shipped / "queries.jsonl.gz")
         args.qrels = str(shipped / "qrels" / "train.tsv.gz")
     elif not args.corpus:
-        return _fail(ValueError("give --corpus (with --queries/--qrels or --train), or --pairs squad"))
-    corpus = load_corpus(args.corpus)
-    if args.train:
-        queries, positives, unmatched = mining.positives_from_train_jsonl(args.train, corpus)
-        if unmatched:
-            log.warning("%d positives of %s are not in the corpus (they are still kept out of the negatives "
-                        "only if their text matches a corpus document)", unmatched, args.train)
-    else:
-        if not (args.queries and args.qrels):
-            raise FileNotFoundError("give --queries and --qrels (a BEIR split), or --train train.jsonl")
-        all_queries = load_queries(args.queries)
-        qrels = load_qrels(args.qrels)
-        positives = {q: {d for d, s in rel.items() if s > 0} for q, rel in qrels.items()}
-        unknown = [q for q in positives if q not in all_queries]
-        if unknown:
-            raise FileNotFoundError(f"{args.qrels}: query id {unknown[0]!r} is not in {args.queries}")
-        queries = {q: all_queries[q] for q in positives}
+        return fail(ValueError("give --corpus (with --queries/--qrels or --train), or --pairs squad"))
     cfg = mining.MiningConfig(window=tuple(args.window), num_negatives=args.negatives, margin=args.margin,
                               seed=args.seed)
-    encoder = _make_encoder(args, args.template) if args.method == "dense" else None
-    k = cfg.window[1] + max((len(p) for p in positives.values()), default=0)
-    run, emb, dids = mining.retrieve(args.method, corpus, queries, k, encoder)
-    pos_scores = mining.dense_positive_scores(emb, dids, positives) if emb is not None else None
-    negatives = mining.sample_negatives(run, positives, cfg, pos_scores)
-    n = mining.write_jsonl_atomic(mining.iter_training_lines(queries, positives, negatives, corpus), args.output)
-    counts = [len(v) for v in negatives.values()]
-    _console().print(f"wrote {n} training groups to {args.output} "
-                     f"({np.mean(counts) if counts else 0:.1f} negatives per query on average, "
+    r = mining.mine(args.corpus, args.output, queries=args.queries, qrels=args.qrels, train=args.train,
+                    method=args.method, config=cfg, encoder=lambda: make_encoder(args, args.template))
+    console().print(f"wrote {r.groups} training groups to {args.output} "
+                     f"({r.mean_negatives:.1f} negatives per query on average, "
                      f"ranks {cfg.window[0]}-{cfg.window[1]} of {args.method})")
     return 0
-
-
-def _train_config(args):
-    from .training.checkpoint import list_checkpoints
-    from .training.config import TrainConfig, config_from_args
-
-    if not args.resume and list_checkpoints(args.output):
-        raise FileExistsError(f"{args.output} holds checkpoints of an earlier run: continue it with --resume, "
-                              "or choose another --output")
-    args.output_dir = args.output
-    if args.max_steps is None and args.epochs is None:
-        args.epochs = 1
-    return config_from_args(args, TrainConfig)
 
 
 def cmd_pretrain(args) -> int:
@@ -479,11 +224,11 @@ def cmd_pretrain(args) -> int:
     from .training.config import config_from_args
     from .training.pretrain import PretrainLossConfig, pretrain
 
-    train_cfg = _train_config(args)
+    train_cfg = train_config(args)
     data_cfg = config_from_args(argparse.Namespace(**{**vars(args), "seed": args.seed}), PretrainDataConfig)
     loss_cfg = config_from_args(args, PretrainLossConfig)
     result = pretrain(args.model, args.data, train_cfg, data_cfg, loss_cfg)
-    _console().print(f"adapted model: {result.export_dir or args.output}; loss curve: {args.output}/loss.png")
+    console().print(f"adapted model: {result.export_dir or args.output}; loss curve: {args.output}/loss.png")
     return 0
 
 
@@ -492,24 +237,17 @@ def cmd_finetune(args) -> int:
     from .training.config import config_from_args
     from .training.finetune import FinetuneConfig, finetune
 
-    train_cfg = _train_config(args)
+    train_cfg = train_config(args)
     result = finetune(args.model, args.data, train_cfg, config_from_args(args, FinetuneConfig))
-    _console().print(f"fine-tuned model: {result.export_dir or args.output}; loss curve: {args.output}/loss.png")
+    console().print(f"fine-tuned model: {result.export_dir or args.output}; loss curve: {args.output}/loss.png")
     return 0
 
 
-def _add_training_args(p: argparse.ArgumentParser, *extra_configs) -> None:
-    from .training.config import TrainConfig, add_config_arguments
+def cmd_loadtest(args) -> int:
+    """Load-test a running service (llara.loadtest)."""
+    from .loadtest import run
 
-    p.add_argument("--model", default="default", help="model to train (same forms as for evaluate)")
-    p.add_argument("--output", required=True, help="run directory: checkpoints, train_log.jsonl, loss.png, final/")
-    add_config_arguments(p, TrainConfig, skip=("output_dir",))
-    for cls in extra_configs:
-        add_config_arguments(p, cls, skip=("seed",))
-
-
-NO_VERIFY_HELP = ("open without hashing the embeddings and FAISS file: only the light check of 'llara check-index' "
-                  "(sizes, line counts, .npy headers, the id/title files' sha256); for large indexes")
+    return run(args)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -528,8 +266,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--split", default="test")
     p.add_argument("-k", type=int, default=100, help="documents retrieved per query (default: %(default)s)")
     p.add_argument("--output", required=True, help="directory for metrics.json, run.trec and summary files")
-    _add_encoder_args(p)
-    _add_fusion_args(p)
+    add_encoder_args(p)
+    add_fusion_args(p)
     p.set_defaults(func=cmd_evaluate)
 
     p = sub.add_parser("mine", help="mine hard negatives: write {query, pos, neg} training lines")
@@ -548,7 +286,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="drop candidates scoring above (best positive score - margin): false-negative guard")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--output", required=True, help="train.jsonl to write")
-    _add_encoder_args(p)
+    add_encoder_args(p)
     p.set_defaults(func=cmd_mine)
 
     from .data.pretrain import PretrainDataConfig
@@ -558,12 +296,12 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("pretrain", help="LLaRA unsupervised adaptation (EBAE + EBAR) on unlabelled text")
     p.add_argument("--data", action="append", required=True,
                    help="text file, JSONL (text field), BEIR corpus.jsonl or {doc, idx, text} passages; repeatable")
-    _add_training_args(p, PretrainDataConfig, PretrainLossConfig)
+    add_training_args(p, PretrainDataConfig, PretrainLossConfig)
     p.set_defaults(func=cmd_pretrain)
 
     p = sub.add_parser("finetune", help="contrastive fine-tuning with hard negatives")
     p.add_argument("--data", required=True, help="train.jsonl with {query, pos: [...], neg: [...]} lines")
-    _add_training_args(p, FinetuneConfig)
+    add_training_args(p, FinetuneConfig)
     p.set_defaults(func=cmd_finetune)
 
     p = sub.add_parser("export", help="write any model llara loads as a llara + sentence-transformers directory")
@@ -586,8 +324,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--adapt-chunk-tokens", type=int, default=96)
     p.add_argument("--split", default="test")
     p.add_argument("-k", type=int, default=100)
-    _add_encoder_args(p)
-    _add_fusion_args(p)
+    add_encoder_args(p)
+    add_fusion_args(p)
     p.set_defaults(func=cmd_demo, template=None, max_passage_length=112, max_query_length=64)
     p = sub.add_parser("index", help="encode a corpus.jsonl into a persistent FAISS index directory (resumable)")
     p.add_argument("--corpus", required=True, help="BEIR corpus.jsonl ({_id, title, text} per line), streamed")
@@ -596,7 +334,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="FAISS index_factory string, inner product: Flat, IVF4096,PQ64, HNSW32 ... (default: Flat)")
     p.add_argument("--shard-size", type=int, default=10_000, help="passages per shard (default: %(default)s)")
     p.add_argument("--resume", action="store_true", help="continue an interrupted run after its last finished shard")
-    p.add_argument("--shard", type=_shard_arg, default=None, metavar="i/n",
+    p.add_argument("--shard", type=shard_arg, default=None, metavar="i/n",
                    help="encode only part i of n (shards s with s %% n == i) into a partial directory; "
                         "join the parts with 'llara merge'")
     p.add_argument("--train-size", type=int, default=200_000,
@@ -609,9 +347,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--ray-address", default=None,
                    help="Ray cluster to join (e.g. ray://head:10001 or auto); default: start a local one")
     p.add_argument("--workers", type=int, default=2, help="Ray: encoder actors (default: %(default)s)")
-    _add_backend_args(p)
-    _add_encoder_args(p)
-    _add_fusion_args(p)
+    add_backend_args(p)
+    add_encoder_args(p)
+    add_fusion_args(p)
     p.set_defaults(func=cmd_index)
 
     p = sub.add_parser("merge", help="join index parts built with --shard i/n")
@@ -620,18 +358,18 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--factory", default=None, help="FAISS factory string (default: the parts')")
     p.add_argument("--train-size", type=int, default=200_000)
     p.add_argument("--no-bm25", dest="bm25", action="store_false", help="do not build the BM25 index")
-    _add_fusion_args(p)
+    add_fusion_args(p)
     p.set_defaults(func=cmd_merge)
 
     p = sub.add_parser("search", help="search an index with the model recorded in it")
     p.add_argument("--index", help="index directory (FAISS backend)")
-    _add_backend_args(p)
+    add_backend_args(p)
     p.add_argument("query", nargs="+", help="one or more queries")
     p.add_argument("-k", type=int, default=10, help="hits per query (default: %(default)s)")
     p.add_argument("--json", action="store_true", help="one JSON object per query on stdout")
     p.add_argument("--mode", choices=["dense", "bm25", "hybrid"], default=None,
                    help="default: hybrid when the index has BM25, else dense")
-    _add_fusion_args(p, overrides=True)
+    add_fusion_args(p, overrides=True)
     p.add_argument("--device", default=None)
     p.add_argument("--faiss-params", "--search-params", dest="faiss_params", default=None,
                    help="FAISS run-time parameters, e.g. nprobe=32 or efSearch=128; Qdrant: exact=1 or hnsw_ef=128")
@@ -649,9 +387,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("serve", help="HTTP search service over an index (POST /search, GET /health, GET /info)")
     p.add_argument("--index", help="index directory (FAISS backend)")
-    _add_backend_args(p)
+    add_backend_args(p)
     p.add_argument("--host", default="127.0.0.1", help="bind address (default: loopback only)")
-    p.add_argument("--port", type=_port_arg, default=8000)
+    p.add_argument("--port", type=port_arg, default=8000)
     p.add_argument("--device", default=None)
     p.add_argument("--faiss-params", "--search-params", dest="faiss_params", default=None,
                    help="FAISS run-time parameters, e.g. nprobe=32; Qdrant: exact=1 or hnsw_ef=128")
@@ -675,6 +413,13 @@ def build_parser() -> argparse.ArgumentParser:
                    help="seconds an idle connection stays open after a response (default: %(default)s)")
     p.add_argument("--no-verify", dest="verify", action="store_false", help=NO_VERIFY_HELP)
     p.set_defaults(func=cmd_serve)
+
+    from . import loadtest
+
+    p = sub.add_parser("loadtest", help="bounded load test of a running 'llara serve': statuses, requests/s, "
+                                        "latency percentiles, server memory (one JSON line on stdout)")
+    loadtest.add_arguments(p)
+    p.set_defaults(func=cmd_loadtest)
     return parser
 
 
@@ -684,19 +429,19 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parser.parse_args(argv)
     if args.command == "demo" and args.template is None:
         args.template = ["mean", "eos", "llara"]  # mean and eos share one forward pass
-    _setup_logging(args.verbose)
+    setup_logging(args.verbose)
     try:
         return args.func(args)
     except KeyboardInterrupt:
-        return _fail("interrupted", 130)
+        return fail("interrupted", 130)
     except (ValueError, OSError) as e:  # bad input: DataError, TemplateError, missing/existing files ...
         if args.verbose:
             log.exception("%s", e)
-        return _fail(e)
+        return fail(e)
     except Exception as e:  # a bug: one line, the traceback with -v
         if args.verbose:
             log.exception("unexpected error")
-        return _fail(f"unexpected {type(e).__name__}: {e} (rerun with -v for the traceback)", 1)
+        return fail(f"unexpected {type(e).__name__}: {e} (rerun with -v for the traceback)", 1)
 
 
 if __name__ == "__main__":

@@ -1,6 +1,7 @@
 """A bounded load test for ``llara serve``, meant to run in its own process.
 
-    python -m llara.loadtest --url http://127.0.0.1:8000 --requests 2000 --concurrency 16 --pid SERVER_PID
+    llara loadtest --url http://127.0.0.1:8000 --requests 2000 --concurrency 16 --pid SERVER_PID
+    python -m llara.loadtest ...    (the same, without the CLI's logging set-up)
 
 Sends ``--requests`` POST /search requests from ``--concurrency`` concurrent clients, cycling
 through the queries given (a BEIR queries.jsonl, a text file with one query per line, or a small
@@ -118,8 +119,7 @@ async def run_load(url: str, queries: list[str], requests: int, concurrency: int
     return out
 
 
-def main(argv: Sequence[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="python -m llara.loadtest", description=__doc__.splitlines()[0])
+def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--url", required=True, help="e.g. http://127.0.0.1:8000")
     p.add_argument("--requests", type=int, default=2000)
     p.add_argument("--concurrency", type=int, default=16)
@@ -127,11 +127,20 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--queries", default=None, help="queries.jsonl (BEIR) or a text file, one query per line")
     p.add_argument("--pid", type=int, default=None, help="server process id, to sample its memory")
     p.add_argument("--timeout", type=float, default=60.0, help="seconds per request")
-    args = p.parse_args(argv)
+
+
+def run(args: argparse.Namespace) -> int:
+    """Run the load test the flags describe, write its JSON line to stdout; 0 when every request got 200."""
     result = asyncio.run(run_load(args.url, read_queries(args.queries), args.requests, args.concurrency, args.k,
                                   pid=args.pid, timeout=args.timeout))
     sys.stdout.write(json.dumps(result) + "\n")
     return 0 if result["ok"] == args.requests else 1
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="python -m llara.loadtest", description=__doc__.splitlines()[0])
+    add_arguments(p)
+    return run(p.parse_args(argv))
 
 
 if __name__ == "__main__":

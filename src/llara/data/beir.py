@@ -12,7 +12,7 @@ Interchange format used across llara:
 * queries ``{query_id: text}``
 * qrels   ``{query_id: {doc_id: int}}``
 
-Blank lines are skipped everywhere.  Every problem with a file raises :class:`DataError`, whose
+Blank lines are skipped everywhere.  Every problem with a file raises :class:`llara.io.DataError`, whose
 message names the file, the 1-based line (when there is one) and the reason.
 
 Relevance scores ``<= 0`` are kept in the qrels as they are: ``pytrec_eval`` (and trec_eval) count a
@@ -22,13 +22,12 @@ nDCG, so such rows are judged non-relevant rather than dropped.  A query whose j
 """
 from __future__ import annotations
 
-import gzip
-import json
 import logging
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Iterator
+
+from ..io import DataError, iter_jsonl, iter_lines, passage_text  # re-exported: public names of this module
 
 logger = logging.getLogger(__name__)
 
@@ -44,35 +43,6 @@ __all__ = [
 
 _QRELS_HEADER_FIRST = {"query-id", "query_id", "queryid", "qid", "query"}
 _QRELS_HEADER_LAST = {"score", "relevance", "rel", "label", "grade"}
-
-
-class DataError(ValueError):
-    """A data file is missing or malformed.
-
-    Attributes:
-        path: the offending file (or directory).
-        line: 1-based line number, or ``None`` when the problem is not tied to one line.
-        reason: human-readable description of the problem.
-
-    ``str(err)`` reads like ``"/x/corpus.jsonl:12: missing field '_id'"``.
-    """
-
-    def __init__(self, path: str | os.PathLike, line: int | None, reason: str):
-        self.path = Path(path)
-        self.line = line
-        self.reason = reason
-        super().__init__(self._format())
-
-    def _format(self) -> str:
-        if self.line is None:
-            return f"{self.path}: {self.reason}"
-        return f"{self.path}:{self.line}: {self.reason}"
-
-    def __str__(self) -> str:
-        return self._format()
-
-    def __reduce__(self):  # keep pickling (e.g. across processes) working
-        return (type(self), (self.path, self.line, self.reason))
 
 
 @dataclass
@@ -96,67 +66,7 @@ class BeirDataset:
         )
 
 
-def passage_text(doc: dict) -> str:
-    """The text that represents a document, for BM25 and for dense encoding alike.
-
-    ``title + " " + text`` when the title is non-empty (not just whitespace), otherwise ``text``.
-    """
-    title = doc.get("title") or ""
-    text = doc.get("text") or ""
-    if title.strip():
-        return f"{title} {text}" if text else title
-    return text
-
-
 # --------------------------------------------------------------------------- helpers
-
-
-def _check_file(path: Path) -> None:
-    if not path.exists():
-        raise DataError(path, None, "file not found")
-    if not path.is_file():
-        raise DataError(path, None, "not a regular file")
-
-
-def iter_lines(path: str | os.PathLike, *, skip_blank: bool = True) -> Iterator[tuple[int, str]]:
-    """Yield ``(line_no, line)`` (1-based, without the terminator) of a text file, ``.gz`` included;
-    invalid UTF-8 and unreadable files raise :class:`DataError` naming the file and line."""
-    path = Path(path)
-    _check_file(path)
-    opener = gzip.open if path.name.lower().endswith(".gz") else open
-    line_no = 0
-    try:
-        with opener(path, "rb") as fh:
-            for line_no, raw in enumerate(fh, start=1):
-                try:
-                    line = raw.decode("utf-8")
-                except UnicodeDecodeError as exc:
-                    raise DataError(path, line_no, f"invalid UTF-8 ({exc.reason} at byte {exc.start})") from None
-                if line_no == 1 and line.startswith("\ufeff"):
-                    line = line[1:]  # byte-order mark
-                line = line.rstrip("\r\n")
-                if skip_blank and not line.strip():
-                    continue
-                yield line_no, line
-    except (OSError, EOFError) as exc:  # a corrupt or truncated .gz
-        raise DataError(path, line_no + 1 if line_no else None, f"cannot read: {exc}") from None
-
-
-def iter_jsonl(path: str | os.PathLike, *, allow_empty: bool = False) -> Iterator[tuple[int, dict]]:
-    """Yield ``(line_no, object)`` for every non-blank line of a JSONL file (file:line errors)."""
-    path = Path(path)
-    empty = True
-    for line_no, line in iter_lines(path):
-        empty = False
-        try:
-            obj = json.loads(line)
-        except json.JSONDecodeError as exc:
-            raise DataError(path, line_no, f"malformed JSON: {exc.msg} (column {exc.colno})") from None
-        if not isinstance(obj, dict):
-            raise DataError(path, line_no, f"expected a JSON object, got {type(obj).__name__}")
-        yield line_no, obj
-    if empty and not allow_empty:
-        raise DataError(path, None, "file is empty")
 
 
 def get_str_field(path: Path, line_no: int, obj: dict, key: str, *, required: bool) -> str:

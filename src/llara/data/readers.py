@@ -9,13 +9,13 @@ Input formats (``fmt="auto"`` decides by extension, then by the first JSON recor
 * sequential passages ``{"doc", "idx", "text"}`` (first record has ``doc`` and ``idx``): consecutive
   lines of the same ``doc`` are one document, in strictly increasing ``idx`` order.
 * BEIR ``corpus.jsonl`` ``{"_id", "title", "text"}`` (first record has ``_id``): one document each,
-  ``title`` then ``text`` (as ``llara.data.beir.passage_text``). A directory means its ``corpus.jsonl``.
+  ``title`` then ``text`` (as ``llara.io.passage_text``). A directory means its ``corpus.jsonl``.
 * any other JSONL: one document per line from ``text_field`` (a string or a list of strings); a
   non-blank ``title_field`` is put first unless the text already starts with it (wiki_vital's
   ``articles.jsonl`` repeats its title as the first words of its text).
 
 Every reader is a generator over a file handle: one document in memory at a time. Malformed input
-raises :class:`llara.data.beir.DataError` naming ``file:line``.
+raises :class:`llara.io.DataError` naming ``file:line``.
 """
 from __future__ import annotations
 
@@ -25,7 +25,8 @@ import os
 from pathlib import Path
 from typing import Any, Iterable, Iterator
 
-from .beir import DataError, get_doc_id, get_str_field, iter_jsonl, iter_lines
+from ..io import DataError, iter_jsonl, iter_lines
+from .beir import get_doc_id, get_str_field
 
 logger = logging.getLogger(__name__)
 

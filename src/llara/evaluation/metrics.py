@@ -3,7 +3,7 @@
 Conventions (those of trec_eval, which pytrec_eval wraps):
 
 * **Ranking.** A run ``{qid: {doc_id: score}}`` is ranked by score descending; ties are broken by
-  doc id *descending* (byte-wise string order).  :func:`rank_docs`, the MRR truncation and
+  doc id *descending* (byte-wise string order).  :func:`llara.retrieval.ranking.rank_docs`, the MRR truncation and
   :func:`write_trec_run` all use this same rule, so ranks agree everywhere.
 * **Relevance.** A document is relevant when its qrels score is ``>= 1``.  nDCG uses the linear
   gain ``max(score, 0)`` and the ``1 / log2(rank + 1)`` discount; its ideal ranking is built from
@@ -20,22 +20,17 @@ from __future__ import annotations
 import logging
 import math
 import os
-import tempfile
 from pathlib import Path
 from typing import Iterable, Mapping
 
 import pytrec_eval
 
-from llara.data.beir import DataError
+from ..io import DataError, open_atomic
+from ..retrieval.ranking import rank_docs
 
 logger = logging.getLogger(__name__)
 
 __all__ = ["evaluate_run", "rank_docs", "write_trec_run", "read_trec_run"]
-
-
-def rank_docs(scores: Mapping[str, float]) -> list[tuple[str, float]]:
-    """``(doc_id, score)`` pairs in trec_eval order: score descending, then doc id descending."""
-    return sorted(((str(d), float(s)) for d, s in scores.items()), key=lambda x: (x[1], x[0]), reverse=True)
 
 
 def _as_ks(value: int | Iterable[int] | None, name: str) -> list[int]:
@@ -160,24 +155,12 @@ def write_trec_run(run: Mapping[str, Mapping[str, float]], path: str | os.PathLi
     """
     path = Path(path)
     _check_token(tag, "tag")
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8", newline="\n") as fh:
-            for qid in sorted(run, key=str):
-                q = _check_token(str(qid), "query id")
-                for rank, (doc_id, score) in enumerate(rank_docs(run[qid]), start=1):
-                    _check_token(doc_id, "doc id")
-                    fh.write(f"{q} Q0 {doc_id} {rank} {score!r} {tag}\n")
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        try:
-            os.unlink(tmp)
-        except FileNotFoundError:
-            pass
-        raise
+    with open_atomic(path) as fh:
+        for qid in sorted(run, key=str):
+            q = _check_token(str(qid), "query id")
+            for rank, (doc_id, score) in enumerate(rank_docs(run[qid]), start=1):
+                _check_token(doc_id, "doc id")
+                fh.write(f"{q} Q0 {doc_id} {rank} {score!r} {tag}\n")
     logger.debug("wrote run for %d queries to %s", len(run), path)
     return path
 
@@ -185,7 +168,7 @@ def write_trec_run(run: Mapping[str, Mapping[str, float]], path: str | os.PathLi
 def read_trec_run(path: str | os.PathLike) -> dict[str, dict[str, float]]:
     """Read a TREC run file (``qid Q0 docid rank score tag``, whitespace-separated) into a run dict.
 
-    Raises :class:`~llara.data.beir.DataError` for a missing file, wrong column count, a
+    Raises :class:`~llara.io.DataError` for a missing file, wrong column count, a
     non-numeric score or a repeated ``(qid, docid)`` pair.  Blank lines are skipped.
     """
     path = Path(path)

@@ -8,16 +8,16 @@ the top hold the comparison tables.
 """
 from __future__ import annotations
 
-import json
 import logging
-import os
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Sequence
+from typing import Any, Callable, Iterable, Sequence
 
-from ..data.beir import BeirDataset, load_beir, passage_text
-from ..retrieval.fusion import FusionConfig, fuse, top
+from ..data.beir import BeirDataset, load_beir
+from ..io import passage_text, write_json, write_text
+from ..retrieval.fusion import FusionConfig, fuse
+from ..retrieval.ranking import top
 from .metrics import evaluate_run, write_trec_run
 
 log = logging.getLogger(__name__)
@@ -58,18 +58,11 @@ class Result:
         }
 
 
-def _atomic_write(path: Path, text: str) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(path.suffix + ".tmp")
-    tmp.write_text(text, encoding="utf-8")
-    os.replace(tmp, path)
-
-
 def save_result(result: Result, run: dict, out_dir: Path) -> Path:
     safe = result.label.replace("/", "_").replace(":", "__")
     d = Path(out_dir) / result.dataset / safe
     write_trec_run(run, d / "run.trec", tag=safe[:40])
-    _atomic_write(d / "metrics.json", json.dumps(result.to_dict(), indent=2) + "\n")
+    write_json(d / "metrics.json", result.to_dict())
     return d
 
 
@@ -212,24 +205,27 @@ def side_by_side(results: Sequence[Result], metric: str = "ndcg@10") -> tuple[li
     return ["dataset"] + labels, rows
 
 
+def markdown_table(header: Sequence[object], rows: Iterable[Sequence[object]]) -> str:
+    """A GitHub markdown table (no final newline): cells are written with ``str``."""
+    lines = ["| " + " | ".join(map(str, header)) + " |", "|" + "---|" * len(header)]
+    lines += ["| " + " | ".join(map(str, row)) + " |" for row in rows]
+    return "\n".join(lines)
+
+
 def comparison_table(results: Sequence[Result]) -> str:
     """A markdown table, one row per (dataset, method)."""
-    head = "| dataset | method | " + " | ".join(REPORTED) + " | queries | docs | seconds |"
-    sep = "|" + "---|" * (len(REPORTED) + 5)
-    rows = [head, sep]
-    for r in results:
-        vals = " | ".join(f"{r.metrics.get(k, float('nan')):.4f}" for k in REPORTED)
-        rows.append(f"| {r.dataset} | {r.label} | {vals} | {r.num_queries} | {r.num_docs} | {r.seconds:.1f} |")
-    return "\n".join(rows)
+    return markdown_table(
+        ["dataset", "method", *REPORTED, "queries", "docs", "seconds"],
+        ([r.dataset, r.label, *(f"{r.metrics.get(k, float('nan')):.4f}" for k in REPORTED), r.num_queries,
+          r.num_docs, f"{r.seconds:.1f}"] for r in results))
 
 
 def write_summary(results: Sequence[Result], out_dir: Path, header: str = "") -> None:
     """summary.json and summary.md (``header`` markdown, the comparison table, then nDCG@10 with
     the methods side by side when there are several), written atomically."""
-    _atomic_write(Path(out_dir) / "summary.json", json.dumps([r.to_dict() for r in results], indent=2) + "\n")
+    write_json(Path(out_dir) / "summary.json", [r.to_dict() for r in results])
     text = (header + "\n\n" if header else "") + comparison_table(results) + "\n"
     head, rows = side_by_side(results)
     if len(head) > 2:
-        text += ("\nnDCG@10, methods side by side:\n\n| " + " | ".join(head) + " |\n|" + "---|" * len(head) + "\n"
-                 + "".join("| " + " | ".join(r) + " |\n" for r in rows))
-    _atomic_write(Path(out_dir) / "summary.md", text)
+        text += "\nnDCG@10, methods side by side:\n\n" + markdown_table(head, rows) + "\n"
+    write_text(Path(out_dir) / "summary.md", text)

@@ -1,6 +1,6 @@
 """sentence-transformers modules for llara models (``pip install 'llara[st]'``).
 
-``modules.json`` of a llara export names these classes by import path (see ``st_config``). Since
+``modules.json`` of a llara export names these classes by import path (see ``llara.modeling.st_config``). Since
 sentence-transformers 6.0 any module class outside its own package is imported only with
 ``trust_remote_code=True``, for local directories too; the class then comes from the installed
 llara package, never from code inside the model directory:
@@ -29,7 +29,7 @@ from ..modeling.encoder import (
 )
 from ..modeling.loading import match_sentencepiece
 from ..prompts import EncodedSide, Template, encode_side
-from .st_config import template_prompts
+from ..modeling.st_config import template_prompts
 
 POOL_WEIGHTS = "llara_pool_weights"
 

@@ -19,7 +19,7 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from ..data.beir import passage_text
+from ..io import passage_text, save_npy
 from ..prompts import EncodedSide, PromptSide, Template, encode_side, get_template
 from .loading import ensure_slot_tokens, load_model, write_llara_config
 from .runtime import load_runtime
@@ -312,7 +312,4 @@ class Encoder:
     def _cache_save(self, key: str | None, arr: np.ndarray) -> None:
         if key is None:
             return
-        self.cache_dir.mkdir(parents=True, exist_ok=True)
-        tmp = self.cache_dir / f"{key}.tmp.npy"
-        np.save(tmp, arr)
-        os.replace(tmp, self.cache_dir / f"{key}.npy")
+        save_npy(self.cache_dir / f"{key}.npy", arr)

@@ -20,8 +20,6 @@ import importlib.util
 import json
 import logging
 import os
-import shutil
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -29,6 +27,7 @@ from typing import Any
 import torch
 
 from .. import __version__
+from ..io import atomic_dir, write_json
 from .precision import resolve_dtype
 
 log = logging.getLogger(__name__)
@@ -76,19 +75,10 @@ def convert_gguf(gguf: Path, out_dir: Path | None = None) -> Path:
         del model.config.quantization_config
     if getattr(model, "hf_quantizer", None) is not None:
         model.hf_quantizer = None
-    out_dir.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=out_dir.name + ".tmp-", dir=out_dir.parent))
-    try:
+    with atomic_dir(out_dir, keep_existing=True) as tmp:  # another process may win the race: keep theirs
         model.save_pretrained(tmp, safe_serialization=True)
         tokenizer.save_pretrained(tmp)
         (tmp / "SOURCE.txt").write_text(f"dequantised from {gguf} ({st.st_size} bytes)\n")
-        try:
-            os.replace(tmp, out_dir)
-        except OSError:  # another process won the race: keep theirs
-            if not (out_dir / "config.json").is_file():
-                raise
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
     return out_dir
 
 
@@ -252,6 +242,4 @@ def _load_adapter(resolved: ResolvedModel, tokenizer, dtype, attn_implementation
 def write_llara_config(out_dir: Path, template, extra: dict | None = None) -> None:
     """Atomically write ``llara.json`` (template, library version, anything else given)."""
     data = {"llara_version": __version__, "template": template.to_dict(), **(extra or {})}
-    tmp = Path(out_dir) / (LLARA_CONFIG + ".tmp")
-    tmp.write_text(json.dumps(data, indent=2) + "\n")
-    os.replace(tmp, Path(out_dir) / LLARA_CONFIG)
+    write_json(Path(out_dir) / LLARA_CONFIG, data)

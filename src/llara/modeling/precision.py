@@ -23,6 +23,8 @@ from pathlib import Path
 
 import torch
 
+from ..io import write_json
+
 log = logging.getLogger(__name__)
 
 __all__ = ["DTYPES", "cpu_bf16_speedup", "cpu_prefers_bf16", "parse_dtype", "resolve_dtype", "resolve_precision"]
@@ -108,10 +110,7 @@ def cpu_bf16_speedup() -> float:
         value = round(_probe(), 3)
         cached[key] = value
         try:
-            path.parent.mkdir(parents=True, exist_ok=True)
-            tmp = path.with_name(f"{path.name}.{os.getpid()}.tmp")
-            tmp.write_text(json.dumps(cached, indent=2) + "\n")
-            os.replace(tmp, path)
+            write_json(path, cached)
         except OSError as e:  # a read-only cache only costs the probe again next time
             log.debug("cannot cache the precision probe in %s: %s", path, e)
     _speedups[key] = float(value)

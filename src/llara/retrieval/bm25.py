@@ -1,6 +1,6 @@
 """BM25 baseline retrieval with ``bm25s``.
 
-Documents are represented by :func:`llara.data.beir.passage_text` (the same string the dense
+Documents are represented by :func:`llara.io.passage_text` (the same string the dense
 encoder sees).  Tokenisation is ``bm25s.tokenize``: lower-casing, the ``\\b\\w\\w+\\b`` token
 pattern, stopword removal and a PyStemmer (Snowball) stemmer for ``language``.  Scoring uses the
 bm25s defaults (``method="lucene"``, ``k1=1.5``, ``b=0.75``).
@@ -19,13 +19,13 @@ import bm25s
 import numpy as np
 import Stemmer
 
-from llara.data.beir import passage_text
+from ..io import passage_text
 
 logger = logging.getLogger(__name__)
 # bm25s sets its own logger to DEBUG on import; keep its per-call chatter out of our output.
 logging.getLogger("bm25s").setLevel(logging.WARNING)
 
-__all__ = ["BM25Index", "bm25_search", "bm25_tokenize"]
+__all__ = ["BM25Index", "bm25_search"]
 
 
 # Languages whose stopword list ships with bm25s (passed to bm25s.tokenize by name).
@@ -52,17 +52,6 @@ def _stemmer(language: str):
         return Stemmer.Stemmer(language)
     except KeyError as exc:
         raise ValueError(f"PyStemmer has no stemmer for language {language!r}") from exc
-
-
-def bm25_tokenize(texts: list[str], language: str = "english") -> list[list[str]]:
-    """Tokenise texts exactly as :func:`bm25_search` does (lower-case, stopwords, stemming)."""
-    return bm25s.tokenize(
-        list(texts),
-        stopwords=_stopwords(language),
-        stemmer=_stemmer(language),
-        return_ids=False,
-        show_progress=False,
-    )
 
 
 class BM25Index:

@@ -13,7 +13,7 @@ import os
 import time
 from pathlib import Path
 
-from ..data.beir import DataError
+from ..io import DataError
 from .index import _read_manifest, _verify_shard, sha256_file
 
 __all__ = ["check_index"]

@@ -1,7 +1,7 @@
 """Hybrid retrieval: fuse a dense run and a BM25 run into one ranking.
 
 Runs are BEIR-style ``{qid: {doc_id: score}}``. Per query, each run is first cut to its top
-``depth`` documents (in :func:`llara.evaluation.metrics.rank_docs` order: score descending, then doc
+``depth`` documents (in :func:`llara.retrieval.ranking.rank_docs` order: score descending, then doc
 id descending), then:
 
 * :func:`linear` (the default): each run's scores are normalised per query (``minmax`` to [0, 1],
@@ -22,7 +22,7 @@ import math
 from dataclasses import asdict, dataclass
 from typing import Mapping
 
-from ..evaluation.metrics import rank_docs
+from .ranking import top
 
 __all__ = ["FusionConfig", "fuse", "linear", "normalize", "rrf", "top", "FUSIONS", "NORMALIZATIONS",
            "DEFAULT_ALPHA", "DEFAULT_DEPTH", "DEFAULT_RRF_K"]
@@ -83,12 +83,6 @@ class FusionConfig:
         if self.method == "rrf":
             return f"rrf (k={self.rrf_k:g}, depth {self.depth})"
         return f"linear ({self.normalization}, alpha={self.alpha:g} on dense, depth {self.depth})"
-
-
-def top(scores: Mapping[str, float], depth: int | None) -> list[tuple[str, float]]:
-    """The best ``depth`` ``(doc_id, score)`` pairs (all when ``depth`` is None), best first."""
-    ranked = rank_docs(scores)
-    return ranked if depth is None else ranked[:depth]
 
 
 def normalize(scores: Mapping[str, float], method: str = "minmax") -> dict[str, float]:

@@ -35,7 +35,7 @@ import faiss
 import numpy as np
 
 from .. import __version__
-from ..data.beir import DataError, iter_jsonl, passage_text
+from ..io import DataError, atomic_path, iter_jsonl, json_line, passage_text, save_npy, write_json, write_text
 
 log = logging.getLogger(__name__)
 
@@ -62,20 +62,6 @@ def sha256_file(path: Path, chunk: int = 1 << 22) -> str:
         while block := fh.read(chunk):
             h.update(block)
     return h.hexdigest()
-
-
-def _replace_from_tmp(path: Path, write) -> None:
-    """Call ``write(fh)`` on ``path.tmp``, fsync, then move it over ``path``."""
-    tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, "wb") as fh:
-        write(fh)
-        fh.flush()
-        os.fsync(fh.fileno())
-    os.replace(tmp, path)
-
-
-def _write_json(path: Path, data: dict) -> None:
-    _replace_from_tmp(path, lambda fh: fh.write((json.dumps(data, indent=2) + "\n").encode()))
 
 
 def _read_manifest(index_dir: Path) -> dict:
@@ -192,12 +178,9 @@ def _write_shard(index_dir: Path, number: int, emb: np.ndarray, ids: list[str], 
     files = shard_files(number)
     (index_dir / SHARD_DIR).mkdir(parents=True, exist_ok=True)
     emb = np.ascontiguousarray(emb, dtype=np.float32)
-    _replace_from_tmp(index_dir / files["embeddings"], lambda fh: np.save(fh, emb, allow_pickle=False))
-    _replace_from_tmp(index_dir / files["ids"], lambda fh: fh.write("".join(i + "\n" for i in ids).encode()))
-    _replace_from_tmp(
-        index_dir / files["titles"],
-        lambda fh: fh.write("".join(json.dumps(t, ensure_ascii=False) + "\n" for t in titles).encode()),
-    )
+    save_npy(index_dir / files["embeddings"], emb)
+    write_text(index_dir / files["ids"], "".join(i + "\n" for i in ids))
+    write_text(index_dir / files["titles"], "".join(json.dumps(t, ensure_ascii=False) + "\n" for t in titles))
     entry = {
         "number": number,
         "rows": len(ids),
@@ -269,16 +252,7 @@ def _read_ids(path: Path) -> list[str]:
 
 
 def _read_titles(path: Path) -> list[str]:
-    titles = []
-    for n, line in enumerate(_read_lines(path), start=1):
-        try:
-            t = json.loads(line)
-        except json.JSONDecodeError as e:
-            raise DataError(path, n, f"malformed JSON: {e.msg}") from None
-        if not isinstance(t, str):
-            raise DataError(path, n, f"expected a JSON string, got {type(t).__name__}")
-        titles.append(t)
-    return titles
+    return [json_line(path, n, line, str) for n, line in enumerate(_read_lines(path), start=1)]
 
 
 def _load_embeddings(index_dir: Path, shard: dict, mmap: bool = True) -> np.ndarray:
@@ -471,7 +445,7 @@ def build_index(
         done[res.number] = entry
         manifest["shards"] = [done[k] for k in sorted(done)]
         manifest["count"] = sum(s["rows"] for s in manifest["shards"])
-        _write_json(manifest_path, manifest)
+        write_json(manifest_path, manifest)
         log.info("shard %d: %d passages in %.1f s (%.0f passages/s)", res.number, len(ids), res.seconds,
                  len(ids) / max(res.seconds, 1e-9))
 
@@ -490,7 +464,7 @@ def build_index(
     if bm25 and part is None:
         _add_bm25(out, corpus_path, manifest, total_docs, ids_digest.hexdigest(), fusion)
     manifest["complete"] = True
-    _write_json(manifest_path, manifest)
+    write_json(manifest_path, manifest)
     log.info("indexed %d passages into %s in %.1f s", manifest["count"], out, time.perf_counter() - t0)
     return out
 
@@ -568,9 +542,8 @@ def _build_faiss(index_dir: Path, manifest: dict, *, train_size: int, seed: int)
     for s in manifest["shards"]:
         index.add(np.ascontiguousarray(_load_embeddings(index_dir, s, mmap=False)))
     path = index_dir / FAISS_FILE
-    tmp = path.with_name(path.name + ".tmp")
-    faiss.write_index(index, str(tmp))
-    os.replace(tmp, path)
+    with atomic_path(path) as tmp:
+        faiss.write_index(index, str(tmp))
     return {"path": FAISS_FILE, "sha256": sha256_file(path), "bytes": path.stat().st_size,
             "ntotal": int(index.ntotal), "trained_on": trained_on}
 
@@ -639,10 +612,8 @@ def merge_indexes(
     for number in expected:
         d, s = shards[number]
         for info in s["files"].values():
-            dst = out / info["path"]
-            tmp = dst.with_name(dst.name + ".tmp")
-            shutil.copyfile(d / info["path"], tmp)
-            os.replace(tmp, dst)
+            with atomic_path(out / info["path"]) as tmp:
+                shutil.copyfile(d / info["path"], tmp)
         entries.append(s)
     manifest = {k: v for k, v in first.items()}
     manifest.update(part=None, dimension=dims.pop(), shards=entries, count=sum(s["rows"] for s in entries),
@@ -651,7 +622,7 @@ def merge_indexes(
     if factory is not None:
         _check_factory(factory, manifest["dimension"])
         manifest["factory"] = factory
-    _write_json(out / MANIFEST, manifest)
+    write_json(out / MANIFEST, manifest)
     manifest["faiss"] = _build_faiss(out, manifest, train_size=train_size, seed=seed)
     corpus = Path((manifest.get("corpus") or {}).get("path") or "")
     if bm25 and corpus.is_file():
@@ -662,7 +633,7 @@ def merge_indexes(
     elif bm25:
         log.warning("no BM25 index (the parts' corpus %s is gone): the merged index serves dense search only", corpus)
     manifest["complete"] = True
-    _write_json(out / MANIFEST, manifest)
+    write_json(out / MANIFEST, manifest)
     log.info("merged %d parts (%d passages) into %s", len(manifests), manifest["count"], out)
     return out
 

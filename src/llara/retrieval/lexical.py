@@ -17,12 +17,11 @@ from __future__ import annotations
 import hashlib
 import logging
 import os
-import shutil
 import time
 from pathlib import Path
 from typing import Iterable, Sequence
 
-from ..data.beir import DataError, passage_text
+from ..io import DataError, atomic_dir, passage_text
 from .bm25 import BM25Index
 from .index import iter_corpus, sha256_file
 
@@ -59,17 +58,10 @@ def build_bm25(index_dir: "str | os.PathLike", corpus_path: "str | os.PathLike",
         bm25 = BM25Index.build(texts(), language)
     except ValueError:
         raise DataError(corpus_path, None, "no documents to index") from None
-    tmp, final = index_dir / (BM25_DIR + ".tmp"), index_dir / BM25_DIR
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
-    bm25.save(tmp)
-    files = {}
-    for p in sorted(tmp.iterdir()):
-        with open(p, "rb") as fh:
-            os.fsync(fh.fileno())
-        files[p.name] = {"path": f"{BM25_DIR}/{p.name}", "sha256": sha256_file(p), "bytes": p.stat().st_size}
-    shutil.rmtree(final, ignore_errors=True)
-    os.replace(tmp, final)
+    with atomic_dir(index_dir / BM25_DIR) as tmp:
+        bm25.save(tmp)
+        files = {p.name: {"path": f"{BM25_DIR}/{p.name}", "sha256": sha256_file(p), "bytes": p.stat().st_size}
+                 for p in sorted(tmp.iterdir())}
     log.info("BM25 index of %d documents in %.1f s", count, time.perf_counter() - t0)
     return {"path": BM25_DIR, "documents": count, "ids_sha256": digest.hexdigest(), "files": files,
             **bm25.settings()}

@@ -4,23 +4,30 @@ Retrieve with a dense model (FAISS) or BM25, then sample negatives from a rank w
 sample from a dense retriever's top 200), never a judged positive, without duplicates, optionally
 dropping candidates that score too close to the positive (a guard against unjudged positives).
 Output lines: ``{"query", "pos": [...], "neg": [...], "query_id", "pos_ids", "neg_ids"}``.
+:func:`mine` is the whole job (``llara mine``): read the positives, retrieve, sample, write.
 """
 from __future__ import annotations
 
-import json
 import logging
 import os
 import random
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterator, Mapping
+from typing import Any, Callable, Iterator, Mapping
 
 import numpy as np
 
-from ..data.beir import DataError, iter_jsonl, passage_text
-from ..evaluation.metrics import rank_docs
+from ..data.beir import load_corpus, load_qrels, load_queries
+from ..io import DataError, iter_jsonl, passage_text, write_jsonl
+from .ranking import rank_docs
 
 log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class MiningResult:
+    groups: int  # training lines written
+    mean_negatives: float  # negatives per query, on average
 
 
 @dataclass(frozen=True)
@@ -143,14 +150,39 @@ def iter_training_lines(queries, positives, negatives, corpus) -> Iterator[dict]
         }
 
 
-def write_jsonl_atomic(rows, path: str | os.PathLike) -> int:
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    n = 0
-    with tmp.open("w", encoding="utf-8") as f:
-        for r in rows:
-            f.write(json.dumps(r, ensure_ascii=False) + "\n")
-            n += 1
-    os.replace(tmp, path)
-    return n
+def read_positives(corpus: Mapping[str, dict], *, queries: str | os.PathLike | None = None,
+                   qrels: str | os.PathLike | None = None,
+                   train: str | os.PathLike | None = None) -> tuple[dict[str, str], dict[str, set[str]]]:
+    """(queries {qid: text}, positives {qid: {doc_id}}) from a BEIR split (``queries`` + ``qrels``:
+    judgments > 0 are positives) or from a ``train`` JSONL file (positives matched by text)."""
+    if train:
+        found, positives, unmatched = positives_from_train_jsonl(train, corpus)
+        if unmatched:
+            log.warning("%d positives of %s are not in the corpus (they are still kept out of the negatives "
+                        "only if their text matches a corpus document)", unmatched, train)
+        return found, positives
+    if not (queries and qrels):
+        raise FileNotFoundError("give --queries and --qrels (a BEIR split), or --train train.jsonl")
+    all_queries = load_queries(queries)
+    positives = {q: {d for d, s in rel.items() if s > 0} for q, rel in load_qrels(qrels).items()}
+    unknown = [q for q in positives if q not in all_queries]
+    if unknown:
+        raise FileNotFoundError(f"{qrels}: query id {unknown[0]!r} is not in {queries}")
+    return {q: all_queries[q] for q in positives}, positives
+
+
+def mine(corpus: str | os.PathLike, output: str | os.PathLike, *, queries: str | os.PathLike | None = None,
+         qrels: str | os.PathLike | None = None, train: str | os.PathLike | None = None, method: str = "dense",
+         config: MiningConfig = MiningConfig(), encoder: Callable[[], Any] | None = None) -> MiningResult:
+    """Mine hard negatives for every query with positives and write the training lines to ``output``
+    (atomically). ``method``: ``dense`` or ``bm25``; ``encoder``: a callable returning the encoder,
+    called (after the inputs are read) only for ``dense``."""
+    docs = load_corpus(corpus)
+    found, positives = read_positives(docs, queries=queries, qrels=qrels, train=train)
+    k = config.window[1] + max((len(p) for p in positives.values()), default=0)
+    run, emb, dids = retrieve(method, docs, found, k, encoder() if method == "dense" else None)
+    pos_scores = dense_positive_scores(emb, dids, positives) if emb is not None else None
+    negatives = sample_negatives(run, positives, config, pos_scores)
+    n = write_jsonl(iter_training_lines(found, positives, negatives, docs), output)
+    counts = [len(v) for v in negatives.values()]
+    return MiningResult(n, float(np.mean(counts)) if counts else 0.0)

@@ -23,7 +23,7 @@ from typing import Callable, Iterator
 
 import numpy as np
 
-from ..data.beir import DataError
+from ..io import DataError
 from .index import (
     FORMAT,
     FORMAT_VERSION,

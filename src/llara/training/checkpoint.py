@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import json
 import logging
-import os
 import random
 import re
 import shutil
@@ -29,6 +28,8 @@ from typing import Any
 
 import numpy as np
 import torch
+
+from ..io import replace_dir
 
 logger = logging.getLogger(__name__)
 
@@ -190,7 +191,7 @@ def save_checkpoint(
             (tmp / STATE_FILE).write_text(json.dumps(state, indent=2) + "\n")
         acc.wait_for_everyone()
         if acc.is_main_process:
-            _replace_dir(tmp, final)
+            replace_dir(tmp, final)
     except BaseException:
         if acc.is_main_process:
             shutil.rmtree(tmp, ignore_errors=True)
@@ -209,18 +210,6 @@ def _peft(model) -> bool:
     from .lora import is_peft_model
 
     return is_peft_model(model)
-
-
-def _replace_dir(src: Path, dst: Path) -> None:
-    """Rename src to dst; an existing dst is moved aside first and removed afterwards."""
-    old = None
-    if dst.exists():
-        old = dst.with_name(f".{dst.name}.old")
-        shutil.rmtree(old, ignore_errors=True)
-        os.replace(dst, old)
-    os.replace(src, dst)
-    if old is not None:
-        shutil.rmtree(old, ignore_errors=True)
 
 
 # --------------------------------------------------------------------------- load

@@ -18,7 +18,7 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from torch import Tensor
 
-from ..data.beir import DataError, iter_jsonl
+from ..io import DataError, iter_jsonl
 from ..losses import info_nce
 from ..modeling.encoder import base_model
 from ..prompts import encode_side, get_template

@@ -1,17 +1,16 @@
 """The final model directory: loadable by ``transformers.AutoModel.from_pretrained``, by
 ``llara.modeling.loading.load_model`` (it carries the tokenizer and ``llara.json``) and, for full
-weights, by ``sentence_transformers.SentenceTransformer`` (see ``llara.interop.st_config``)."""
+weights, by ``sentence_transformers.SentenceTransformer`` (see ``llara.modeling.st_config``)."""
 from __future__ import annotations
 
 import logging
 import os
-import shutil
-import tempfile
 from pathlib import Path
 from typing import Any
 
-from ..interop.st_config import write_st_files
+from ..modeling.st_config import write_st_files
 from ..modeling.encoder import DEFAULT_MAX_PASSAGE_LENGTH, DEFAULT_MAX_QUERY_LENGTH
+from ..io import atomic_dir
 from ..modeling.loading import write_llara_config
 from .lora import is_peft_model, merged_state_dict
 
@@ -47,9 +46,7 @@ def export_model(
     from ..prompts import get_template
 
     out = Path(out_dir)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
-    try:
+    with atomic_dir(out) as tmp:
         os.chmod(tmp, 0o777 & ~_umask())  # mkdtemp makes it private; an export is meant to be shared
         if is_peft_model(model) and merge_lora:
             base = model.get_base_model()
@@ -75,16 +72,5 @@ def export_model(
         for f in tmp.rglob("*"):  # some writers (peft's safetensors) leave files private
             if f.is_file():
                 os.chmod(f, 0o666 & ~_umask())
-        if out.exists():
-            old = out.with_name(f".{out.name}.old")
-            shutil.rmtree(old, ignore_errors=True)
-            out.rename(old)
-            tmp.rename(out)
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            tmp.rename(out)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     logger.info("exported %s to %s", kind, out)
     return out

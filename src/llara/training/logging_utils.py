@@ -4,9 +4,10 @@ from __future__ import annotations
 import json
 import logging
 import math
-import os
 from pathlib import Path
 from typing import Any
+
+from ..io import open_atomic
 
 logger = logging.getLogger(__name__)
 
@@ -45,11 +46,9 @@ class JsonlLog:
 
     def truncate_after(self, step: int) -> None:
         rows = [r for r in read_log(self.path) if int(r.get("step", 0)) <= step]
-        tmp = self.path.with_name(self.path.name + ".tmp")
-        with open(tmp, "w") as f:
+        with open_atomic(self.path) as f:
             for r in rows:
                 f.write(json.dumps(r) + "\n")
-        os.replace(tmp, self.path)
 
     def write(self, entry: dict[str, Any]) -> None:
         with open(self.path, "a") as f:

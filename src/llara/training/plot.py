@@ -2,13 +2,11 @@
 global pyplot state)."""
 from __future__ import annotations
 
-import logging
-import os
 from pathlib import Path
 
+from ..io import atomic_path
 from .logging_utils import read_log
 
-logger = logging.getLogger(__name__)
 
 __all__ = ["plot_log", "LOSS_SKIP_KEYS"]
 
@@ -62,7 +60,6 @@ def plot_log(log_path: str | Path, png_path: str | Path, title: str | None = Non
     fig.tight_layout()
 
     png = Path(png_path)
-    tmp = png.with_name(png.stem + ".tmp.png")
-    fig.savefig(tmp, format="png")
-    os.replace(tmp, png)
+    with atomic_path(png) as tmp:
+        fig.savefig(tmp, format="png")
     return png

@@ -1,0 +1,122 @@
+"""The layers of src/llara point one way: no module imports from a layer above its own.
+
+The import graph is read with ``ast`` from the source (every import, those inside functions too),
+so the test needs nothing installed. The layer order is documented in ``llara/io.py``; print the
+graph with ``python tests/test_layers.py``.
+"""
+from __future__ import annotations
+
+import ast
+import sys
+from pathlib import Path
+
+SRC = Path(__file__).resolve().parents[1] / "src"
+
+# bottom first; a module belongs to the longest prefix listed
+LAYERS: list[tuple[str, ...]] = [
+    ("llara", "llara.io"),
+    ("llara.prompts",),
+    ("llara.modeling",),
+    ("llara.data",),
+    ("llara.losses", "llara.training"),
+    ("llara.retrieval",),
+    ("llara.evaluation",),
+    ("llara.interop",),
+    ("llara.serve", "llara.serve_limits", "llara.serve_schema", "llara.demo", "llara.loadtest",
+     "llara.console", "llara.cli_args", "llara.cli"),
+]
+
+
+def modules(src: Path = SRC) -> dict[str, Path]:
+    out = {}
+    for path in sorted((src / "llara").rglob("*.py")):
+        parts = list(path.relative_to(src).with_suffix("").parts)
+        if parts[-1] == "__init__":
+            parts.pop()
+        out[".".join(parts)] = path
+    return out
+
+
+def layer(module: str) -> int:
+    best, rank = "", None
+    for i, prefixes in enumerate(LAYERS):
+        for p in prefixes:
+            if (module == p or module.startswith(p + ".")) and len(p) > len(best) and (p != "llara" or module == p):
+                best, rank = p, i
+    if rank is None:
+        raise KeyError(f"{module} is in no layer: add it to LAYERS (and to the list in llara/io.py)")
+    return rank
+
+
+def imports(module: str, path: Path, known: set[str]) -> set[str]:
+    """The llara modules ``module`` imports (``from pkg import submodule`` counts as the submodule)."""
+    package = module if path.name == "__init__.py" else module.rpartition(".")[0]
+    found = set()
+    for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"), str(path))):
+        if isinstance(node, ast.Import):
+            found.update(a.name for a in node.names if a.name.split(".")[0] == "llara")
+        elif isinstance(node, ast.ImportFrom):
+            if node.level:
+                base = package.split(".")
+                base = base[: len(base) - node.level + 1]
+                name = ".".join(base + ([node.module] if node.module else []))
+            else:
+                name = node.module or ""
+            if name.split(".")[0] != "llara":
+                continue
+            subs = {f"{name}.{a.name}" for a in node.names} & known
+            found.update(subs or {name})
+    found.discard(module)
+    return {m for m in found if m in known or m.rpartition(".")[0] in known}
+
+
+def graph() -> dict[str, set[str]]:
+    mods = modules()
+    return {m: imports(m, p, set(mods)) for m, p in mods.items()}
+
+
+def upward_imports(g: dict[str, set[str]]) -> list[str]:
+    return [f"{m} (layer {layer(m)}) imports {t} (layer {layer(t)})"
+            for m, targets in sorted(g.items()) for t in sorted(targets) if layer(t) > layer(m)]
+
+
+def render(g: dict[str, set[str]]) -> str:
+    lines = []
+    for m in sorted(g, key=lambda m: (layer(m), m)):
+        below = sorted(g[m], key=lambda t: (layer(t), t))
+        lines.append(f"{layer(m)} {m:30s} -> {', '.join(below) if below else '-'}")
+    return "\n".join(lines)
+
+
+def test_every_module_has_a_layer():
+    for m in modules():
+        layer(m)
+
+
+def test_no_module_imports_from_a_layer_above_it():
+    assert upward_imports(graph()) == []
+
+
+def test_the_check_sees_relative_lazy_and_submodule_imports(tmp_path):
+    pkg = tmp_path / "llara"
+    (pkg / "retrieval").mkdir(parents=True)
+    (pkg / "__init__.py").write_text("")
+    (pkg / "io.py").write_text("")
+    (pkg / "retrieval" / "__init__.py").write_text("")
+    (pkg / "retrieval" / "mining.py").write_text("def f():\n    from ..evaluation import metrics\n")
+    (pkg / "evaluation").mkdir()
+    (pkg / "evaluation" / "__init__.py").write_text("")
+    (pkg / "evaluation" / "metrics.py").write_text("from llara.io import x\nfrom ..retrieval import mining\n")
+    mods = modules(tmp_path)
+    g = {m: imports(m, p, set(mods)) for m, p in mods.items()}
+    assert g["llara.retrieval.mining"] == {"llara.evaluation.metrics"}
+    assert g["llara.evaluation.metrics"] == {"llara.io", "llara.retrieval.mining"}
+    assert upward_imports(g) == ["llara.retrieval.mining (layer 5) imports llara.evaluation.metrics (layer 6)"]
+
+
+if __name__ == "__main__":
+    g = graph()
+    print(render(g))
+    bad = upward_imports(g)
+    print("\n".join(bad) if bad else "no upward imports")
+    sys.exit(1 if bad else 0)
