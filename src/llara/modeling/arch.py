@@ -21,7 +21,6 @@ How transformers 5.x treats a mask handed to a stock decoder (read in ``masking_
 """
 from __future__ import annotations
 
-import logging
 from dataclasses import dataclass
 from typing import Any
 
@@ -29,7 +28,6 @@ import torch
 
 from .masks import JointBatch, SingleBatch, additive_mask, sliding_window_blocked
 
-logger = logging.getLogger(__name__)
 
 __all__ = [
     "ArchSpec",
@@ -58,10 +56,6 @@ class ArchSpec:
     """Attention kernels that apply a custom 4D additive mask exactly."""
     softcap_attr: str | None = None
     """Config attribute of attention-logit soft-capping; sdpa refuses it, eager is then required."""
-    tokenizer_adds_bos: bool | None = None
-    """What the reference checkpoints' tokenizers do (None: varies by checkpoint). Informative only:
-    prompt building must ask the tokenizer itself."""
-    notes: str = ""
 
     def __post_init__(self):
         if self.sliding not in (SLIDING_NONE, SLIDING_CONFIG, SLIDING_LAYER_TYPES):
@@ -81,61 +75,26 @@ def register_arch(spec: ArchSpec, *, overwrite: bool = False) -> ArchSpec:
     return spec
 
 
+# Prompt building never assumes a BOS token: it asks the tokenizer (Llama-2/3, Mistral and Gemma
+# tokenizers add one, SmolLM2 (model_type llama) and Qwen do not).
 for _spec in (
-    ArchSpec(
-        "llama",
-        tokenizer_adds_bos=None,
-        notes="Llama-2/3 tokenizers add BOS; SmolLM2 (also model_type llama) adds none.",
-    ),
-    ArchSpec(
-        "mistral",
-        sliding=SLIDING_CONFIG,
-        tokenizer_adds_bos=True,
-        notes="config.sliding_window (4096 by default, None in later releases) applies to every layer "
-        "through the single mask, so a custom mask must carry it.",
-    ),
-    ArchSpec(
-        "phi3",
-        sliding=SLIDING_CONFIG,
-        notes="Same mask handling as mistral; sliding_window is None in most configs.",
-    ),
-    ArchSpec(
-        "qwen2",
-        sliding=SLIDING_LAYER_TYPES,
-        mask_mapping=True,
-        tokenizer_adds_bos=False,
-        notes="Sliding layers only with use_sliding_window (layers >= max_window_layers). No BOS token.",
-    ),
-    ArchSpec(
-        "qwen3",
-        sliding=SLIDING_LAYER_TYPES,
-        mask_mapping=True,
-        tokenizer_adds_bos=False,
-        notes="As qwen2.",
-    ),
-    ArchSpec(
-        "gemma",
-        tokenizer_adds_bos=True,
-        notes="Embeddings scaled by sqrt(hidden); default head_dim 256.",
-    ),
-    ArchSpec(
-        "gemma2",
-        sliding=SLIDING_LAYER_TYPES,
-        mask_mapping=True,
-        attn_implementations=("eager",),
-        softcap_attr="attn_logit_softcapping",
-        tokenizer_adds_bos=True,
-        notes="Alternating sliding/full layers; attention soft-capping, the model class refuses sdpa.",
-    ),
-    ArchSpec(
-        "gemma3_text",
-        sliding=SLIDING_LAYER_TYPES,
-        mask_mapping=True,
-        softcap_attr="attn_logit_softcapping",
-        tokenizer_adds_bos=True,
-        notes="5 sliding : 1 full layers, separate RoPE per layer type (both follow position_ids). "
-        "use_bidirectional_attention (EmbeddingGemma) is incompatible with LLaRA's causal masks.",
-    ),
+    ArchSpec("llama"),
+    # config.sliding_window (4096 by default, None in later releases) applies to every layer through
+    # the single mask, so a custom mask must carry it.
+    ArchSpec("mistral", sliding=SLIDING_CONFIG),
+    # Same mask handling as mistral; sliding_window is None in most configs.
+    ArchSpec("phi3", sliding=SLIDING_CONFIG),
+    # Sliding layers only with use_sliding_window (layers >= max_window_layers).
+    ArchSpec("qwen2", sliding=SLIDING_LAYER_TYPES, mask_mapping=True),
+    ArchSpec("qwen3", sliding=SLIDING_LAYER_TYPES, mask_mapping=True),  # as qwen2
+    # Embeddings scaled by sqrt(hidden); default head_dim 256.
+    ArchSpec("gemma"),
+    # Alternating sliding/full layers; attention soft-capping, the model class refuses sdpa.
+    ArchSpec("gemma2", sliding=SLIDING_LAYER_TYPES, mask_mapping=True, attn_implementations=("eager",),
+             softcap_attr="attn_logit_softcapping"),
+    # 5 sliding : 1 full layers, separate RoPE per layer type (both follow position_ids).
+    # use_bidirectional_attention (EmbeddingGemma) is incompatible with LLaRA's causal masks.
+    ArchSpec("gemma3_text", sliding=SLIDING_LAYER_TYPES, mask_mapping=True, softcap_attr="attn_logit_softcapping"),
 ):
     register_arch(_spec)
 del _spec

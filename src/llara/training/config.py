@@ -9,14 +9,12 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
-import logging
 import types
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-logger = logging.getLogger(__name__)
 
 __all__ = ["TrainConfig", "PRECISIONS", "TRAINABLE_TOKEN_MODES", "add_config_arguments", "config_from_args"]
 

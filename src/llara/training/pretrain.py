@@ -6,7 +6,6 @@ text positions.
 """
 from __future__ import annotations
 
-import logging
 from dataclasses import asdict, dataclass, field
 from typing import Sequence
 
@@ -20,8 +19,6 @@ from ..modeling.loading import ensure_slot_tokens, load_model
 from ..prompts import get_template
 from .config import TrainConfig
 from .loop import TrainResult, train
-
-log = logging.getLogger(__name__)
 
 
 @dataclass
