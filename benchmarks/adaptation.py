@@ -33,7 +33,7 @@ from zero_shot import DATA, RESULTS, ROOT, SUBSAMPLED, machine, subsample
 
 from llara.data.beir import load_beir
 from llara.io import write_json
-from llara.evaluation.runner import evaluate_bm25, evaluate_datasets
+from llara.evaluation.runner import evaluate_bm25, evaluate_datasets, markdown_table
 from llara.modeling.encoder import Encoder
 from llara.modeling.loading import cache_root
 
@@ -209,7 +209,7 @@ def step_stats(log: list[dict]) -> dict:
 
 def table(rows: list[dict], methods: dict[str, str], names: list[str]) -> list[str]:
     get = {(r["method"], r["dataset"]): r["metrics"] for r in rows}
-    out = ["| method | " + " | ".join(names) + " | average |", "|---|" + "---|" * (len(names) + 1)]
+    out = []
     for m, label in methods.items():
         cells, nd, rc = [], [], []
         for d in names:
@@ -221,8 +221,8 @@ def table(rows: list[dict], methods: dict[str, str], names: list[str]) -> list[s
             rc.append(x["recall@100"])
             cells.append(f"{nd[-1]:.3f} / {rc[-1]:.3f}")
         avg = f"**{np.mean(nd):.3f}** / {np.mean(rc):.3f}" if len(nd) == len(names) else "–"
-        out.append(f"| {label} | " + " | ".join(cells) + f" | {avg} |")
-    return out
+        out.append([label, *cells, avg])
+    return markdown_table(["method", *names, "average"], out).splitlines()
 
 
 def bar_chart(rows: list[dict], methods: dict[str, str], names: list[str], ax, title: str) -> None:

@@ -7,32 +7,27 @@ import os
 import sys
 import time
 from pathlib import Path
-
 from typing import Sequence
 
-from .cli_args import (NO_VERIFY_HELP, add_backend_args, add_encoder_args, add_fusion_args, add_training_args,
-                       fusion_config, index_location, make_encoder, port_arg, shard_arg, train_config)
+from . import cli_args
+from .cli_args import fusion_config, index_location, make_encoder, train_config
 from .console import ConsoleReport, console, fail, print_hits, print_side_by_side, print_table, setup_logging, styled
 
 log = logging.getLogger("llara")
 
-DEMO_DIR = Path(__file__).parent / "data" / "demo"
 PAIRS_DIR = Path(__file__).parent / "data" / "pairs"  # shipped, redistributable training pairs (README inside)
 
 
-def run_evaluation(datasets, methods, templates, args, out_dir: Path):
-    """Evaluate every (dataset, method[, template]) and write results; returns the (Result, run) pairs."""
+def cmd_evaluate(args) -> int:
+    """Evaluate BM25, dense templates and/or hybrid runs on BEIR-format datasets (evaluation.runner)."""
     from .evaluation.runner import evaluate_datasets
 
-    return evaluate_datasets(datasets, methods, out_dir, encoder=lambda: make_encoder(args, templates),
-                             templates=templates, split=args.split, k=args.k, fusion=fusion_config(args))
-
-
-def cmd_evaluate(args) -> int:
     out = Path(args.output)
-    methods = args.method or ["dense"]
     try:
-        results = [r for r, _ in run_evaluation(args.dataset, methods, args.template, args, out)]
+        pairs = evaluate_datasets(args.dataset, args.method or ["dense"], out, templates=args.template,
+                                  encoder=lambda: make_encoder(args, args.template), split=args.split, k=args.k,
+                                  fusion=fusion_config(args))
+        results = [r for r, _ in pairs]
     except ValueError as e:
         return fail(e)
     print_table(results, f"retrieval quality ({args.split} split)")
@@ -251,176 +246,20 @@ def cmd_loadtest(args) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from . import __version__
-
-    parser = argparse.ArgumentParser(prog="llara", description="LLaRA dense retrieval with decoder-only LLMs")
-    parser.add_argument("--version", action="version", version=f"llara {__version__}")
-    parser.add_argument("-v", "--verbose", action="store_true", help="log library details")
-    sub = parser.add_subparsers(dest="command", required=True)
-
-    p = sub.add_parser("evaluate", help="evaluate dense templates and/or BM25 on BEIR-format datasets")
-    p.add_argument("--dataset", action="append", required=True, help="BEIR-format directory; repeatable")
-    p.add_argument("--method", action="append", choices=["dense", "bm25", "hybrid"],
-                   help="repeatable (default: dense); hybrid fuses the dense and BM25 runs (one pass of each "
-                        "per dataset, shared with --method dense / bm25)")
-    p.add_argument("--split", default="test")
-    p.add_argument("-k", type=int, default=100, help="documents retrieved per query (default: %(default)s)")
-    p.add_argument("--output", required=True, help="directory for metrics.json, run.trec and summary files")
-    add_encoder_args(p)
-    add_fusion_args(p)
-    p.set_defaults(func=cmd_evaluate)
-
-    p = sub.add_parser("mine", help="mine hard negatives: write {query, pos, neg} training lines")
-    p.add_argument("--corpus", help="corpus.jsonl to mine from")
-    p.add_argument("--pairs", choices=["squad"],
-                   help="instead of --corpus/--queries/--qrels: pairs shipped with llara; squad = 10,570 SQuAD v1.1 "
-                        "questions and their Wikipedia paragraphs (CC BY-SA 4.0, attribution in data/pairs/squad)")
-    p.add_argument("--queries", help="queries.jsonl (with --qrels)")
-    p.add_argument("--qrels", help="qrels .tsv naming the positives (e.g. qrels/train.tsv)")
-    p.add_argument("--train", help="instead of --queries/--qrels: train.jsonl with {query, pos: [...]}")
-    p.add_argument("--method", choices=["dense", "bm25"], default="dense")
-    p.add_argument("--window", type=int, nargs=2, default=[10, 200], metavar=("LO", "HI"),
-                   help="1-based rank window to sample negatives from (default: 10 200)")
-    p.add_argument("--negatives", type=int, default=15, help="negatives per query (default: 15)")
-    p.add_argument("--margin", type=float, default=None,
-                   help="drop candidates scoring above (best positive score - margin): false-negative guard")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--output", required=True, help="train.jsonl to write")
-    add_encoder_args(p)
-    p.set_defaults(func=cmd_mine)
-
-    from .data.pretrain import PretrainDataConfig
-    from .training.finetune import FinetuneConfig
-    from .training.pretrain import PretrainLossConfig
-
-    p = sub.add_parser("pretrain", help="LLaRA unsupervised adaptation (EBAE + EBAR) on unlabelled text")
-    p.add_argument("--data", action="append", required=True,
-                   help="text file, JSONL (text field), BEIR corpus.jsonl or {doc, idx, text} passages; repeatable")
-    add_training_args(p, PretrainDataConfig, PretrainLossConfig)
-    p.set_defaults(func=cmd_pretrain)
-
-    p = sub.add_parser("finetune", help="contrastive fine-tuning with hard negatives")
-    p.add_argument("--data", required=True, help="train.jsonl with {query, pos: [...], neg: [...]} lines")
-    add_training_args(p, FinetuneConfig)
-    p.set_defaults(func=cmd_finetune)
-
-    p = sub.add_parser("export", help="write any model llara loads as a llara + sentence-transformers directory")
-    p.add_argument("source", help="llara checkpoint, PEFT adapter dir, Hugging Face dir (e.g. a released LLaRA), .gguf, default")
-    p.add_argument("output", help="directory to write (replaced atomically)")
-    p.add_argument("--template", default=None, help="default: the source's template, else llara")
-    p.add_argument("--max-query-length", type=int, default=None)
-    p.add_argument("--max-passage-length", type=int, default=None)
-    p.add_argument("--dtype", default=None, choices=["float32", "bfloat16", "float16"],
-                   help="default: the dtype of the weights on disk")
-    p.set_defaults(func=cmd_export)
-
-    p = sub.add_parser("demo", help="the main job: evaluate the embedded model, adapt it with LLaRA on the demo "
-                                     "collection's corpus, evaluate again")
-    p.add_argument("--dataset", default=str(DEMO_DIR / "med"))
-    p.add_argument("--output", default="runs/demo")
-    p.add_argument("--adapt-steps", type=int, default=32, help="adaptation steps; 0: zero-shot only (default: 32)")
-    p.add_argument("--adapt-batch-size", type=int, default=8)
-    p.add_argument("--adapt-lr", type=float, default=5e-5)
-    p.add_argument("--adapt-chunk-tokens", type=int, default=96)
-    p.add_argument("--split", default="test")
-    p.add_argument("-k", type=int, default=100)
-    add_encoder_args(p)
-    add_fusion_args(p)
-    p.set_defaults(func=cmd_demo, template=None, max_passage_length=112, max_query_length=64)
-    p = sub.add_parser("index", help="encode a corpus.jsonl into a persistent FAISS index directory (resumable)")
-    p.add_argument("--corpus", required=True, help="BEIR corpus.jsonl ({_id, title, text} per line), streamed")
-    p.add_argument("--output", required=True, help="index directory (manifest.json, shards/, index.faiss)")
-    p.add_argument("--factory", default="Flat",
-                   help="FAISS index_factory string, inner product: Flat, IVF4096,PQ64, HNSW32 ... (default: Flat)")
-    p.add_argument("--shard-size", type=int, default=10_000, help="passages per shard (default: %(default)s)")
-    p.add_argument("--resume", action="store_true", help="continue an interrupted run after its last finished shard")
-    p.add_argument("--shard", type=shard_arg, default=None, metavar="i/n",
-                   help="encode only part i of n (shards s with s %% n == i) into a partial directory; "
-                        "join the parts with 'llara merge'")
-    p.add_argument("--train-size", type=int, default=200_000,
-                   help="vectors sampled to train non-Flat indexes (default: %(default)s)")
-    p.add_argument("--no-bm25", dest="bm25", action="store_false",
-                   help="do not build the BM25 index of the corpus (dense search only)")
-    p.add_argument("--engine", choices=["local", "ray"], default="local",
-                   help="local: this process; ray: Ray Data actors, one model each, on a local or remote Ray "
-                        "cluster (pip install 'llara[ray]'); same shards and manifest (default: %(default)s)")
-    p.add_argument("--ray-address", default=None,
-                   help="Ray cluster to join (e.g. ray://head:10001 or auto); default: start a local one")
-    p.add_argument("--workers", type=int, default=2, help="Ray: encoder actors (default: %(default)s)")
-    add_backend_args(p)
-    add_encoder_args(p)
-    add_fusion_args(p)
-    p.set_defaults(func=cmd_index)
-
-    p = sub.add_parser("merge", help="join index parts built with --shard i/n")
-    p.add_argument("--output", required=True, help="directory for the merged index")
-    p.add_argument("parts", nargs="+", metavar="PART_DIR")
-    p.add_argument("--factory", default=None, help="FAISS factory string (default: the parts')")
-    p.add_argument("--train-size", type=int, default=200_000)
-    p.add_argument("--no-bm25", dest="bm25", action="store_false", help="do not build the BM25 index")
-    add_fusion_args(p)
-    p.set_defaults(func=cmd_merge)
-
-    p = sub.add_parser("search", help="search an index with the model recorded in it")
-    p.add_argument("--index", help="index directory (FAISS backend)")
-    add_backend_args(p)
-    p.add_argument("query", nargs="+", help="one or more queries")
-    p.add_argument("-k", type=int, default=10, help="hits per query (default: %(default)s)")
-    p.add_argument("--json", action="store_true", help="one JSON object per query on stdout")
-    p.add_argument("--mode", choices=["dense", "bm25", "hybrid"], default=None,
-                   help="default: hybrid when the index has BM25, else dense")
-    add_fusion_args(p, overrides=True)
-    p.add_argument("--device", default=None)
-    p.add_argument("--faiss-params", "--search-params", dest="faiss_params", default=None,
-                   help="FAISS run-time parameters, e.g. nprobe=32 or efSearch=128; Qdrant: exact=1 or hnsw_ef=128")
-    p.add_argument("--runtime", default=None, choices=["torch", "onnx-int8"],
-                   help="forward pass for the queries (default: the one the index was built with)")
-    p.add_argument("--no-verify", dest="verify", action="store_false", help=NO_VERIFY_HELP)
-    p.set_defaults(func=cmd_search)
-
-    p = sub.add_parser("check-index", help="check an index against its manifest: sizes, line counts, .npy headers "
-                                           "and the id/title files' sha256 (--full: every file's sha256)")
-    p.add_argument("--index", required=True, help="index directory")
-    p.add_argument("--full", action="store_true", help="hash every file, embeddings and FAISS index included")
-    p.add_argument("--json", action="store_true", help="print what was checked as one JSON object")
-    p.set_defaults(func=cmd_check_index)
-
-    p = sub.add_parser("serve", help="HTTP search service over an index (POST /search, GET /health, GET /info)")
-    p.add_argument("--index", help="index directory (FAISS backend)")
-    add_backend_args(p)
-    p.add_argument("--host", default="127.0.0.1", help="bind address (default: loopback only)")
-    p.add_argument("--port", type=port_arg, default=8000)
-    p.add_argument("--device", default=None)
-    p.add_argument("--faiss-params", "--search-params", dest="faiss_params", default=None,
-                   help="FAISS run-time parameters, e.g. nprobe=32; Qdrant: exact=1 or hnsw_ef=128")
-    p.add_argument("--runtime", default=None, choices=["torch", "onnx-int8"],
-                   help="forward pass for the queries (default: the one the index was built with)")
-    p.add_argument("--max-batch", type=int, default=32, help="queries per encoder call (default: %(default)s)")
-    p.add_argument("--max-wait-ms", type=float, default=50.0,
-                   help="how long a free encoder may wait for the clients it expects back (those answered by "
-                        "its last batch) before it runs a batch; one client never waits (default: %(default)s)")
-    p.add_argument("--max-k", type=int, default=1000)
-    p.add_argument("--max-query-chars", type=int, default=2048)
-    p.add_argument("--max-body-bytes", type=int, default=1 << 20)
-    p.add_argument("--max-pending", type=int, default=None,
-                   help="queries waiting for the encoder before new requests get 503 + Retry-After "
-                        "(default: 8 x --max-batch)")
-    p.add_argument("--head-timeout", type=float, default=10.0,
-                   help="seconds a connection has to send a complete request head (default: %(default)s)")
-    p.add_argument("--body-timeout", type=float, default=10.0,
-                   help="seconds a request has to send its whole body, else 408 (default: %(default)s)")
-    p.add_argument("--keep-alive", type=int, default=5,
-                   help="seconds an idle connection stays open after a response (default: %(default)s)")
-    p.add_argument("--no-verify", dest="verify", action="store_false", help=NO_VERIFY_HELP)
-    p.set_defaults(func=cmd_serve)
-
-    from . import loadtest
-
-    p = sub.add_parser("loadtest", help="bounded load test of a running 'llara serve': statuses, requests/s, "
-                                        "latency percentiles, server memory (one JSON line on stdout)")
-    loadtest.add_arguments(p)
-    p.set_defaults(func=cmd_loadtest)
-    return parser
+    return cli_args.build_parser({
+        "evaluate": cmd_evaluate,
+        "mine": cmd_mine,
+        "pretrain": cmd_pretrain,
+        "finetune": cmd_finetune,
+        "export": cmd_export,
+        "demo": cmd_demo,
+        "index": cmd_index,
+        "merge": cmd_merge,
+        "search": cmd_search,
+        "check-index": cmd_check_index,
+        "serve": cmd_serve,
+        "loadtest": cmd_loadtest,
+    })
 
 
 def main(argv: Sequence[str] | None = None) -> int:
