@@ -60,7 +60,7 @@ def _peak_gib(device: torch.device) -> float | None:
 
 def _pairs(tokenizer, n: int, chunk_tokens: int) -> list[tuple[list[int], list[int]]]:
     """(chunk, next chunk) token-id pairs: consecutive chunks of the demo corpus's passages."""
-    from llara.data.beir import iter_jsonl
+    from llara.io import iter_jsonl
 
     pairs = []
     for _, doc in iter_jsonl(DEMO / "corpus.jsonl"):
@@ -238,7 +238,7 @@ def check_llama7b_lora(args, device: torch.device, work: Path) -> dict:
 
 # --------------------------------------------------------------------------- 4. encoder throughput
 def check_encoder(args, device: torch.device) -> dict:
-    from llara.data.beir import iter_jsonl, passage_text
+    from llara.io import iter_jsonl, passage_text
     from llara.modeling.encoder import Encoder
 
     texts = [passage_text(doc) for _, doc in iter_jsonl(DEMO / "corpus.jsonl")][: args.encode_passages]

@@ -25,7 +25,7 @@ from adaptation import DATASETS, datasets, load_rows, save_rows
 from index_bench import raw_forward_seconds
 from zero_shot import DATA, RESULTS, SUBSAMPLED, machine
 
-from llara.data.beir import passage_text
+from llara.io import passage_text
 from llara.evaluation.runner import evaluate_dense
 from llara.modeling.encoder import Encoder
 from llara.modeling.loading import cache_root

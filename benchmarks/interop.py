@@ -26,7 +26,8 @@ import numpy as np
 import torch
 
 from llara.cli import main as llara
-from llara.data.beir import load_beir, passage_text
+from llara.data.beir import load_beir
+from llara.io import passage_text
 from llara.interop.convert import export_checkpoint
 from llara.interop.mteb_task import beir_task
 from llara.modeling.encoder import Encoder

@@ -183,7 +183,7 @@ def minilm(args) -> None:
     from sentence_transformers import SentenceTransformer
 
     from adaptation import datasets, save_rows
-    from llara.data.beir import passage_text
+    from llara.io import passage_text
     from llara.evaluation.metrics import evaluate_run
     from llara.retrieval.dense import exact_search
 

@@ -41,8 +41,8 @@ import torch
 from adaptation import datasets, load_rows, save_rows
 from zero_shot import DATA, RESULTS, ROOT, machine
 
-from llara.data.beir import load_beir, passage_text
-from llara.io import write_text
+from llara.data.beir import load_beir
+from llara.io import passage_text, write_text
 from llara.evaluation.runner import evaluate_dense
 from llara.modeling.encoder import Encoder
 from llara.modeling.loading import cache_root

@@ -31,7 +31,7 @@ import learning_curve as lc
 from adaptation import evaluate_models, load_rows, table
 from zero_shot import DATA, RESULTS, ROOT, machine
 
-from llara.data.beir import iter_jsonl
+from llara.io import iter_jsonl
 from llara.io import write_jsonl
 
 RUNS = ROOT / "runs" / "bench" / "recipe"

@@ -25,7 +25,7 @@ from adaptation import evaluate_models, load_rows
 from learning_curve import add_eval_args, heavy
 from zero_shot import DATA, RESULTS, ROOT, machine
 
-from llara.data.beir import iter_jsonl
+from llara.io import iter_jsonl
 from llara.prompts import get_template
 from llara.io import write_jsonl
 
