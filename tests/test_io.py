@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+import os
 
 import numpy as np
 import pytest
@@ -44,6 +45,9 @@ def test_wrappers_write_through_one_routine(tmp_path):
         tmp.write_text("x")
     assert (tmp_path / "p.txt").read_text() == "x"
     assert not list(tmp_path.glob("*.tmp")) and not list(tmp_path.glob(".*"))
+    umask = os.umask(0)
+    os.umask(umask)
+    assert (tmp_path / "m.json").stat().st_mode & 0o777 == 0o666 & ~umask  # an ordinary file, not mkstemp's 0o600
 
 
 def test_atomic_dir_replaces_or_keeps_and_cleans_up(tmp_path):

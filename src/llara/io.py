@@ -31,7 +31,7 @@ import gzip
 import json
 import os
 import shutil
-import tempfile
+import uuid
 from pathlib import Path
 from typing import IO, Any, Iterable, Iterator
 
@@ -153,15 +153,20 @@ def iter_jsonl(path: str | os.PathLike, *, allow_empty: bool = False) -> Iterato
 # --------------------------------------------------------------------------- atomic writes
 
 
+def _fresh_name(path: Path) -> Path:
+    """An unused hidden name beside ``path``, for a temporary file or folder."""
+    return path.with_name(f".{path.name}.{uuid.uuid4().hex[:12]}.tmp")
+
+
 @contextlib.contextmanager
 def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
     """Yield a fresh temporary path in ``path``'s folder (created if missing); when the block ends
-    without an error the file written there is fsynced and moved over ``path``, otherwise removed."""
+    without an error the file written there is fsynced and moved over ``path``, otherwise removed.
+    The file gets the permissions of an ordinary new file (0o666 less the umask)."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    os.close(fd)
-    tmp = Path(name)
+    tmp = _fresh_name(path)
+    os.close(os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666))
     try:
         yield tmp
         with open(tmp, "rb") as fh:
@@ -235,14 +240,16 @@ def replace_dir(src: str | os.PathLike, dst: str | os.PathLike) -> None:
 
 @contextlib.contextmanager
 def atomic_dir(path: str | os.PathLike, *, keep_existing: bool = False) -> Iterator[Path]:
-    """Yield a fresh, private temporary folder beside ``path``; when the block ends without an
-    error its files are fsynced and it becomes ``path``, otherwise it is removed.
+    """Yield a fresh temporary folder beside ``path`` (the permissions of an ordinary new folder);
+    when the block ends without an error its files are fsynced and it becomes ``path``, otherwise
+    it is removed.
 
     An existing ``path`` is replaced (:func:`replace_dir`); with ``keep_existing`` a ``path`` that
     appeared meanwhile (another process won the race to build the same cache entry) is kept."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.tmp-", dir=path.parent))
+    tmp = _fresh_name(path)
+    tmp.mkdir()
     try:
         yield tmp
         _fsync_tree(tmp)

@@ -47,7 +47,6 @@ def export_model(
 
     out = Path(out_dir)
     with atomic_dir(out) as tmp:
-        os.chmod(tmp, 0o777 & ~_umask())  # mkdtemp makes it private; an export is meant to be shared
         if is_peft_model(model) and merge_lora:
             base = model.get_base_model()
             base.save_pretrained(tmp, state_dict=merged_state_dict(model), safe_serialization=True)
