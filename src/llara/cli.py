@@ -55,17 +55,19 @@ def cmd_demo(args) -> int:
                      adapt_chunk_tokens=args.adapt_chunk_tokens, split=args.split, k=args.k, fusion=fusion_config(args),
                      cpu=args.device == "cpu", max_query_length=args.max_query_length,
                      max_passage_length=args.max_passage_length)
-    r = run_demo(cfg, lambda model, templates: make_encoder(argparse.Namespace(**{**vars(args), "model": model}),
-                                                             templates), ConsoleReport())
+    def encoder(model, templates):
+        return make_encoder(argparse.Namespace(**{**vars(args), "model": model}), templates)
+
+    r = run_demo(cfg, encoder, ConsoleReport())
     con, out = console(), args.output
     if r.adapted_model is not None:
         nd = r.ndcg
         untrained = f"{nd['llara']:.3f} untrained -> " if "llara" in nd else ""
         con.print(styled(f"nDCG@10 of the LLaRA slots: {untrained}", (f"{nd['adapted']:.3f}", "bold"),
-                              f" adapted ({args.adapt_steps} steps); loss curve: {r.loss_plot}; "
-                              f"adapted model: {r.adapted_model}"))
+                         f" adapted ({args.adapt_steps} steps); loss curve: {r.loss_plot}; "
+                         f"adapted model: {r.adapted_model}"))
         con.print(styled("nDCG@10, hybrid of BM25 and the adapted slots: ", (f"{nd['hybrid']:.3f}", "bold"),
-                              f" (BM25 alone {nd['bm25']:.3f}, adapted slots alone {nd['adapted']:.3f})"))
+                         f" (BM25 alone {nd['bm25']:.3f}, adapted slots alone {nd['adapted']:.3f})"))
         con.print(f"done in {time.perf_counter() - t0:.0f} s; results in {out}/ (summary.md, before/, after/, adapt/)")
     else:
         con.print(f"done in {time.perf_counter() - t0:.0f} s; results in {out}/")
