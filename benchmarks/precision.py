@@ -46,7 +46,7 @@ from llara.io import passage_text, write_text
 from llara.evaluation.runner import evaluate_dense
 from llara.modeling.encoder import Encoder
 from llara.modeling.loading import cache_root
-from llara.modeling.precision import cpu_bf16_speedup
+from llara.modeling.precision import cpu_bf16_speedup, training_kernels
 
 OUT = RESULTS / "precision.json"
 RUNS = ROOT / "runs" / "bench" / "precision"
@@ -95,23 +95,36 @@ def encode_speed(args) -> None:
 
 # --------------------------------------------------------------------------- quality
 def quality(args) -> None:
+    """``autocast`` (opt-in mode): fp32 weights, matrix products in bf16 under torch.autocast, so the
+    residual stream stays fp32; not cached (the embedding cache keys on the weights' dtype)."""
+    from contextlib import nullcontext
+
     models = {"untrained": ("default", list(args.templates))}
     if args.adapted:
         models["adapted"] = (args.adapted, ["llara"])
+    if args.finetuned:
+        models["adapted_ft"] = (args.finetuned, ["llara"])
     sets = None
     for label, (spec, templates) in models.items():
-        for dt in DTYPES:
-            todo = [t for t in templates for name in DEV if not _done("quality", f"{label}:{t}:{dt}:{name}")]
+        for mode in args.modes:
+            todo = [t for t in templates for name in args.datasets if not _done("quality", f"{label}:{t}:{mode}:{name}")]
             if not todo:
                 continue
             sets = sets or list(datasets(args))
-            enc = Encoder.from_pretrained(spec, template=templates[0], device="cpu", dtype=dt, batch_size=32,
+            autocast = mode == "autocast"
+            enc = Encoder.from_pretrained(spec, template=templates[0], device="cpu",
+                                          dtype="float32" if autocast else mode, batch_size=32,
                                           max_query_length=64, max_passage_length=args.max_passage_length,
-                                          cache_dir=cache_root() / "embeddings", show_progress=False)
+                                          cache_dir=None if autocast else cache_root() / "embeddings",
+                                          show_progress=False)
             for ds in sets:
-                for r, _ in evaluate_dense(ds, enc, templates):
-                    key = f"{label}:{r.template}:{dt}:{ds.name}"
-                    _store("quality", key, {"model": label, "template": r.template, "dtype": dt, "dataset": ds.name,
+                if all(_done("quality", f"{label}:{t}:{mode}:{ds.name}") for t in templates):
+                    continue
+                with torch.autocast("cpu", dtype=torch.bfloat16) if autocast else nullcontext():
+                    results = evaluate_dense(ds, enc, templates)
+                for r, _ in results:
+                    key = f"{label}:{r.template}:{mode}:{ds.name}"
+                    _store("quality", key, {"model": label, "template": r.template, "dtype": mode, "dataset": ds.name,
                                             "metrics": r.metrics, "seconds": r.seconds, "num_docs": r.num_docs})
                     print(f"{key} nDCG@10={r.metrics['ndcg@10']:.4f} ({r.seconds:.0f}s)", flush=True)
 
@@ -171,7 +184,8 @@ def train_speed(args) -> None:
             _store("train", key, row)
 
 
-def step_split(args) -> None:
+def _adaptation_step_setup(args):
+    """The demo's adaptation step: fp32 model, one batch of 8 MED pairs, the loss, fused AdamW."""
     from itertools import islice
 
     from torch.utils.data import DataLoader
@@ -181,8 +195,6 @@ def step_split(args) -> None:
     from llara.prompts import get_template
     from llara.training.pretrain import PretrainLossConfig, make_loss_fn
 
-    if _done("step", "split") and not args.force:
-        return
     model, tok, _ = load_model("default", causal_lm=True, device="cpu", dtype="float32")
     template = get_template("llara")
     ensure_slot_tokens(tok, model, template.slot_tokens)
@@ -194,22 +206,60 @@ def step_split(args) -> None:
     loss_fn = make_loss_fn(PretrainLossConfig())
     opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-5, fused=True)
     model.train()
-    times = {"fp32": [], "bf16": []}
-    for precision in ["fp32", "bf16"] * args.repeats:
-        t0 = time.perf_counter()
+    return model, batch, loss_fn, opt
+
+
+def _one_step(model, batch, loss_fn, opt, precision: str) -> dict:
+    """One step as the training loop runs it: autocast in bf16, with the attention kernel that
+    ``training_kernels`` picks for this CPU."""
+    t0 = time.perf_counter()
+    with training_kernels(precision, on_cpu=True):
         with torch.autocast("cpu", dtype=torch.bfloat16, enabled=precision == "bf16"):
             out = loss_fn(model, batch)
         t1 = time.perf_counter()
         out["loss"].backward()
-        t2 = time.perf_counter()
-        opt.step()
-        opt.zero_grad()
-        t3 = time.perf_counter()
-        times[precision].append({"forward": t1 - t0, "backward": t2 - t1, "optimizer": t3 - t2, "total": t3 - t0,
-                                 "loss": out["loss"].item()})
+    t2 = time.perf_counter()
+    opt.step()
+    opt.zero_grad()
+    t3 = time.perf_counter()
+    return {"forward": t1 - t0, "backward": t2 - t1, "optimizer": t3 - t2, "total": t3 - t0,
+            "loss": out["loss"].item()}
+
+
+def step_split(args) -> None:
+    if _done("step", "split") and not args.force:
+        return
+    model, batch, loss_fn, opt = _adaptation_step_setup(args)
+    times = {"fp32": [], "bf16": []}
+    for precision in ["fp32", "bf16"] * args.repeats:
+        times[precision].append(_one_step(model, batch, loss_fn, opt, precision))
         print(precision, {k: round(v, 2) for k, v in times[precision][-1].items()}, flush=True)
     _store("step", "split", {"tokens": int(batch["num_tokens"]), "times": times, "load_average": os.getloadavg(),
                              "machine": machine()})
+
+
+def step_profile(args) -> None:
+    """Where the step's time goes: torch.profiler over one step per precision (after a warm-up
+    step each), operators ranked by their own CPU time."""
+    from torch.profiler import ProfilerActivity, profile
+
+    if _done("profile", "step") and not args.force:
+        return
+    model, batch, loss_fn, opt = _adaptation_step_setup(args)
+    result = {}
+    for precision in ("fp32", "bf16"):
+        _one_step(model, batch, loss_fn, opt, precision)  # warm-up: oneDNN primitives, allocator
+        with profile(activities=[ProfilerActivity.CPU]) as prof:
+            t = _one_step(model, batch, loss_fn, opt, precision)
+        ops = sorted(prof.key_averages(), key=lambda e: e.self_cpu_time_total, reverse=True)
+        total = sum(e.self_cpu_time_total for e in ops)
+        result[precision] = {"step_s": t["total"], "ops": [
+            {"op": e.key, "calls": e.count, "self_s": e.self_cpu_time_total / 1e6,
+             "share": e.self_cpu_time_total / total} for e in ops[:args.profile_top]]}
+        print(precision, round(t["total"], 2), "s", flush=True)
+        for o in result[precision]["ops"]:
+            print(f"  {o['op']:45s} {o['calls']:6d} {o['self_s']:7.3f} s {100 * o['share']:5.1f}%", flush=True)
+    _store("profile", "step", {"tokens": int(batch["num_tokens"]), **result, "load_average": os.getloadavg()})
 
 
 # --------------------------------------------------------------------------- report
@@ -270,6 +320,23 @@ def report(args) -> None:
             lines.append(f"| {p} | {m['forward']:.2f} | {m['backward']:.2f} | {m['optimizer']:.2f} | {m['total']:.2f} | "
                          f"{st['tokens'] / m['total']:.0f} |")
         lines += ["", f"bf16 step **{med['fp32']['total'] / med['bf16']['total']:.2f}x** faster than fp32.", ""]
+    pr = next((r for r in rows if r["kind"] == "profile"), None)
+    if pr:
+        lines += ["## Where the step's time goes", "",
+                  "torch.profiler over one step of each precision (the step above, after a warm-up step), operators "
+                  "by their own CPU time; the step as the training loop runs it (`training_kernels`: math attention "
+                  "in bf16 on this CPU). Matrix products (`aten::mm`, and `aten::bmm` in the math attention) gain "
+                  "what the bf16 units give; the casts of autocast (`aten::copy_`: fp32 weights to bf16 in the "
+                  "forward, bf16 gradients to fp32 in the backward) and the fp32 log-softmax over the vocabulary "
+                  "gain nothing, so the step cannot gain more than its products do.", "",
+                  "| operator | fp32 s | bf16 s | fp32 / bf16 |", "|---|---:|---:|---:|"]
+        by = {p_: {o["op"]: o["self_s"] for o in pr[p_]["ops"]} for p_ in ("fp32", "bf16")}
+        for op in list(dict.fromkeys([*by["bf16"], *by["fp32"]]))[:12]:
+            a, b = by["fp32"].get(op), by["bf16"].get(op)
+            ratio = f"{a / b:.2f}x" if a and b else "-"
+            lines.append(f"| `{op}` | {'-' if a is None else round(a, 3)} | {'-' if b is None else round(b, 3)} | {ratio} |")
+        lines += ["", f"Step: fp32 {pr['fp32']['step_s']:.2f} s, bf16 {pr['bf16']['step_s']:.2f} s (profiled, so a little "
+                  "slower than unprofiled).", ""]
     t = {r["key"]: r for r in rows if r["kind"] == "train"}
     if t:
         lines += ["## Training steps", "",
@@ -283,21 +350,25 @@ def report(args) -> None:
                 lines.append(f"\n{kind}: bf16 step **{t[f'{kind}:bf16']['tokens_per_s'] / t[f'{kind}:fp32']['tokens_per_s']:.2f}x** "
                              "the fp32 step's tokens/s.")
         lines += ["", "Commands: " + "; ".join(f"`{r['command']}`" for r in t.values()), ""]
-    lines += ["Reproduce: `.venv/bin/python benchmarks/precision.py` (stages: encode, quality, train, report).", ""]
+    lines += ["Reproduce: `.venv/bin/python benchmarks/precision.py` (stages: encode, quality, step, profile, train, report; each timing stage ran under `benchmarks/freeze.sh`, which stops the machine's other, niced jobs meanwhile).", ""]
     write_text(RESULTS / "precision.md", "\n".join(lines))
     print("\n".join(lines))
 
 
 def main(argv=None) -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--stage", choices=["all", "encode", "quality", "step", "train", "report"], default="all")
+    p.add_argument("--stage", choices=["all", "encode", "quality", "step", "profile", "train", "report"], default="all")
     p.add_argument("--adapted", default=None, help="an adapted checkpoint to compare too (llara pretrain's final/)")
+    p.add_argument("--finetuned", default=None, help="a fine-tuned checkpoint to compare too (llara finetune's final/)")
+    p.add_argument("--modes", nargs="+", default=list(DTYPES), choices=[*DTYPES, "autocast"],
+                   help="encoding precisions of the quality stage (autocast: fp32 weights, bf16 products)")
     p.add_argument("--datasets", nargs="+", default=list(DEV))
     p.add_argument("--templates", nargs="+", default=["llara", "mean"], help="templates of the untrained model")
     p.add_argument("--max-docs", type=int, default=800, help="as benchmarks/adaptation.py")
     p.add_argument("--max-passage-length", type=int, default=96)
     p.add_argument("--repeats", type=int, default=5)
     p.add_argument("--train-steps", type=int, default=8)
+    p.add_argument("--profile-top", type=int, default=15, help="operators kept per precision by --stage profile")
     p.add_argument("--force", action="store_true", help="measure again rows that exist")
     args = p.parse_args(argv)
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -310,6 +381,8 @@ def main(argv=None) -> None:
         quality(args)
     if args.stage in ("all", "step"):
         step_split(args)
+    if args.stage in ("all", "profile"):
+        step_profile(args)
     if args.stage in ("all", "train"):
         train_speed(args)
     if args.stage in ("all", "report"):
