@@ -35,7 +35,7 @@ import numpy as np
 import torch
 
 from llara.data.beir import passage_text
-from llara.modeling.encoder import Encoder, base_model
+from llara.modeling.encoder import Encoder
 from llara.retrieval.index import build_index, iter_corpus, new_faiss_index
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -59,24 +59,13 @@ def pct(xs, q) -> float:
 @torch.inference_mode()
 def raw_forward_seconds(enc: Encoder, texts: list[str], batch_size: int) -> tuple[float, int]:
     """Forward pass alone over the batches ``enc.encode`` builds for ``texts`` (sorted by length)."""
-    side = enc._side(enc.template.passage)
-    max_len = enc.max_length["passage"]
-    ids, _ = enc._tokenize_texts(texts, max_len - side.overhead)
-    seqs = sorted((side.build(x, max_len)[0] for x in ids), key=len, reverse=True)
-    model = base_model(enc.model)
-    forward = enc._forward or (lambda i, a: model(input_ids=i, attention_mask=a))  # int8 runtime or torch
+    batches = [b for _, b in enc.batches(texts, "passage", batch_size)]  # int8 runtime or torch, as loaded
     seconds = 0.0
-    for i in range(0, len(seqs), batch_size):
-        chunk = seqs[i : i + batch_size]
-        inp = torch.full((len(chunk), len(chunk[0])), enc.tokenizer.pad_token_id)
-        att = torch.zeros_like(inp)
-        for r, s in enumerate(chunk):
-            inp[r, : len(s)] = torch.tensor(s)
-            att[r, : len(s)] = 1
+    for b in batches:
         t = time.perf_counter()
-        forward(inp, att)
+        enc.forward(b)
         seconds += time.perf_counter() - t
-    return seconds, sum(map(len, seqs))
+    return seconds, sum(int(b.attention_mask.sum()) for b in batches)
 
 
 def bench_indexing(args, work: Path) -> dict:

@@ -1,8 +1,8 @@
 """Run the encoder's forward pass in another runtime: int8 with ONNX Runtime.
 
-Only the stock forward that returns ``last_hidden_state`` is replaced. Tokenisation, the prompt
-template and the pooling (LLaRA slots, EOS, mean) stay in :class:`llara.modeling.encoder.Encoder`,
-so every pooled position is the same as with torch.
+Only the stock forward that returns ``last_hidden_state`` is replaced (``Encoder.forward`` calls
+it). Tokenisation, padding, the pooling (LLaRA slots, EOS, mean) and the normalisation stay
+:mod:`llara.modeling.embed`'s, so every pooled position is the same as with torch.
 
 ``onnx-int8``: the decoder stack (after the template's slot tokens were added to the vocabulary)
 is exported once with ``torch.onnx`` in fp32, then quantised by ONNX Runtime's dynamic
