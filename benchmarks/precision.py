@@ -19,7 +19,8 @@ Reproduce (from the repository root, after the README's set-up; about 25 min on 
 
     .venv/bin/python benchmarks/precision.py                       # every stage
     .venv/bin/python benchmarks/precision.py --stage train         # one stage: encode, quality, train, report
-    .venv/bin/python benchmarks/precision.py --stage quality --adapted runs/bench/adapt/ebae_ebar_lm/final
+    .venv/bin/python benchmarks/precision.py --stage quality --templates llara \
+        --finetuned runs/bench/finetune/adapted_ft/final       # + the model benchmarks/hybrid.py fine-tuned
 
 Writes benchmarks/results/precision.{md,json}.
 """
@@ -45,7 +46,7 @@ from llara.data.beir import load_beir, passage_text
 from llara.evaluation.runner import evaluate_dense
 from llara.modeling.encoder import Encoder
 from llara.modeling.loading import cache_root
-from llara.modeling.precision import cpu_bf16_speedup
+from llara.modeling.precision import cpu_bf16_speedup, training_kernels
 
 OUT = RESULTS / "precision.json"
 RUNS = ROOT / "runs" / "bench" / "precision"
@@ -97,20 +98,24 @@ def quality(args) -> None:
     models = {"untrained": ("default", list(args.templates))}
     if args.adapted:
         models["adapted"] = (args.adapted, ["llara"])
+    if args.finetuned:
+        models["adapted_ft"] = (args.finetuned, ["llara"])
     sets = None
     for label, (spec, templates) in models.items():
-        for dt in DTYPES:
-            todo = [t for t in templates for name in DEV if not _done("quality", f"{label}:{t}:{dt}:{name}")]
+        for mode in args.modes:
+            todo = [t for t in templates for name in args.datasets if not _done("quality", f"{label}:{t}:{mode}:{name}")]
             if not todo:
                 continue
             sets = sets or list(datasets(args))
-            enc = Encoder.from_pretrained(spec, template=templates[0], device="cpu", dtype=dt, batch_size=32,
+            enc = Encoder.from_pretrained(spec, template=templates[0], device="cpu", dtype=mode, batch_size=32,
                                           max_query_length=64, max_passage_length=args.max_passage_length,
                                           cache_dir=cache_root() / "embeddings", show_progress=False)
             for ds in sets:
+                if all(_done("quality", f"{label}:{t}:{mode}:{ds.name}") for t in templates):
+                    continue
                 for r, _ in evaluate_dense(ds, enc, templates):
-                    key = f"{label}:{r.template}:{dt}:{ds.name}"
-                    _store("quality", key, {"model": label, "template": r.template, "dtype": dt, "dataset": ds.name,
+                    key = f"{label}:{r.template}:{mode}:{ds.name}"
+                    _store("quality", key, {"model": label, "template": r.template, "dtype": mode, "dataset": ds.name,
                                             "metrics": r.metrics, "seconds": r.seconds, "num_docs": r.num_docs})
                     print(f"{key} nDCG@10={r.metrics['ndcg@10']:.4f} ({r.seconds:.0f}s)", flush=True)
 
@@ -170,7 +175,8 @@ def train_speed(args) -> None:
             _store("train", key, row)
 
 
-def step_split(args) -> None:
+def _adaptation_step_setup(args):
+    """The demo's adaptation step: fp32 model, one batch of 8 MED pairs, the loss, fused AdamW."""
     from itertools import islice
 
     from torch.utils.data import DataLoader
@@ -180,8 +186,6 @@ def step_split(args) -> None:
     from llara.prompts import get_template
     from llara.training.pretrain import PretrainLossConfig, make_loss_fn
 
-    if _done("step", "split") and not args.force:
-        return
     model, tok, _ = load_model("default", causal_lm=True, device="cpu", dtype="float32")
     template = get_template("llara")
     ensure_slot_tokens(tok, model, template.slot_tokens)
@@ -193,22 +197,60 @@ def step_split(args) -> None:
     loss_fn = make_loss_fn(PretrainLossConfig())
     opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-5, fused=True)
     model.train()
-    times = {"fp32": [], "bf16": []}
-    for precision in ["fp32", "bf16"] * args.repeats:
-        t0 = time.perf_counter()
+    return model, batch, loss_fn, opt
+
+
+def _one_step(model, batch, loss_fn, opt, precision: str) -> dict:
+    """One step as the training loop runs it: autocast in bf16, with the attention kernel that
+    ``training_kernels`` picks for this CPU."""
+    t0 = time.perf_counter()
+    with training_kernels(precision, on_cpu=True):
         with torch.autocast("cpu", dtype=torch.bfloat16, enabled=precision == "bf16"):
             out = loss_fn(model, batch)
         t1 = time.perf_counter()
         out["loss"].backward()
-        t2 = time.perf_counter()
-        opt.step()
-        opt.zero_grad()
-        t3 = time.perf_counter()
-        times[precision].append({"forward": t1 - t0, "backward": t2 - t1, "optimizer": t3 - t2, "total": t3 - t0,
-                                 "loss": out["loss"].item()})
+    t2 = time.perf_counter()
+    opt.step()
+    opt.zero_grad()
+    t3 = time.perf_counter()
+    return {"forward": t1 - t0, "backward": t2 - t1, "optimizer": t3 - t2, "total": t3 - t0,
+            "loss": out["loss"].item()}
+
+
+def step_split(args) -> None:
+    if _done("step", "split") and not args.force:
+        return
+    model, batch, loss_fn, opt = _adaptation_step_setup(args)
+    times = {"fp32": [], "bf16": []}
+    for precision in ["fp32", "bf16"] * args.repeats:
+        times[precision].append(_one_step(model, batch, loss_fn, opt, precision))
         print(precision, {k: round(v, 2) for k, v in times[precision][-1].items()}, flush=True)
     _store("step", "split", {"tokens": int(batch["num_tokens"]), "times": times, "load_average": os.getloadavg(),
                              "machine": machine()})
+
+
+def step_profile(args) -> None:
+    """Where the step's time goes: torch.profiler over one step per precision (after a warm-up
+    step each), operators ranked by their own CPU time."""
+    from torch.profiler import ProfilerActivity, profile
+
+    if _done("profile", "step") and not args.force:
+        return
+    model, batch, loss_fn, opt = _adaptation_step_setup(args)
+    result = {}
+    for precision in ("fp32", "bf16"):
+        _one_step(model, batch, loss_fn, opt, precision)  # warm-up: oneDNN primitives, allocator
+        with profile(activities=[ProfilerActivity.CPU]) as prof:
+            t = _one_step(model, batch, loss_fn, opt, precision)
+        ops = sorted(prof.key_averages(), key=lambda e: e.self_cpu_time_total, reverse=True)
+        total = sum(e.self_cpu_time_total for e in ops)
+        result[precision] = {"step_s": t["total"], "ops": [
+            {"op": e.key, "calls": e.count, "self_s": e.self_cpu_time_total / 1e6,
+             "share": e.self_cpu_time_total / total} for e in ops[:args.profile_top]]}
+        print(precision, round(t["total"], 2), "s", flush=True)
+        for o in result[precision]["ops"]:
+            print(f"  {o['op']:45s} {o['calls']:6d} {o['self_s']:7.3f} s {100 * o['share']:5.1f}%", flush=True)
+    _store("profile", "step", {"tokens": int(batch["num_tokens"]), **result, "load_average": os.getloadavg()})
 
 
 # --------------------------------------------------------------------------- report
@@ -238,7 +280,10 @@ def report(args) -> None:
     q = [r for r in rows if r["kind"] == "quality"]
     if q:
         lines += ["## Retrieval quality (nDCG@10)", "",
-                  "Subsampled corpora and 96-token passages of benchmarks/adaptation.py; queries 64 tokens.", "",
+                  "Subsampled corpora and 96-token passages of benchmarks/adaptation.py; queries 64 tokens. "
+                  "untrained: the embedded model as shipped (its slot embeddings are near-random rankings, so small "
+                  "perturbations reorder them); adapted_ft: the adapted + fine-tuned model of benchmarks/hybrid.py, "
+                  "the kind of model one deploys. The bound of the issue: 0.01 per collection, 0.005 on average.", "",
                   "| model:template | " + " | ".join(f"{d} fp32 / bf16 (diff)" for d in DEV) + " | average diff |",
                   "|---|" + "---|" * (len(DEV) + 1)]
         for label in dict.fromkeys(f"{r['model']}:{r['template']}" for r in q):
@@ -269,6 +314,23 @@ def report(args) -> None:
             lines.append(f"| {p} | {m['forward']:.2f} | {m['backward']:.2f} | {m['optimizer']:.2f} | {m['total']:.2f} | "
                          f"{st['tokens'] / m['total']:.0f} |")
         lines += ["", f"bf16 step **{med['fp32']['total'] / med['bf16']['total']:.2f}x** faster than fp32.", ""]
+    pr = next((r for r in rows if r["kind"] == "profile"), None)
+    if pr:
+        lines += ["## Where the step's time goes", "",
+                  "torch.profiler over one step of each precision (the step above, after a warm-up step), operators "
+                  "by their own CPU time; the step as the training loop runs it (`training_kernels`: math attention "
+                  "in bf16 on this CPU). Matrix products (`aten::mm`, and `aten::bmm` in the math attention) gain "
+                  "what the bf16 units give; the casts of autocast (`aten::copy_`: fp32 weights to bf16 in the "
+                  "forward, bf16 gradients to fp32 in the backward) and the fp32 log-softmax over the vocabulary "
+                  "gain nothing, so the step cannot gain more than its products do.", "",
+                  "| operator | fp32 s | bf16 s | fp32 / bf16 |", "|---|---:|---:|---:|"]
+        by = {p_: {o["op"]: o["self_s"] for o in pr[p_]["ops"]} for p_ in ("fp32", "bf16")}
+        for op in list(dict.fromkeys([*by["bf16"], *by["fp32"]]))[:12]:
+            a, b = by["fp32"].get(op), by["bf16"].get(op)
+            ratio = f"{a / b:.2f}x" if a and b else "-"
+            lines.append(f"| `{op}` | {'-' if a is None else round(a, 3)} | {'-' if b is None else round(b, 3)} | {ratio} |")
+        lines += ["", f"Step: fp32 {pr['fp32']['step_s']:.2f} s, bf16 {pr['bf16']['step_s']:.2f} s (profiled, so a little "
+                  "slower than unprofiled).", ""]
     t = {r["key"]: r for r in rows if r["kind"] == "train"}
     if t:
         lines += ["## Training steps", "",
@@ -282,7 +344,7 @@ def report(args) -> None:
                 lines.append(f"\n{kind}: bf16 step **{t[f'{kind}:bf16']['tokens_per_s'] / t[f'{kind}:fp32']['tokens_per_s']:.2f}x** "
                              "the fp32 step's tokens/s.")
         lines += ["", "Commands: " + "; ".join(f"`{r['command']}`" for r in t.values()), ""]
-    lines += ["Reproduce: `.venv/bin/python benchmarks/precision.py` (stages: encode, quality, train, report).", ""]
+    lines += ["Reproduce: `.venv/bin/python benchmarks/precision.py` (stages: encode, quality, step, profile, train, report; each timing stage ran under `benchmarks/freeze.sh`, which stops the machine's other, niced jobs meanwhile).", ""]
     tmp = RESULTS / "precision.md.tmp"
     tmp.write_text("\n".join(lines))
     os.replace(tmp, RESULTS / "precision.md")
@@ -291,14 +353,17 @@ def report(args) -> None:
 
 def main(argv=None) -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--stage", choices=["all", "encode", "quality", "step", "train", "report"], default="all")
+    p.add_argument("--stage", choices=["all", "encode", "quality", "step", "profile", "train", "report"], default="all")
     p.add_argument("--adapted", default=None, help="an adapted checkpoint to compare too (llara pretrain's final/)")
+    p.add_argument("--finetuned", default=None, help="a fine-tuned checkpoint to compare too (llara finetune's final/)")
+    p.add_argument("--modes", nargs="+", default=list(DTYPES), choices=DTYPES, help="precisions of the quality stage")
     p.add_argument("--datasets", nargs="+", default=list(DEV))
     p.add_argument("--templates", nargs="+", default=["llara", "mean"], help="templates of the untrained model")
     p.add_argument("--max-docs", type=int, default=800, help="as benchmarks/adaptation.py")
     p.add_argument("--max-passage-length", type=int, default=96)
     p.add_argument("--repeats", type=int, default=5)
     p.add_argument("--train-steps", type=int, default=8)
+    p.add_argument("--profile-top", type=int, default=15, help="operators kept per precision by --stage profile")
     p.add_argument("--force", action="store_true", help="measure again rows that exist")
     args = p.parse_args(argv)
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -311,6 +376,8 @@ def main(argv=None) -> None:
         quality(args)
     if args.stage in ("all", "step"):
         step_split(args)
+    if args.stage in ("all", "profile"):
+        step_profile(args)
     if args.stage in ("all", "train"):
         train_speed(args)
     if args.stage in ("all", "report"):

@@ -2,7 +2,7 @@
 
 Reproduce (from the repository root, after the README's set-up with the int8 extra; ~12 min on 2 CPU cores):
 
-    flock /tmp/llara-heavy.lock .venv/bin/python benchmarks/serve_curve.py
+    .venv/bin/python benchmarks/serve_curve.py --requests 500
 
 Builds an adi index with the embedded SmolLM2-135M (template `llara`) once per runtime (bf16 torch,
 int8 ONNX Runtime), then, per runtime, starts two `llara serve` processes on that index: the default
@@ -33,7 +33,8 @@ from zero_shot import DATA, RESULTS, ROOT
 RUNS = ROOT / "runs" / "bench" / "serve"
 QUERIES = DATA / "adi" / "queries.jsonl"
 RUNTIMES = ("bf16", "int8")
-POLICIES = {"batching": [], "one-by-one": ["--max-batch", "1"]}
+# one-by-one gets the queue that batching has by default (8 x 32), so that neither answers 503 under load
+POLICIES = {"batching": [], "one-by-one": ["--max-batch", "1", "--max-pending", "256"]}
 OUT_JSON = RESULTS / "serve_curve.json"
 
 
@@ -114,7 +115,23 @@ def overhead(args, data: dict) -> None:
         t = time.perf_counter()
         for _ in range(10):
             ensure_slot_tokens(s.encoder.tokenizer, s.encoder.model, s.encoder.template.slot_tokens)
-        out[runtime] = {"queries": len(total), "median_total_ms": round(statistics.median(total) * 1000, 2),
+        # The limit of micro-batching: the model alone on 16 queries, one by one against one batch.
+        group = queries[:16]
+        single, batched = [], []
+        for _ in range(3):
+            one = 0.0
+            for q in group:
+                s.encoder.encode([q], "query")
+                one += s.encoder.last_stats.model_seconds
+            single.append(one)
+            s.encoder.encode(group, "query", batch_size=16)
+            batched.append(s.encoder.last_stats.model_seconds)
+        tokens = sum(len(s.encoder.tokenizer(q, add_special_tokens=False)["input_ids"]) for q in group)
+        out.setdefault(runtime, {})["model_16_queries"] = {
+            "one_by_one_ms": round(min(single) * 1000, 1), "one_batch_ms": round(min(batched) * 1000, 1),
+            "ratio": round(min(single) / min(batched), 2), "query_text_tokens": tokens}
+        print(runtime, out[runtime], flush=True)
+        out[runtime] |= {"queries": len(total), "median_total_ms": round(statistics.median(total) * 1000, 2),
                         "median_model_ms": round(statistics.median(model) * 1000, 2),
                         "median_rest_ms": round(statistics.median(t_ - m for t_, m in zip(total, model)) * 1000, 2),
                         "slot_check_ms_per_call_before": round((time.perf_counter() - t) / 10 * 1000, 2)}
@@ -155,7 +172,7 @@ def report(data: dict) -> None:
     lines = ["# Search service with the real model: micro-batching against one request at a time", "",
              f"Machine: {data['machine']['cpu']}, {data['machine']['cores']} cores (AMD EPYC Zen 4, avx512_bf16 / "
              f"avx512_vnni, no AMX, no GPU; shared with other jobs, load average {data['machine']['load_average_at_start']:.1f} "
-             f"at the start), torch {data['machine']['torch']}. Command: `{data['command']}`.", "",
+             f"at the start), torch {data['machine']['torch']}. Commands: " + "; ".join(f"`{c}`" for c in data.get("commands", {}).values()) + ". Each ran under `benchmarks/freeze.sh` (the other, niced jobs of the machine stopped meanwhile).", "",
              f"Index: adi (82 passages), SmolLM2-135M-Instruct (embedded), template `llara`, Flat; built with the "
              f"same runtime it is served with. One server process, {data['settings']['threads']} threads; load from "
              f"`python -m llara.loadtest` in another process on the same 2 cores (adi's 35 queries cycled, k=10, "
@@ -189,6 +206,12 @@ def report(data: dict) -> None:
         for runtime, o in data["overhead"].items():
             lines.append(f"| {runtime} | {o['median_total_ms']} | {o['median_model_ms']} | {o['median_rest_ms']} | "
                          f"{o['slot_check_ms_per_call_before']} |")
+        lines += ["", "The model alone on adi's first 16 queries (best of 3): what micro-batching can gain at most.", "",
+                  "| runtime | 16 queries one by one ms | as one batch ms | ratio |", "|---|---:|---:|---:|"]
+        for runtime, o in data["overhead"].items():
+            m = o.get("model_16_queries")
+            if m:
+                lines.append(f"| {runtime} | {m['one_by_one_ms']} | {m['one_batch_ms']} | {m['ratio']}x |")
         lines += ["", "Medians over the queries. The last column is what every encode call paid before the slot-token "
                       "check was done once per template (it read the whole 49k-token vocabulary)."]
     if (RESULTS / "serve_curve.png").is_file():
@@ -216,8 +239,9 @@ def main(argv=None) -> None:
 
     sig = inspect.signature(create_app).parameters
     data = load_rows(OUT_JSON) or {}
-    data.update(machine=machine(), command="flock /tmp/llara-heavy.lock .venv/bin/python benchmarks/serve_curve.py"
-                + " ".join([""] + (argv if argv is not None else sys.argv[1:])),
+    cli = " ".join([".venv/bin/python", "benchmarks/serve_curve.py", *(argv if argv is not None else sys.argv[1:])])
+    data.setdefault("commands", {})[args.stage] = cli
+    data.update(machine=machine(),
                 settings={"threads": args.threads}, defaults={"max_batch": sig["max_batch"].default,
                                                               "max_wait_ms": sig["max_wait_ms"].default})
     if args.stage in ("all", "curve"):

@@ -76,3 +76,37 @@ def test_environment_pins_the_cpu_choice(auto, monkeypatch):
 
 def test_real_probe_is_a_ratio():
     assert precision._probe(n=64, repeats=1) > 0
+
+
+def test_training_kernels_follow_the_attention_probe(auto, monkeypatch, tmp_path):
+    """bf16 training on a CPU uses the math attention only where the probe measured it faster."""
+    import torch.nn.functional as F
+    from torch.nn.attention import SDPBackend
+
+    calls = []
+    monkeypatch.setattr(precision, "_attention_probe", lambda: calls.append(1) or 2.0)
+
+    def backend_used() -> SDPBackend:
+        q = torch.randn(1, 2, 8, 16, requires_grad=True)
+        out = F.scaled_dot_product_attention(q, q, q, is_causal=True)
+        # the fused CPU kernel is one autograd node; the math path is a chain of matmul/softmax nodes
+        return SDPBackend.MATH if "Flash" not in type(out.grad_fn).__name__ else SDPBackend.FLASH_ATTENTION
+
+    with precision.training_kernels("bf16", on_cpu=True):
+        assert backend_used() == SDPBackend.MATH
+    assert backend_used() == SDPBackend.FLASH_ATTENTION  # restored after the context
+    with precision.training_kernels("fp32", on_cpu=True):
+        assert backend_used() == SDPBackend.FLASH_ATTENTION
+    with precision.training_kernels("bf16", on_cpu=False):
+        assert backend_used() == SDPBackend.FLASH_ATTENTION
+    assert calls == [1]  # probed once, then memoised
+
+    monkeypatch.setattr(precision, "_speedups", {})
+    monkeypatch.setattr(precision, "_attention_probe", lambda: 0.8)
+    monkeypatch.setenv("LLARA_CACHE", str(tmp_path / "other"))
+    with precision.training_kernels("bf16", on_cpu=True):
+        assert backend_used() == SDPBackend.FLASH_ATTENTION  # fused kernel measured faster: kept
+
+
+def test_real_attention_probe_is_a_ratio():
+    assert precision._attention_probe(repeats=1) > 0

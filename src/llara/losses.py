@@ -186,8 +186,10 @@ def causal_lm_loss(
     (the usual shift, so the first text token is predicted from the prompt token before it). This
     equals F.cross_entropy(logits[:, :-1], labels[:, 1:], ignore_index=-100) with labels =
     input_ids where text_mask else -100, but logits are only formed at those positions, chunk_size
-    of them at a time. With recompute (default, when gradients are needed) each chunk is
-    checkpointed, so backward keeps one chunk's (chunk_size, V) logits alive instead of all of them.
+    of them at a time. With recompute (default, when gradients are needed) and more than one chunk,
+    each chunk is checkpointed, so backward keeps one chunk's (chunk_size, V) logits alive instead of
+    all of them. A single chunk is not: its logits exist once either way, and recomputing them would
+    cost a second LM-head product and log-softmax for no memory saved.
     Returns the mean over counted tokens (fp32 scalar); 0 when there are none.
     """
     if chunk_size < 1:
@@ -204,7 +206,7 @@ def causal_lm_loss(
     total = hidden.new_zeros((), dtype=torch.float32)
     for start in range(0, n, chunk_size):
         hc, yc = h[start : start + chunk_size], y[start : start + chunk_size]
-        if recompute and needs_grad:
+        if recompute and needs_grad and n > chunk_size:
             total = total + checkpoint(_ce_sum, hc, yc, lm_head_weight, bias, softcap, use_reentrant=False)
         else:
             total = total + _ce_sum(hc, yc, lm_head_weight, bias, softcap)

@@ -8,6 +8,12 @@
   is cached in ``$LLARA_CACHE/precision.json``. A CPU without bf16 support in oneDNN is fp32 without
   measuring anything.
 
+Training on a CPU in bf16 also picks the attention kernel by measurement: PyTorch's fused CPU
+flash-attention backward is slower in bf16 than in fp32 on some CPUs (2x on a Zen 4 EPYC), where the
+plain "math" attention (matmuls + softmax, which autograd differentiates) is faster. A second
+probe of the same kind (one bf16 attention forward + backward with each kernel) decides, cached
+beside the first; ``training_kernels`` applies the choice.
+
 Explicit choices always win (``--dtype``, ``--precision``); ``LLARA_CPU_DTYPE=float32|bfloat16``
 pins the CPU choice for a whole process tree (the test suite pins fp32 so that its equivalence
 checks stay exact). The choice is logged once per process.
@@ -25,7 +31,8 @@ import torch
 
 log = logging.getLogger(__name__)
 
-__all__ = ["DTYPES", "cpu_bf16_speedup", "cpu_prefers_bf16", "parse_dtype", "resolve_dtype", "resolve_precision"]
+__all__ = ["DTYPES", "cpu_bf16_speedup", "cpu_prefers_bf16", "cpu_math_attention_speedup", "parse_dtype",
+           "resolve_dtype", "resolve_precision", "training_kernels"]
 
 DTYPES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
           "float16": torch.float16, "fp16": torch.float16}
@@ -33,6 +40,8 @@ ENV = "LLARA_CPU_DTYPE"
 CACHE_FILE = "precision.json"
 # bf16 must beat fp32 by this factor on the probe: below it, rounding is not worth a marginal gain.
 MIN_SPEEDUP = 1.3
+# The math attention must beat the fused kernel's bf16 forward + backward by this factor to be used.
+MIN_ATTENTION_SPEEDUP = 1.1
 _logged: set[str] = set()
 _speedups: dict[str, float] = {}
 
@@ -84,16 +93,10 @@ def _bf16_supported() -> bool:
         return False
 
 
-def cpu_bf16_speedup() -> float:
-    """How many times faster this CPU multiplies bf16 matrices than fp32 ones (0.0: no bf16 support).
-
-    Measured once per CPU model, torch version and thread count, then read from the cache."""
-    key = _cpu_key()
+def _cached_probe(key: str, probe) -> float:
+    """``probe()`` once per key: memoised in the process and cached in ``$LLARA_CACHE/precision.json``."""
     if key in _speedups:
         return _speedups[key]
-    if not _bf16_supported():
-        _speedups[key] = 0.0
-        return 0.0
     from .loading import cache_root
 
     path = cache_root() / CACHE_FILE
@@ -105,7 +108,7 @@ def cpu_bf16_speedup() -> float:
         cached = {}
     value = cached.get(key)
     if not isinstance(value, (int, float)):
-        value = round(_probe(), 3)
+        value = round(probe(), 3)
         cached[key] = value
         try:
             path.parent.mkdir(parents=True, exist_ok=True)
@@ -116,6 +119,59 @@ def cpu_bf16_speedup() -> float:
             log.debug("cannot cache the precision probe in %s: %s", path, e)
     _speedups[key] = float(value)
     return float(value)
+
+
+def cpu_bf16_speedup() -> float:
+    """How many times faster this CPU multiplies bf16 matrices than fp32 ones (0.0: no bf16 support).
+
+    Measured once per CPU model, torch version and thread count, then read from the cache."""
+    if not _bf16_supported():
+        return 0.0
+    return _cached_probe(_cpu_key(), _probe)
+
+
+def _attention_probe(repeats: int = 3) -> float:
+    """Fused-kernel time / math time of one causal bf16 attention forward + backward (a training
+    batch's shape: 8 x 9 heads x 128 tokens x 64), best of ``repeats``, interleaved."""
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    g = torch.Generator().manual_seed(0)
+    leaves = [torch.randn(8, 9, 128, 64, generator=g).bfloat16().requires_grad_() for _ in range(3)]
+    best = {SDPBackend.FLASH_ATTENTION: float("inf"), SDPBackend.MATH: float("inf")}
+    for i in range(repeats + 1):  # the first round warms up
+        for backend in best:
+            with sdpa_kernel([backend]):
+                t = time.perf_counter()
+                torch.nn.functional.scaled_dot_product_attention(*leaves, is_causal=True).sum().backward()
+                if i:
+                    best[backend] = min(best[backend], time.perf_counter() - t)
+    return best[SDPBackend.FLASH_ATTENTION] / best[SDPBackend.MATH]
+
+
+def cpu_math_attention_speedup() -> float:
+    """How many times faster the math attention trains in bf16 than the fused CPU kernel (cached)."""
+    if not _bf16_supported():
+        return 0.0
+    return _cached_probe(_cpu_key() + "|attention bf16 fwd+bwd, fused / math", _attention_probe)
+
+
+def training_kernels(precision: str, on_cpu: bool):
+    """A context for the training loop: on a CPU in bf16, the math attention where it was measured
+    faster than the fused kernel (see the module docstring); otherwise nothing changes."""
+    from contextlib import nullcontext
+
+    if not on_cpu or precision != "bf16":
+        return nullcontext()
+    speedup = cpu_math_attention_speedup()
+    if speedup < MIN_ATTENTION_SPEEDUP:
+        return nullcontext()
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    if "attention" not in _logged:
+        _logged.add("attention")
+        log.info("attention: math kernel for bf16 training on this CPU (forward + backward %.1fx the fused one)",
+                 speedup)
+    return sdpa_kernel([SDPBackend.MATH])
 
 
 def cpu_prefers_bf16() -> bool:

@@ -46,6 +46,7 @@ from .checkpoint import (
     restore_rng,
     save_checkpoint,
 )
+from ..modeling.precision import training_kernels
 from .config import TrainConfig
 from .export import export_model
 from .logging_utils import JsonlLog, Progress
@@ -352,6 +353,8 @@ def train(
         if acc.is_main_process:
             plot_log(out_dir / LOG_FILE, out_dir / PLOT_FILE)
 
+    kernels = training_kernels(precision, on_cpu=acc.device.type == "cpu")
+    kernels.__enter__()
     try:
         while state["step"] < num_steps:
             sums: dict[str, torch.Tensor | float] = {}
@@ -420,6 +423,7 @@ def train(
                 checkpoint()
                 step_start = time.perf_counter()  # tokens/s measures training, not saving
     finally:
+        kernels.__exit__(None, None, None)
         progress.close()
 
     if saved_step != state["step"]:
