@@ -21,6 +21,10 @@ import torch.nn.functional as F
 from torch import Tensor
 from torch.utils.checkpoint import checkpoint
 
+from .modeling.embed import gather_positions, pad_right
+
+gather_states = gather_positions  # (B, L, H) states at (B, K) positions, as modeling.embed reads them
+
 logger = logging.getLogger(__name__)
 
 __all__ = [
@@ -70,13 +74,8 @@ def bow_targets(
         if unique:
             ids = list(dict.fromkeys(ids))
         rows.append(ids)
-    width = max([min_width, *(len(r) for r in rows)])
-    targets = torch.full((len(rows), width), pad_id, dtype=torch.long)
-    mask = torch.zeros((len(rows), width), dtype=torch.bool)
-    for b, ids in enumerate(rows):
-        targets[b, : len(ids)] = torch.tensor(ids, dtype=torch.long)
-        mask[b, : len(ids)] = True
-    return targets.to(device), mask.to(device)
+    targets, mask = pad_right(rows, pad_id, min_length=min_width)
+    return targets.to(device), mask.bool().to(device)
 
 
 def _unique_mask(targets: Tensor, mask: Tensor) -> tuple[Tensor, Tensor]:
@@ -105,14 +104,6 @@ def slot_logits(
     if softcap is not None:
         logits = torch.tanh(logits / softcap) * softcap
     return logits
-
-
-def gather_states(hidden: Tensor, positions: Tensor) -> Tensor:
-    """hidden (B, L, H); positions (B, K) long -> the states at those positions, (B, K, H)."""
-    if positions.dim() == 1:
-        positions = positions[:, None]
-    index = positions.to(hidden.device, torch.long)[..., None].expand(-1, -1, hidden.size(-1))
-    return hidden.gather(1, index)
 
 
 # --------------------------------------------------------------------------- bag-of-words losses
@@ -269,7 +260,7 @@ def llara_pretrain_loss(
     def bow(name: str, positions: Tensor | None, targets: Tensor | None, mask: Tensor | None) -> Tensor:
         if positions is None or targets is None or mask is None:
             raise ValueError(f"{name} is on but its positions/targets/target_mask are missing")
-        states = gather_states(hidden, positions)  # (B, K, H)
+        states = gather_positions(hidden, positions)  # (B, K, H)
         if form == "authors":
             return bow_loss_authors(slot_logits(states, lm_head_weight, lm_head_bias, softcap), targets, mask)
         return bow_loss_paper(
