@@ -9,8 +9,8 @@ Four parts, each written to benchmarks/results/index_bench.{json,md}:
 1. indexing throughput of the real embedded model (SmolLM2-135M, fp32, CPU, authors' ``llara``
    template) on the first passages of med, against the raw forward pass over the same batches;
 2. the search service with that model and index, loaded from a second process (latency, req/s);
-3. the full-size stability run: 2,000 requests, 16 concurrent, against a tiny-model index
-   (every request answered, server memory between the first and last quarter);
+3. the full-size stability run: 2,000 requests, 16 concurrent, against a tiny-random-model index
+   of 1,000 med passages (every request answered, server memory between the first and last quarter);
 4. FAISS Flat vs IVF-PQ vs HNSW on a synthetic clustered set of 576-d vectors (SmolLM2's hidden
    size): search latency p50/p99 (one query at a time), recall@10 against Flat, index bytes per
    vector, extrapolated to a million passages.
@@ -34,8 +34,8 @@ import faiss
 import numpy as np
 import torch
 
-from llara.data.beir import passage_text
-from llara.modeling.encoder import Encoder, base_model
+from llara.io import passage_text
+from llara.modeling.encoder import Encoder
 from llara.retrieval.index import build_index, iter_corpus, new_faiss_index
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -49,6 +49,13 @@ def machine() -> dict:
             "load_average_at_start": os.getloadavg()[0]}
 
 
+def head_lines(src: Path, dst: Path, n: int) -> Path:
+    """The first ``n`` lines of ``src`` written to ``dst``."""
+    with open(src, encoding="utf-8") as f, open(dst, "w", encoding="utf-8") as out:
+        out.writelines(line for _, line in zip(range(n), f))
+    return dst
+
+
 def pct(xs, q) -> float:
     return float(np.percentile(np.asarray(xs), q))
 
@@ -59,31 +66,17 @@ def pct(xs, q) -> float:
 @torch.inference_mode()
 def raw_forward_seconds(enc: Encoder, texts: list[str], batch_size: int) -> tuple[float, int]:
     """Forward pass alone over the batches ``enc.encode`` builds for ``texts`` (sorted by length)."""
-    side = enc._side(enc.template.passage)
-    max_len = enc.max_length["passage"]
-    ids, _ = enc._tokenize_texts(texts, max_len - side.overhead)
-    seqs = sorted((side.build(x, max_len)[0] for x in ids), key=len, reverse=True)
-    model = base_model(enc.model)
-    forward = enc._forward or (lambda i, a: model(input_ids=i, attention_mask=a))  # int8 runtime or torch
+    batches = [b for _, b in enc.batches(texts, "passage", batch_size)]  # int8 runtime or torch, as loaded
     seconds = 0.0
-    for i in range(0, len(seqs), batch_size):
-        chunk = seqs[i : i + batch_size]
-        inp = torch.full((len(chunk), len(chunk[0])), enc.tokenizer.pad_token_id)
-        att = torch.zeros_like(inp)
-        for r, s in enumerate(chunk):
-            inp[r, : len(s)] = torch.tensor(s)
-            att[r, : len(s)] = 1
+    for b in batches:
         t = time.perf_counter()
-        forward(inp, att)
+        enc.forward(b)
         seconds += time.perf_counter() - t
-    return seconds, sum(map(len, seqs))
+    return seconds, sum(int(b.attention_mask.sum()) for b in batches)
 
 
 def bench_indexing(args, work: Path) -> dict:
-    corpus = work / "med-sample.jsonl"
-    with open(DATA / "med" / "corpus.jsonl", encoding="utf-8") as src, open(corpus, "w", encoding="utf-8") as dst:
-        for _, line in zip(range(args.passages), src):
-            dst.write(line)
+    corpus = head_lines(DATA / "med" / "corpus.jsonl", work / "med-sample.jsonl", args.passages)
     enc = Encoder.from_pretrained("default", template="llara", device="cpu", dtype="float32",
                                   max_passage_length=args.max_passage_length, batch_size=args.batch_size,
                                   show_progress=False)
@@ -180,12 +173,22 @@ def load_test(index_dir: Path, requests: int, concurrency: int, queries: Path | 
 
 
 def tiny_index(work: Path) -> Path:
-    sys.path.insert(0, str(ROOT / "tests"))
-    from tiny_index import make_encoder, save_model, write_corpus
+    """A Flat index of the first 1,000 med passages under a tiny random model (LLaMA layout, 2 layers,
+    hidden 32, the embedded model's tokenizer, template ``eos``): the load test measures the service,
+    not the encoder."""
+    from transformers import LlamaConfig, LlamaForCausalLM
 
-    model = save_model(work / "tiny-model")
-    corpus = write_corpus(work / "tiny-corpus.jsonl", n=1000)
-    return build_index(make_encoder(), corpus, work / "tiny-index", model_spec=str(model), shard_size=250)
+    from llara.modeling.loading import load_tokenizer, resolve_model
+
+    tok = load_tokenizer(resolve_model("default").path)
+    torch.manual_seed(0)
+    cfg = LlamaConfig(vocab_size=len(tok), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512,
+                      bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id)
+    enc = Encoder(LlamaForCausalLM(cfg).eval(), tok, "eos", show_progress=False)
+    model = enc.save(work / "tiny-model")
+    corpus = head_lines(DATA / "med" / "corpus.jsonl", work / "tiny-corpus.jsonl", 1000)
+    return build_index(enc, corpus, work / "tiny-index", model_spec=str(model), shard_size=250)
 
 
 # ----------------------------------------------------------------------------------------------

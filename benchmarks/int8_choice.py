@@ -63,17 +63,14 @@ def main() -> None:
         t = time.perf_counter()
         fns["onnxruntime int8"] = ort_fn(rt.export_onnx_int8(fp32, work / "int8"))
         export_s = time.perf_counter() - t
-        keep = rt._mlp_output_products
-        rt._mlp_output_products = lambda path, size: []  # every MatMul int8
-        all_int8 = rt.export_onnx_int8(fp32, work / "int8-all")
-        rt._mlp_output_products = keep
+        all_int8 = rt.export_onnx_int8(fp32, work / "int8-all", mlp_output_fp32=False)  # every MatMul int8
         fns["onnxruntime int8, all MatMuls"] = ort_fn(all_int8)
         try:
             import openvino as ov
 
             dims = {0: torch.export.Dim("batch"), 1: torch.export.Dim("length")}
             sample = (torch.ones(2, 8, dtype=torch.long), torch.ones(2, 8, dtype=torch.long))
-            program = torch.onnx.export(rt._LastHidden(fp32).eval(), sample, dynamo=True, verbose=False,
+            program = torch.onnx.export(rt.LastHidden(fp32).eval(), sample, dynamo=True, verbose=False,
                                         input_names=["input_ids", "attention_mask"], output_names=["last_hidden_state"],
                                         dynamic_shapes={"input_ids": dims, "attention_mask": dims})
             program.save(str(work / "fp32.onnx"))

@@ -100,7 +100,7 @@ def quality(args) -> None:
     if args.adapted:
         models["adapted"] = (args.adapted, ["llara"])
     if args.finetuned:
-        models["adapted_ft"] = (args.finetuned, ["llara"])
+        models[args.finetuned_label] = (args.finetuned, ["llara"])
     sets = None
     for label, (spec, templates) in models.items():
         for mode in args.modes:
@@ -301,6 +301,30 @@ def report(args) -> None:
             avg = f"{statistics.mean(diffs):+.4f}" if diffs else "-"
             lines.append(f"| {label} | " + " | ".join(cells) + f" | {avg} |")
         lines.append("")
+    trained = {"adapted_ft_trained_fp32": "fp32", "adapted_ft": "bf16 autocast, LoRA base cast to bf16 (before)",
+               "adapted_ft_bf16_fp32base": "bf16 autocast, LoRA base kept fp32 (now on CPUs)"}
+    tq = {(r["model"], r["dataset"]): r["metrics"]["ndcg@10"] for r in q if r["dtype"] == "bfloat16"}
+    if any((label, d) in tq for label in trained for d in DEV if label != "adapted_ft"):
+        speed = {r["key"]: r for r in rows if r["kind"] == "ft_speed"}
+        lines += ["## Training precision: the same fine-tuning in fp32 and bf16", "",
+                  "The adapted start of benchmarks/hybrid.py fine-tuned as benchmarks/finetune.py does (LoRA r 64, "
+                  "24 steps of 8 queries x 2 passages, seed 0, same data), once per training precision; every model "
+                  "encoded in bf16. tokens/s: median training speed over steps 3-24 (runs alone on the machine, "
+                  "except the bf16-base run, which shared it). Each: `llara finetune --model runs/bench/adapted50 "
+                  "--data runs/bench/finetune/train.jsonl --max-steps 24 --batch-size 8 --group-size 2 --lr 0.0003 "
+                  "--warmup-ratio 0.1 --lora --lora-r 64 --lora-alpha 16 --lora-dropout 0.1 --temperature 0.01 "
+                  "--max-query-length 64 --max-passage-length 96 --seed 0 --precision fp32|bf16 --output DIR`, then "
+                  "`benchmarks/precision.py --stage quality --templates llara --finetuned DIR/final "
+                  "--finetuned-label LABEL --modes bfloat16`.", "",
+                  "| training precision | " + " | ".join(DEV) + " | average | tokens/s |", "|---|" + "---|" * (len(DEV) + 2)]
+        for label, name in trained.items():
+            vals = [tq.get((label, d)) for d in DEV]
+            if None in vals:
+                continue
+            sp = speed.get(label, {}).get("tokens_per_s")
+            lines.append(f"| {name} | " + " | ".join(f"{v:.3f}" for v in vals) +
+                         f" | {statistics.mean(vals):.3f} | {'-' if sp is None else f'{sp:.0f}'} |")
+        lines.append("")
     st = next((r for r in rows if r["kind"] == "step"), None)
     if st:
         med = {p: {k: statistics.median(x[k] for x in v) for k in ("forward", "backward", "optimizer", "total")}
@@ -355,6 +379,7 @@ def main(argv=None) -> None:
     p.add_argument("--stage", choices=["all", "encode", "quality", "step", "profile", "train", "report"], default="all")
     p.add_argument("--adapted", default=None, help="an adapted checkpoint to compare too (llara pretrain's final/)")
     p.add_argument("--finetuned", default=None, help="a fine-tuned checkpoint to compare too (llara finetune's final/)")
+    p.add_argument("--finetuned-label", default="adapted_ft", help="its row label")
     p.add_argument("--modes", nargs="+", default=list(DTYPES), choices=DTYPES, help="precisions of the quality stage")
     p.add_argument("--datasets", nargs="+", default=list(DEV))
     p.add_argument("--templates", nargs="+", default=["llara", "mean"], help="templates of the untrained model")

@@ -25,7 +25,7 @@ import torch
 
 from llara.data.beir import load_beir, passage_text
 from llara.evaluation.runner import evaluate_bm25, evaluate_dense
-from llara.modeling.encoder import Encoder, base_model
+from llara.modeling.encoder import Encoder
 from llara.modeling.loading import cache_root
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -156,39 +156,26 @@ def throughput(args) -> None:
     rng.shuffle(texts)
     enc = Encoder.from_pretrained(args.model, template="llara", device="cpu", show_progress=False,
                                   max_passage_length=args.max_passage_length, batch_size=args.batch_size)
-    side = enc._side(enc.template.passage)
-    ids, _ = enc._tokenize_texts(texts, args.max_passage_length - side.overhead)
-    seqs = sorted((side.build(x, args.max_passage_length)[0] for x in ids), key=len, reverse=True)
-    n_tokens = sum(map(len, seqs))
-    batches = []
-    for i in range(0, len(seqs), args.batch_size):
-        chunk = seqs[i : i + args.batch_size]
-        L = len(chunk[0])
-        inp = torch.full((len(chunk), L), enc.tokenizer.pad_token_id)
-        att = torch.zeros((len(chunk), L), dtype=torch.long)
-        for r, s in enumerate(chunk):
-            inp[r, : len(s)] = torch.tensor(s)
-            att[r, : len(s)] = 1
-        batches.append((inp, att))
-    model = base_model(enc.model)
-    model(input_ids=batches[-1][0], attention_mask=batches[-1][1])  # warm-up
+    batches = [b for _, b in enc.batches(texts, "passage")]  # the very batches enc.encode runs
+    n_tokens = sum(int(b.attention_mask.sum()) for b in batches)
+    enc.forward(batches[-1])  # warm-up
     raw, full = [], []
     for _ in range(args.repeats):  # interleaved, best of N: robust to other load on the machine
         t = time.perf_counter()
-        for inp, att in batches:
-            model(input_ids=inp, attention_mask=att)
+        for b in batches:
+            enc.forward(b)
         raw.append(n_tokens / (time.perf_counter() - t))
         t = time.perf_counter()
         enc.encode(texts, "passage")
         full.append(enc.last_stats.tokens / (time.perf_counter() - t))
-    lengths = np.array([len(s) for s in seqs])
+    lengths = np.concatenate([b.attention_mask.sum(1).numpy() for b in batches])
     res = {
         "model": args.model, "texts": len(texts), "tokens": int(n_tokens),
         "mean_length": float(lengths.mean()), "p50_length": float(np.median(lengths)),
         "max_passage_length": args.max_passage_length, "batch_size": args.batch_size,
         "raw_forward_tokens_per_s": max(raw), "encoder_tokens_per_s": max(full),
         "ratio": max(full) / max(raw), "ratio_median": float(np.median(full) / np.median(raw)),
-        "padding_fraction": 1 - n_tokens / sum(b[0].numel() for b in batches),
+        "padding_fraction": 1 - n_tokens / sum(b.input_ids.numel() for b in batches),
         "runs_raw": raw, "runs_encoder": full, "machine": machine(),
     }
     (RESULTS / "throughput.json").write_text(json.dumps(res, indent=2) + "\n")

@@ -68,7 +68,7 @@ def test_eager_and_sdpa_agree(arch):
 
 def test_slots_survive_truncation():
     enc = make_encoder(max_passage_length=32)
-    side = enc._side(enc.template.passage)
+    side = enc.encoded_side("passage")
     long_text = " ".join(["water"] * 200)
     ids, start, end = side.build(enc.tokenizer(long_text, add_special_tokens=False)["input_ids"], 32)
     assert len(ids) == 32

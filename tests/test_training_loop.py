@@ -193,8 +193,8 @@ def test_lora_whole_embedding_mode(tmp_path):
 
 def test_manual_backward_checkpointing_and_bf16(tmp_path):
     """Same losses and weights for: a loss that runs backward itself (GradCache's contract) and
-    gradient checkpointing (LoRA, frozen embeddings). bf16 keeps the LoRA base in bf16 and every
-    trainable tensor in fp32."""
+    gradient checkpointing (LoRA, frozen embeddings). bf16 on a CPU keeps the LoRA base in fp32
+    (autocast) and every trainable tensor in fp32."""
     variants = {"plain": ({}, lm_loss), "manual": ({}, make_manual_lm_loss(2)),
                 "ckpt": ({"gradient_checkpointing": True}, lm_loss), "bf16": ({"precision": "bf16"}, lm_loss)}
     runs = {}
@@ -207,12 +207,25 @@ def test_manual_backward_checkpointing_and_bf16(tmp_path):
             assert res.model.get_base_model().is_activation_checkpointing
         if name == "bf16":
             assert {p.dtype for p in res.model.parameters() if p.requires_grad} == {torch.float32}
-            assert res.model.get_base_model().model.layers[0].self_attn.q_proj.base_layer.weight.dtype == torch.bfloat16
+            assert res.model.get_base_model().model.layers[0].self_attn.q_proj.base_layer.weight.dtype == torch.float32
     for name in ("manual", "ckpt"):
         assert runs[name][0] == pytest.approx(runs["plain"][0], abs=1e-6), name
         for k, v in runs["plain"][1].items():
             torch.testing.assert_close(runs[name][1][k], v, rtol=0, atol=1e-5, msg=f"{name}: {k}")
     assert runs["bf16"][0] == pytest.approx(runs["plain"][0], abs=0.05)
+
+
+def test_lora_base_is_bf16_only_on_gpus(tmp_path):
+    """Under bf16, LoRA's frozen base is cast to bf16 on a GPU (memory) and kept fp32 on a CPU
+    (quality: a bf16 residual stream cost 0.027 nDCG@10 there); trainable tensors stay fp32."""
+    from llara.training.loop import prepare_model
+
+    for device_type, base in (("cuda", torch.bfloat16), ("cpu", torch.float32)):
+        model, tok, slots = tiny_setup()
+        cfg = config(tmp_path / device_type, "lora", precision="bf16")
+        peft = prepare_model(model, cfg, slots, "bf16", device_type)
+        assert peft.get_base_model().model.layers[0].mlp.up_proj.base_layer.weight.dtype == base
+        assert {p.dtype for p in peft.parameters() if p.requires_grad} == {torch.float32}
 
 
 def test_stop_by_epochs(tmp_path):

@@ -18,6 +18,9 @@ from torch import Tensor
 from torch.utils.checkpoint import checkpoint
 
 from .data.targets import bow_targets, target_filter  # re-exported: public names of this module
+from .modeling.embed import gather_positions
+
+gather_states = gather_positions  # (B, L, H) states at (B, K) positions, as modeling.embed reads them
 
 __all__ = [
     "bow_targets",
@@ -58,14 +61,6 @@ def slot_logits(
     if softcap is not None:
         logits = torch.tanh(logits / softcap) * softcap
     return logits
-
-
-def gather_states(hidden: Tensor, positions: Tensor) -> Tensor:
-    """hidden (B, L, H); positions (B, K) long -> the states at those positions, (B, K, H)."""
-    if positions.dim() == 1:
-        positions = positions[:, None]
-    index = positions.to(hidden.device, torch.long)[..., None].expand(-1, -1, hidden.size(-1))
-    return hidden.gather(1, index)
 
 
 # --------------------------------------------------------------------------- bag-of-words losses
@@ -222,7 +217,7 @@ def llara_pretrain_loss(
     def bow(name: str, positions: Tensor | None, targets: Tensor | None, mask: Tensor | None) -> Tensor:
         if positions is None or targets is None or mask is None:
             raise ValueError(f"{name} is on but its positions/targets/target_mask are missing")
-        states = gather_states(hidden, positions)  # (B, K, H)
+        states = gather_positions(hidden, positions)  # (B, K, H)
         if form == "authors":
             return bow_loss_authors(slot_logits(states, lm_head_weight, lm_head_bias, softcap), targets, mask)
         return bow_loss_paper(

@@ -15,6 +15,8 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from ..modeling.embed import pad_right
+
 logger = logging.getLogger(__name__)
 
 __all__ = ["DEFAULT_STOPWORDS", "bow_targets", "load_stopwords", "target_filter"]
@@ -78,13 +80,8 @@ def bow_targets(
         if unique:
             ids = list(dict.fromkeys(ids))
         rows.append(ids)
-    width = max([min_width, *(len(r) for r in rows)])
-    targets = torch.full((len(rows), width), pad_id, dtype=torch.long)
-    mask = torch.zeros((len(rows), width), dtype=torch.bool)
-    for b, ids in enumerate(rows):
-        targets[b, : len(ids)] = torch.tensor(ids, dtype=torch.long)
-        mask[b, : len(ids)] = True
-    return targets.to(device), mask.to(device)
+    targets, mask = pad_right(rows, pad_id, min_length=min_width)
+    return targets.to(device), mask.bool().to(device)
 
 
 # --------------------------------------------------------------------------- target filtering

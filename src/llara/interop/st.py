@@ -17,16 +17,10 @@ from __future__ import annotations
 
 from typing import Any
 
-import torch
 from sentence_transformers.base.modules import Module, Transformer
 
-from ..modeling.encoder import (
-    DEFAULT_MAX_PASSAGE_LENGTH,
-    DEFAULT_MAX_QUERY_LENGTH,
-    pad_right,
-    pooling_weights,
-    tokenize_texts,
-)
+from ..modeling.embed import pack, pad_token_id, pool, tokenize
+from ..modeling.encoder import DEFAULT_MAX_PASSAGE_LENGTH, DEFAULT_MAX_QUERY_LENGTH
 from ..modeling.loading import match_sentencepiece
 from ..prompts import EncodedSide, Template, encode_side
 from ..modeling.st_config import template_prompts
@@ -87,12 +81,10 @@ class LlaraTransformer(Transformer):
         side = self._encoded_side(name)
         max_length = self.max_query_length if name == "query" else self.max_passage_length
         texts = self.template.prepare(list(inputs))  # the template's casing, as llara's Encoder applies it
-        text_ids, _ = tokenize_texts(self.tokenizer, texts, max(max_length - side.overhead, 1))
-        built = [side.build(ids, max_length) for ids in text_ids]
-        pad_id = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else 0
-        input_ids, attention, spans = pad_right(built, pad_id)
-        weights = pooling_weights([side], spans, input_ids.shape[1])[0]
-        return {"input_ids": input_ids, "attention_mask": attention, POOL_WEIGHTS: weights, "modality": "text"}
+        built, _ = tokenize(self.tokenizer, side, texts, max_length)
+        batch = pack(built, [side], pad_token_id(self.tokenizer))
+        return {"input_ids": batch.input_ids, "attention_mask": batch.attention_mask, POOL_WEIGHTS: batch.pool[0],
+                "modality": "text"}
 
     def forward(self, features: dict[str, Any], **kwargs) -> dict[str, Any]:
         weights = features.pop(POOL_WEIGHTS, None)  # not a model input
@@ -103,7 +95,8 @@ class LlaraTransformer(Transformer):
 
 
 class LlaraPooling(Module):
-    """Weighted sum of the token states with the weights ``LlaraTransformer`` made (in float32)."""
+    """Weighted sum of the token states with the weights ``LlaraTransformer`` made (in float32; the
+    template's normalisation is sentence-transformers' own ``Normalize`` module, see ``st_config``)."""
 
     config_keys = ["embedding_dimension"]
 
@@ -114,9 +107,7 @@ class LlaraPooling(Module):
     def forward(self, features: dict[str, Any], **kwargs) -> dict[str, Any]:
         if POOL_WEIGHTS not in features:
             raise ValueError("LlaraPooling needs the pooling weights made by LlaraTransformer.preprocess")
-        states = features["token_embeddings"].float()
-        weights = features[POOL_WEIGHTS].to(states.device, torch.float32)
-        features["sentence_embedding"] = torch.einsum("bl,blh->bh", weights, states)
+        features["sentence_embedding"] = pool(features[POOL_WEIGHTS], features["token_embeddings"])
         return features
 
     def get_embedding_dimension(self) -> int:

@@ -1,8 +1,9 @@
-"""The encoder: a stock Hugging Face decoder + a prompt template -> normalised embeddings.
+"""The encoder: a stock Hugging Face decoder + a prompt template -> embeddings (normalised as the
+template says).
 
 Implements the BEIR/MTEB protocol (``encode_queries``, ``encode_corpus``). Texts are sorted by
-token length and batched so that padding stays small; padding is on the right and every pooled
-position is gathered explicitly, so nothing relies on the tokenizer's padding side.
+token length and batched so that padding stays small; tokenising, padding, the forward pass and
+pooling are :mod:`llara.modeling.embed`'s, the same path training takes.
 """
 from __future__ import annotations
 
@@ -13,7 +14,7 @@ import os
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterable, Sequence
+from typing import Iterable, Iterator, Sequence
 
 import numpy as np
 import torch
@@ -21,6 +22,7 @@ from tqdm.auto import tqdm
 
 from ..io import passage_text, save_npy
 from ..prompts import EncodedSide, PromptSide, Template, encode_side, get_template
+from .embed import Packed, base_model, hidden_states, normalize, pack, pad_token_id, pool, tokenize
 from .loading import ensure_slot_tokens, load_model, write_llara_config
 from .runtime import load_runtime
 
@@ -44,55 +46,6 @@ class EncodeStats:
     @property
     def tokens_per_second(self) -> float:
         return self.tokens / self.seconds if self.seconds else 0.0
-
-
-def base_model(model):
-    """The decoder stack without the LM head (its last_hidden_state is after the final norm)."""
-    if hasattr(model, "get_base_model"):  # peft
-        model = model.get_base_model()
-    inner = getattr(model, getattr(model, "base_model_prefix", ""), None)
-    return inner if isinstance(inner, torch.nn.Module) else model
-
-
-def pooling_weights(sides: Sequence[EncodedSide], spans: Sequence[tuple[int, int, int]], L: int) -> torch.Tensor:
-    """(P, B, L) weights, one row per pooling and sequence, each summing to 1 over pooled positions.
-
-    ``spans[b] = (length, text_start, text_end)`` of unpadded sequence b.
-    """
-    w = torch.zeros(len(sides), len(spans), L)
-    for p, side in enumerate(sides):
-        for b, (length, start, end) in enumerate(spans):
-            pos = side.pool_positions(length, start, end)
-            w[p, b, pos] = 1.0 / len(pos)
-    return w
-
-
-def tokenize_texts(tokenizer, texts: Sequence[str], budget: int) -> tuple[list[list[int]], int]:
-    """Text ids without special tokens, cut to ``budget``; also the number of texts that were cut."""
-    # Cap very long strings before tokenizing (a token is rarely under 1 char; 16 is generous)
-    # and re-tokenize the few whose cap cost tokens the budget could have held.
-    cap = max(budget * 16, 64)
-    clipped = [t[:cap] for t in texts]
-    ids = tokenizer(clipped, add_special_tokens=False)["input_ids"]
-    for i, (t, c) in enumerate(zip(texts, clipped)):
-        if len(t) > len(c) and len(ids[i]) < budget:
-            ids[i] = tokenizer(t, add_special_tokens=False)["input_ids"]
-    return [x[:budget] for x in ids], sum(len(x) > budget for x in ids)
-
-
-def pad_right(built: Sequence[tuple[list[int], int, int]], pad_id: int, multiple: int = 1):
-    """A right-padded batch from ``EncodedSide.build`` outputs: (input_ids, attention_mask, spans),
-    ``spans[b] = (length, text_start, text_end)`` as ``pooling_weights`` takes them."""
-    L = max(len(ids) for ids, _, _ in built)
-    L = -(-L // multiple) * multiple
-    input_ids = torch.full((len(built), L), pad_id, dtype=torch.long)
-    attention = torch.zeros((len(built), L), dtype=torch.long)
-    spans = []
-    for r, (ids, start, end) in enumerate(built):
-        input_ids[r, : len(ids)] = torch.tensor(ids)
-        attention[r, : len(ids)] = 1
-        spans.append((len(ids), start, end))
-    return input_ids, attention, spans
 
 
 class Encoder:
@@ -214,13 +167,32 @@ class Encoder:
             else:
                 groups.setdefault((t.casing, t.side(side).input_signature()), []).append(t)
         for (casing, _), group in groups.items():
-            arrays = self._encode_group(prepared[casing], side, [t.side(side) for t in group], batch_size)
+            arrays = self._encode_group(prepared[casing], side, group, batch_size)
             for t, arr in zip(group, arrays):
-                if t.normalize:
-                    arr /= np.maximum(np.linalg.norm(arr, axis=1, keepdims=True), 1e-12)
                 self._cache_save(self.cache_key(prepared[casing], side, t), arr)
                 out[t.name] = arr
         return out
+
+    def encoded_side(self, side: "str | PromptSide") -> EncodedSide:
+        """A prompt side (``"query"`` / ``"passage"`` of this encoder's template, or any PromptSide)
+        tokenized for this tokenizer; cached."""
+        prompt = self.template.side(side) if isinstance(side, str) else side
+        key = (prompt, len(self.tokenizer))
+        if key not in self._encoded:
+            self._encoded[key] = encode_side(self.tokenizer, prompt)
+        return self._encoded[key]
+
+    def batches(self, texts: Sequence[str], side: str, batch_size: int | None = None) -> Iterator[tuple[np.ndarray, Packed]]:
+        """The batches ``encode(texts, side)`` runs, in its order (longest first): (rows of ``texts``,
+        right-padded batch) pairs; with ``forward`` they time the forward pass alone."""
+        return self._batches(self.template.prepare(texts), side, [self.encoded_side(side)], batch_size)[1]
+
+    @torch.inference_mode()
+    def forward(self, batch: Packed) -> torch.Tensor:
+        """Final hidden states (B, L, H) of a batch: the stock model, or the runtime it was loaded with."""
+        if self._forward is not None:
+            return self._forward(batch.input_ids, batch.attention_mask)
+        return hidden_states(self.model, batch.input_ids, batch.attention_mask)
 
     # ------------------------------------------------------------------ internals
     def _ensure_slots(self, template: Template) -> None:
@@ -235,51 +207,39 @@ class Encoder:
         if getattr(self, "_forward", None) is not None and self.model.get_input_embeddings().weight.shape[0] != before:
             self._forward = load_runtime(self.runtime, base_model(self.model), self.fingerprint)  # new vocabulary
 
-    def _side(self, prompt: PromptSide) -> EncodedSide:
-        key = (prompt, len(self.tokenizer))
-        if key not in self._encoded:
-            self._encoded[key] = encode_side(self.tokenizer, prompt)
-        return self._encoded[key]
-
-    @torch.inference_mode()
-    def _encode_group(
-        self, texts: Sequence[str], side: str, prompts: Sequence[PromptSide], batch_size: int | None
-    ) -> list[np.ndarray]:
-        t0 = time.perf_counter()
-        sides = [self._side(p) for p in prompts]
-        first = sides[0]
-        max_length = self.max_length[side]
-        text_ids, truncated = tokenize_texts(self.tokenizer, texts, max(max_length - first.overhead, 1))
-        built = [first.build(ids, max_length) for ids in text_ids]
+    def _batches(self, texts: Sequence[str], side: str, sides: Sequence[EncodedSide], batch_size: int | None):
+        """(stats, lazy batches) of prepared texts sorted by length; ``sides`` share their input ids."""
+        built, truncated = tokenize(self.tokenizer, sides[0], texts, self.max_length[side])
         lengths = np.array([len(ids) for ids, _, _ in built])
         order = np.argsort(-lengths, kind="stable")
         bs = batch_size or self.batch_size
-        dim = self.model.config.hidden_size
-        outs = [np.zeros((len(texts), dim), dtype=np.float32) for _ in sides]
+        pad_id = pad_token_id(self.tokenizer)
         stats = EncodeStats(texts=len(texts), truncated=truncated, tokens=int(lengths.sum()))
-        pad_id = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else 0
-        model = base_model(self.model)
+        batches = ((order[i : i + bs], pack([built[j] for j in order[i : i + bs]], sides, pad_id, self.pad_to_multiple_of))
+                   for i in range(0, len(order), bs))
+        return stats, batches
+
+    def _encode_group(
+        self, texts: Sequence[str], side: str, templates: Sequence[Template], batch_size: int | None
+    ) -> list[np.ndarray]:
+        t0 = time.perf_counter()
+        stats, batches = self._batches(texts, side, [self.encoded_side(t.side(side)) for t in templates], batch_size)
+        dim = self.model.config.hidden_size
+        outs = [np.zeros((len(texts), dim), dtype=np.float32) for _ in templates]
         bar = tqdm(total=len(texts), desc="encode queries" if side == "query" else "encode passages", unit="text", disable=not self.show_progress, leave=False)
-        for i in range(0, len(order), bs):
-            idx = order[i : i + bs]
-            input_ids, attention, spans = pad_right([built[j] for j in idx], pad_id, self.pad_to_multiple_of)
-            L = input_ids.shape[1]
-            stats.padded_tokens += len(idx) * L
+        done = 0
+        for idx, batch in batches:
+            stats.padded_tokens += batch.input_ids.numel()
             tm = time.perf_counter()
-            if self._forward is not None:
-                hidden = self._forward(input_ids, attention)
-            else:
-                hidden = model(
-                    input_ids=input_ids.to(self.device), attention_mask=attention.to(self.device)
-                ).last_hidden_state
-            w = pooling_weights(sides, spans, L).to(self.device)
-            pooled = torch.einsum("pbl,blh->pbh", w, hidden.float()).cpu().numpy()
+            with torch.inference_mode():
+                pooled = pool(batch.pool, self.forward(batch))
+                for p, t in enumerate(templates):
+                    outs[p][idx] = normalize(pooled[p], t.normalize).cpu().numpy()
             stats.model_seconds += time.perf_counter() - tm
-            for p in range(len(sides)):
-                outs[p][idx] = pooled[p]
+            done += len(idx)
             bar.update(len(idx))
             el = time.perf_counter() - t0
-            bar.set_postfix(tok_s=f"{stats.tokens * (i + len(idx)) / max(len(order), 1) / el:.0f}")
+            bar.set_postfix(tok_s=f"{stats.tokens * done / max(len(texts), 1) / el:.0f}")
         bar.close()
         stats.seconds = time.perf_counter() - t0
         self.last_stats = stats

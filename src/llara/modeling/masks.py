@@ -2,6 +2,8 @@
 
 Pure tensor functions: no model, no tokenizer. The collator builds these once per batch; a stock
 Hugging Face causal LM consumes them (see ``llara.modeling.arch`` for what each architecture needs).
+Right padding and reading states at positions are :mod:`llara.modeling.embed`'s (``pad_right``,
+``gather_positions``, re-exported here).
 
 Layout of one joint sequence (right padding)::
 
@@ -21,6 +23,8 @@ from typing import Sequence
 
 import torch
 from torch import Tensor
+
+from .embed import gather_positions, pad_right
 
 logger = logging.getLogger(__name__)
 
@@ -83,14 +87,6 @@ def sliding_window_blocked(position_ids: Tensor, window: int) -> Tensor:
     return distance >= window
 
 
-def gather_positions(hidden: Tensor, positions: Tensor) -> Tensor:
-    """hidden (B, L, H); positions (B, K) indices into L. Returns (B, K, H)."""
-    if hidden.dim() != 3 or positions.dim() != 2 or positions.size(0) != hidden.size(0):
-        raise ValueError(f"hidden {tuple(hidden.shape)} and positions {tuple(positions.shape)} do not match")
-    index = positions.to(hidden.device, torch.long)[:, :, None].expand(-1, -1, hidden.size(-1))
-    return hidden.gather(1, index)
-
-
 @dataclass
 class JointBatch:
     """One SELF + NEXT joint pass. Shapes: B sequences, L padded length, K slots per suffix.
@@ -144,12 +140,6 @@ def _slot_index(suffix: Sequence[int], index: Sequence[int], name: str) -> list[
     return out
 
 
-def _padded_length(longest: int, multiple: int | None) -> int:
-    if multiple and multiple > 1:
-        return -(-longest // multiple) * multiple
-    return longest
-
-
 def build_joint_batch(
     texts: Sequence[Sequence[int]],
     self_suffix: Sequence[int],
@@ -174,26 +164,21 @@ def build_joint_batch(
     S, N = len(self_suffix), len(next_suffix)
     text_lens = [len(t) for t in texts]
     lengths = [t + S + N for t in text_lens]
-    B, L = len(texts), _padded_length(max(lengths), pad_to_multiple_of)
-
-    input_ids = torch.full((B, L), pad_id, dtype=torch.long)
+    input_ids, attention = pad_right([list(t) + list(self_suffix) + list(next_suffix) for t in texts], pad_id,
+                                     pad_to_multiple_of)
+    B, L = input_ids.shape
+    valid = attention.bool()
     position_ids = torch.empty((B, L), dtype=torch.long)
-    valid = torch.zeros((B, L), dtype=torch.bool)
     text_mask = torch.zeros((B, L), dtype=torch.bool)
     blocked = torch.zeros((B, L, L), dtype=torch.bool)
     self_slots = torch.empty((B, len(self_idx)), dtype=torch.long)
     next_slots = torch.empty((B, len(next_idx)), dtype=torch.long)
-    suffix_ids = torch.tensor(list(self_suffix) + list(next_suffix), dtype=torch.long)
 
-    for i, (text, T) in enumerate(zip(texts, text_lens)):
+    for i, T in enumerate(text_lens):
         n = lengths[i]
-        if T:
-            input_ids[i, :T] = torch.as_tensor(list(text), dtype=torch.long)
-        input_ids[i, T:n] = suffix_ids
         position_ids[i, : T + S] = torch.arange(T + S)
         position_ids[i, T + S : n] = torch.arange(T, T + N)             # NEXT restarts at T
         position_ids[i, n:] = torch.arange(T + N, T + N + L - n)        # padding: keep counting
-        valid[i, :n] = True
         text_mask[i, :T] = True
         blocked[i, T + S : n, T : T + S] = True                          # NEXT -> SELF
         self_slots[i] = torch.tensor([T + j for j in self_idx], dtype=torch.long)
@@ -228,15 +213,11 @@ def build_single_batch(
     S = len(suffix)
     text_lens = [len(t) for t in texts]
     lengths = [t + S for t in text_lens]
-    B, L = len(texts), _padded_length(max(lengths), pad_to_multiple_of)
-
-    input_ids = torch.full((B, L), pad_id, dtype=torch.long)
-    attention_mask = torch.zeros((B, L), dtype=torch.long)
+    input_ids, attention_mask = pad_right([list(t) + list(suffix) for t in texts], pad_id, pad_to_multiple_of)
+    B, L = input_ids.shape
     text_mask = torch.zeros((B, L), dtype=torch.bool)
     slots = torch.empty((B, len(idx)), dtype=torch.long)
-    for i, (text, T) in enumerate(zip(texts, text_lens)):
-        input_ids[i, : T + S] = torch.as_tensor(list(text) + list(suffix), dtype=torch.long)
-        attention_mask[i, : T + S] = 1
+    for i, T in enumerate(text_lens):
         text_mask[i, :T] = True
         slots[i] = torch.tensor([T + j for j in idx], dtype=torch.long)
     position_ids = torch.arange(L, dtype=torch.long).expand(B, L).clone()

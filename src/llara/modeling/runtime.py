@@ -1,8 +1,8 @@
 """Run the encoder's forward pass in another runtime: int8 with ONNX Runtime.
 
-Only the stock forward that returns ``last_hidden_state`` is replaced. Tokenisation, the prompt
-template and the pooling (LLaRA slots, EOS, mean) stay in :class:`llara.modeling.encoder.Encoder`,
-so every pooled position is the same as with torch.
+Only the stock forward that returns ``last_hidden_state`` is replaced (``Encoder.forward`` calls
+it). Tokenisation, padding, the pooling (LLaRA slots, EOS, mean) and the normalisation stay
+:mod:`llara.modeling.embed`'s, so every pooled position is the same as with torch.
 
 ``onnx-int8``: the decoder stack (after the template's slot tokens were added to the vocabulary)
 is exported once with ``torch.onnx`` in fp32, then quantised by ONNX Runtime's dynamic
@@ -29,7 +29,7 @@ import torch
 
 log = logging.getLogger(__name__)
 
-__all__ = ["RUNTIMES", "OnnxInt8Forward", "export_onnx_int8", "load_runtime"]
+__all__ = ["RUNTIMES", "LastHidden", "OnnxInt8Forward", "export_onnx_int8", "load_runtime"]
 
 RUNTIMES = ("torch", "onnx-int8")
 MODEL_FILE = "model.onnx"
@@ -45,7 +45,7 @@ def _check(runtime: str) -> str:
     return runtime
 
 
-class _LastHidden(torch.nn.Module):
+class LastHidden(torch.nn.Module):
     """The base model as a function of (input_ids, attention_mask) -> last_hidden_state."""
 
     def __init__(self, model):
@@ -68,8 +68,11 @@ def runtime_key(fingerprint: str, vocab_size: int) -> str:
     return hashlib.sha256(f"{QUANTISATION}|{fingerprint}|{vocab_size}|{_versions()}".encode()).hexdigest()[:16]
 
 
-def export_onnx_int8(model, out_dir: "str | os.PathLike") -> Path:
+def export_onnx_int8(model, out_dir: "str | os.PathLike", *, mlp_output_fp32: bool = True) -> Path:
     """Export ``model`` (a base model returning last_hidden_state) and quantise it into ``out_dir``.
+
+    ``mlp_output_fp32=False`` quantises every matrix product, the MLP's output ones too (what
+    ``benchmarks/int8_choice.py`` compares; the runtime always keeps them fp32).
 
     Written into a temporary directory beside ``out_dir`` and moved into place at the end, so an
     interrupted export leaves nothing half-written; returns the path of the int8 model."""
@@ -81,7 +84,7 @@ def export_onnx_int8(model, out_dir: "str | os.PathLike") -> Path:
     try:
         params = list(model.parameters())
         external = sum(p.numel() for p in params) * 4 > _EXTERNAL_DATA_BYTES
-        wrapped = _LastHidden(model).eval()
+        wrapped = LastHidden(model).eval()
         fp32_model = next(iter(params)).dtype
         if fp32_model != torch.float32:
             raise ValueError(f"export needs fp32 weights, the model is {fp32_model}")
@@ -99,7 +102,8 @@ def export_onnx_int8(model, out_dir: "str | os.PathLike") -> Path:
         # Matrix products only: the embedding table stays fp32 (a lookup gains no speed from int8).
         quantize_dynamic(tmp / "fp32.onnx", tmp / MODEL_FILE, weight_type=QuantType.QInt8, per_channel=True,
                          op_types_to_quantize=["MatMul"], use_external_data_format=external,
-                         nodes_to_exclude=_mlp_output_products(tmp / "fp32.onnx", model.config.intermediate_size))
+                         nodes_to_exclude=_mlp_output_products(tmp / "fp32.onnx", model.config.intermediate_size)
+                         if mlp_output_fp32 else [])
         for f in tmp.glob("fp32.onnx*"):
             f.unlink()
         try:

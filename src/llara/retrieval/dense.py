@@ -29,8 +29,8 @@ def exact_search(
 ) -> dict[str, dict[str, float]]:
     """Top-``k`` documents per query by inner product, using a FAISS ``IndexFlatIP``.
 
-    Embeddings are cast to contiguous float32; they are assumed to be L2-normalised by the caller
-    (so the inner product is the cosine similarity).  ``k`` is clipped to the number of documents.
+    Embeddings are cast to contiguous float32; the score is their inner product (the cosine
+    similarity when they are L2-normalised, as every built-in template makes them).  ``k`` is clipped to the number of documents.
     Queries are searched ``batch_size`` at a time.  Returns a run ``{qid: {doc_id: score}}``.
     """
     q = _as_matrix(query_emb, "query_emb")

@@ -3,7 +3,7 @@
 Layout of an index directory::
 
     manifest.json              model spec, template, lengths, dimension, shards with sha256, factory
-    shards/emb-00000.npy       float32 (rows, dim) embeddings, L2-normalised by the encoder
+    shards/emb-00000.npy       float32 (rows, dim) embeddings, L2-normalised unless the template says not
     shards/ids-00000.txt       one doc id per line: line i <-> row i of emb-00000.npy
     shards/titles-00000.jsonl  one JSON string per line: the title of doc i ("" when none)
     index.faiss                the FAISS index over all shards, rows in shard order

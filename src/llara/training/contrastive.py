@@ -1,5 +1,6 @@
 """Contrastive fine-tuning pieces: training groups, a no-duplicate-positive sampler, the collator,
-differentiable embeddings, cross-device negatives and gradient caching (GradCache).
+cross-device negatives and gradient caching (GradCache). The embeddings are
+:func:`llara.modeling.embed.embed`'s, the Encoder's path with gradients.
 
 A training group is one query, one positive and ``group_size - 1`` hard negatives; with in-batch
 negatives every query is scored against every passage of the (global) batch.
@@ -15,12 +16,11 @@ from typing import Callable, Iterator, Sequence
 
 import torch
 import torch.distributed as dist
-import torch.nn.functional as F
 from torch import Tensor
 
 from ..io import DataError, iter_jsonl
 from ..losses import info_nce
-from ..modeling.encoder import base_model
+from ..modeling.embed import embed, pack, pad_token_id, tokenize
 from ..prompts import encode_side, get_template
 
 log = logging.getLogger(__name__)
@@ -90,20 +90,11 @@ class UniquePositiveBatches:
         return n if self.drop_last else -(-len(self.groups) // self.batch_size)
 
 
-def _pad(seqs: Sequence[Sequence[int]], pad_id: int, multiple: int) -> tuple[Tensor, Tensor]:
-    L = max(len(s) for s in seqs)
-    L = -(-L // multiple) * multiple
-    ids = torch.full((len(seqs), L), pad_id, dtype=torch.long)
-    att = torch.zeros((len(seqs), L), dtype=torch.long)
-    for i, s in enumerate(seqs):
-        ids[i, : len(s)] = torch.tensor(s, dtype=torch.long)
-        att[i, : len(s)] = 1
-    return ids, att
-
-
 class ContrastiveCollator:
     """Groups -> query batch (NEXT prompt by default) and passage batch (SELF prompt), each with the
-    pooling weights of its template side. Passages are laid out query by query, positive first."""
+    pooling weights of its template side and the template's normalisation (``embed`` reads both),
+    built by :mod:`llara.modeling.embed` as the Encoder builds them. Passages are laid out query by
+    query, positive first."""
 
     def __init__(self, tokenizer, template="llara", *, group_size: int = 16, max_query_length: int = 64,
                  max_passage_length: int = 160, pad_to_multiple_of: int = 8, seed: int = 0):
@@ -116,22 +107,15 @@ class ContrastiveCollator:
         self.multiple = pad_to_multiple_of
         self.seed = seed
         self.epoch = 0
-        self.pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+        self.pad_id = pad_token_id(tokenizer)
 
     def set_epoch(self, epoch: int) -> None:
         self.epoch = epoch
 
     def _side_batch(self, texts: list[str], side) -> dict[str, Tensor]:
         name = "query" if side is self.q_side else "passage"
-        budget = self.max_len[name] - side.overhead
-        ids = self.tok(self.template.prepare(texts), add_special_tokens=False)["input_ids"]
-        built = [side.build(x[:budget], self.max_len[name]) for x in ids]
-        input_ids, attention = _pad([b[0] for b in built], self.pad_id, self.multiple)
-        w = torch.zeros(input_ids.shape, dtype=torch.float32)
-        for r, (seq, start, end) in enumerate(built):
-            pos = side.pool_positions(len(seq), start, end)
-            w[r, pos] = 1.0 / len(pos)
-        return {"input_ids": input_ids, "attention_mask": attention, "pool": w}
+        built, _ = tokenize(self.tok, side, self.template.prepare(texts), self.max_len[name])
+        return pack(built, [side], self.pad_id, self.multiple).side_batch(self.template)
 
     def sample_passages(self, g: Group, key: str) -> list[str]:
         rng = random.Random(f"{self.seed}:{self.epoch}:{key}")
@@ -148,15 +132,6 @@ class ContrastiveCollator:
         passages = [p for g in groups for p in self.sample_passages(g, g.query)]
         return {"query": self._side_batch([g.query for g in groups], self.q_side),
                 "passage": self._side_batch(passages, self.p_side)}
-
-
-def embed(model, batch: dict[str, Tensor], normalize: bool = True) -> Tensor:
-    """Pooled (B, H) embeddings with gradients (fp32 pooling)."""
-    dev = next(model.parameters()).device
-    hidden = base_model(model)(input_ids=batch["input_ids"].to(dev),
-                               attention_mask=batch["attention_mask"].to(dev)).last_hidden_state
-    emb = torch.einsum("bl,blh->bh", batch["pool"].to(dev), hidden.float())
-    return F.normalize(emb, dim=-1) if normalize else emb
 
 
 def gather_with_grad(x: Tensor) -> tuple[Tensor, int]:

@@ -24,7 +24,8 @@ class FinetuneConfig:
     template: str = field(default="", metadata={"help": "template (queries: query side, passages: passage side); "
                                                       "default: the checkpoint's, else llara"})
     group_size: int = field(default=16, metadata={"help": "passages per query: 1 positive + group_size-1 hard negatives"})
-    temperature: float = field(default=0.01, metadata={"help": "InfoNCE temperature on cosine similarities"})
+    temperature: float = field(default=0.01, metadata={"help": "InfoNCE temperature on dot products "
+                                                               "(cosine when the template normalises)"})
     max_query_length: int = field(default=64, metadata={"help": "tokens per query, prompt included"})
     max_passage_length: int = field(default=160, metadata={"help": "tokens per passage, prompt included"})
     cross_device: bool = field(default=True, metadata={"help": "use other processes' passages as negatives"})

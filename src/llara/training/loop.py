@@ -163,7 +163,7 @@ def train(
     token_ids = sorted({int(i) for i in trainable_token_ids or ()})
     if config.lora and not token_ids and not is_peft_model(model):
         logger.warning("LoRA without trainable_token_ids: added tokens (the slots) keep their initial embeddings")
-    model = prepare_model(model, config, token_ids, precision)
+    model = prepare_model(model, config, token_ids, precision, acc.device.type)
     optimizer = build_optimizer(model, config)
     num_steps = total_steps(config, data, acc.num_processes)
     scheduler = build_scheduler(optimizer, config, num_steps)

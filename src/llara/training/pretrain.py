@@ -14,7 +14,7 @@ from torch.utils.data import DataLoader
 from ..data.pretrain import PretrainCollator, PretrainDataConfig, PretrainDataset, joint_batch
 from ..losses import llara_pretrain_loss
 from ..modeling.arch import joint_forward_kwargs
-from ..modeling.encoder import base_model
+from ..modeling.embed import base_model
 from ..modeling.loading import ensure_slot_tokens, load_model
 from ..prompts import get_template
 from .config import TrainConfig

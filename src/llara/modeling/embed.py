@@ -1,0 +1,175 @@
+"""One path from text to vector, shared by encoding, training, indexing, serving and the benchmarks.
+
+1. ``tokenize``: the text without special tokens, cut to what the prompt leaves of ``max_length``,
+   wrapped in the template side's prefix / suffix / EOS (``EncodedSide.build``);
+2. ``pack``: a right-padded batch (``pad_right``, to a multiple) with the pooling weights of one or
+   more template sides (``pooling_weights``: slots, last token or mean, each row summing to 1);
+3. ``hidden_states``: the stock Hugging Face model (its base, without LM head) over input ids and
+   the 2-D padding mask; nothing here touches model code;
+4. ``pool``: the weighted sum of the final states, in float32;
+5. ``normalize``: L2 normalisation when the template says so (``Template.normalize``).
+
+:class:`llara.modeling.encoder.Encoder` runs these under ``inference_mode`` (sorted by length,
+several templates per forward pass); training runs ``embed`` on a collated batch with gradients.
+Padding is on the right and every pooled position is explicit, so nothing depends on the
+tokenizer's ``padding_side``. ``gather_positions`` reads states at given positions (the
+pretraining slots).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from ..prompts import EncodedSide, Template
+
+__all__ = [
+    "Built",
+    "Packed",
+    "base_model",
+    "embed",
+    "gather_positions",
+    "hidden_states",
+    "normalize",
+    "pack",
+    "pad_right",
+    "pad_token_id",
+    "pool",
+    "pooling_weights",
+    "tokenize",
+    "tokenize_texts",
+]
+
+# One text after EncodedSide.build: (ids, text_start, text_end), unpadded.
+Built = tuple[list[int], int, int]
+
+
+def base_model(model):
+    """The decoder stack without the LM head (its last_hidden_state is after the final norm)."""
+    if hasattr(model, "get_base_model"):  # peft
+        model = model.get_base_model()
+    inner = getattr(model, getattr(model, "base_model_prefix", ""), None)
+    return inner if isinstance(inner, torch.nn.Module) else model
+
+
+def pad_token_id(tokenizer) -> int:
+    """The id written into padded positions (the mask hides them): PAD, else EOS, else 0."""
+    for tid in (tokenizer.pad_token_id, tokenizer.eos_token_id):
+        if tid is not None:
+            return int(tid)
+    return 0
+
+
+# ------------------------------------------------------------------------------ tokens
+def tokenize_texts(tokenizer, texts: Sequence[str], budget: int) -> tuple[list[list[int]], int]:
+    """Text ids without special tokens, cut to ``budget``; also the number of texts that were cut."""
+    # Cap very long strings before tokenizing (a token is rarely under 1 char; 16 is generous)
+    # and re-tokenize the few whose cap cost tokens the budget could have held.
+    cap = max(budget * 16, 64)
+    clipped = [t[:cap] for t in texts]
+    ids = tokenizer(clipped, add_special_tokens=False)["input_ids"]
+    for i, (t, c) in enumerate(zip(texts, clipped)):
+        if len(t) > len(c) and len(ids[i]) < budget:
+            ids[i] = tokenizer(t, add_special_tokens=False)["input_ids"]
+    return [x[:budget] for x in ids], sum(len(x) > budget for x in ids)
+
+
+def tokenize(tokenizer, side: EncodedSide, texts: Sequence[str], max_length: int) -> tuple[list[Built], int]:
+    """Each text in its prompt, at most ``max_length`` tokens (only the text is cut); also how many
+    texts were cut. ``texts`` are as the model sees them (``Template.prepare`` applied)."""
+    text_ids, truncated = tokenize_texts(tokenizer, texts, max(max_length - side.overhead, 1))
+    return [side.build(ids, max_length) for ids in text_ids], truncated
+
+
+# ------------------------------------------------------------------------------ batches
+def pad_right(seqs: Sequence[Sequence[int]], pad_id: int, multiple: int | None = 1,
+              min_length: int = 0) -> tuple[Tensor, Tensor]:
+    """(input_ids, attention_mask), both (B, L) long: the rows on the left, ``pad_id`` after them.
+
+    L is the longest row (at least ``min_length``) rounded up to a multiple of ``multiple``."""
+    L = max([min_length, *(len(s) for s in seqs)])
+    if multiple and multiple > 1:
+        L = -(-L // multiple) * multiple
+    input_ids = torch.full((len(seqs), L), pad_id, dtype=torch.long)
+    attention = torch.zeros((len(seqs), L), dtype=torch.long)
+    for r, s in enumerate(seqs):
+        if len(s):
+            input_ids[r, : len(s)] = torch.as_tensor(list(s), dtype=torch.long)
+            attention[r, : len(s)] = 1
+    return input_ids, attention
+
+
+def pooling_weights(sides: Sequence[EncodedSide], built: Sequence[Built], L: int) -> Tensor:
+    """(P, B, L) float32 weights, one row per side and text, summing to 1 over the pooled positions."""
+    w = torch.zeros(len(sides), len(built), L)
+    for p, side in enumerate(sides):
+        for b, (ids, start, end) in enumerate(built):
+            pos = side.pool_positions(len(ids), start, end)
+            w[p, b, pos] = 1.0 / len(pos)
+    return w
+
+
+@dataclass
+class Packed:
+    """A right-padded batch: input_ids and attention_mask (B, L) long; pool (P, B, L) float32, the
+    weights of each of P template sides that share these ids (``Template.side(..).input_signature``)."""
+
+    input_ids: Tensor
+    attention_mask: Tensor
+    pool: Tensor
+
+    def side_batch(self, template: Template, p: int = 0) -> dict[str, Tensor]:
+        """The dict ``embed`` takes, for side ``p`` pooled and normalised as ``template`` says."""
+        return {"input_ids": self.input_ids, "attention_mask": self.attention_mask, "pool": self.pool[p],
+                "normalize": torch.full((self.input_ids.size(0),), bool(template.normalize))}
+
+
+def pack(built: Sequence[Built], sides: Sequence[EncodedSide], pad_id: int, multiple: int | None = 1) -> Packed:
+    """Pad ``built`` texts (``tokenize`` output) on the right, with the pooling weights of ``sides``."""
+    input_ids, attention = pad_right([ids for ids, _, _ in built], pad_id, multiple)
+    return Packed(input_ids, attention, pooling_weights(sides, built, input_ids.size(1)))
+
+
+# ------------------------------------------------------------------------------ vectors
+def hidden_states(model, input_ids: Tensor, attention_mask: Tensor) -> Tensor:
+    """Final hidden states (B, L, H) of the stock model (without its LM head) on the model's device."""
+    dev = next(model.parameters()).device
+    return base_model(model)(input_ids=input_ids.to(dev), attention_mask=attention_mask.to(dev)).last_hidden_state
+
+
+def pool(weights: Tensor, hidden: Tensor) -> Tensor:
+    """Weighted sum of the states in float32: weights (B, L) -> (B, H), or (P, B, L) -> (P, B, H)."""
+    w = weights.to(hidden.device, torch.float32)
+    return torch.einsum("...bl,blh->...bh", w, hidden.float())
+
+
+def normalize(emb: Tensor, on: "bool | Tensor") -> Tensor:
+    """L2-normalised rows where ``on`` (a bool, or a (B,) bool tensor per row), else ``emb`` itself."""
+    if isinstance(on, Tensor):
+        on = on.to(emb.device, torch.bool)
+        if bool(on.all()):
+            return F.normalize(emb, dim=-1)
+        if not bool(on.any()):
+            return emb
+        return torch.where(on[:, None], F.normalize(emb, dim=-1), emb)
+    return F.normalize(emb, dim=-1) if on else emb
+
+
+def embed(model, batch: dict[str, Tensor]) -> Tensor:
+    """(B, H) float32 embeddings of a ``Packed.side_batch`` (the training collators' batches), with
+    gradients when they are enabled; normalised as the batch's template says."""
+    hidden = hidden_states(model, batch["input_ids"], batch["attention_mask"])
+    return normalize(pool(batch["pool"], hidden), batch["normalize"])
+
+
+def gather_positions(hidden: Tensor, positions: Tensor) -> Tensor:
+    """hidden (B, L, H); positions (B, K) (or (B,)) indices into L. Returns (B, K, H)."""
+    if positions.dim() == 1:
+        positions = positions[:, None]
+    if hidden.dim() != 3 or positions.dim() != 2 or positions.size(0) != hidden.size(0):
+        raise ValueError(f"hidden {tuple(hidden.shape)} and positions {tuple(positions.shape)} do not match")
+    index = positions.to(hidden.device, torch.long)[:, :, None].expand(-1, -1, hidden.size(-1))
+    return hidden.gather(1, index)
