@@ -394,18 +394,11 @@ def main(argv=None) -> None:
     torch.set_num_threads(os.cpu_count() or 1)
     RESULTS.mkdir(parents=True, exist_ok=True)
     t0 = time.perf_counter()
-    if args.stage in ("all", "encode"):
-        encode_speed(args)
-    if args.stage in ("all", "quality"):
-        quality(args)
-    if args.stage in ("all", "step"):
-        step_split(args)
-    if args.stage in ("all", "profile"):
-        step_profile(args)
-    if args.stage in ("all", "train"):
-        train_speed(args)
-    if args.stage in ("all", "report"):
-        report(args)
+    stages = {"encode": encode_speed, "quality": quality, "step": step_split, "profile": step_profile,
+              "train": train_speed, "report": report}
+    for name, run in stages.items():
+        if args.stage in ("all", name):
+            run(args)
     print(f"{time.perf_counter() - t0:.0f} s", flush=True)
 
 

@@ -17,7 +17,6 @@ suffix began, so every NEXT-suffix token sees exactly what it would see in a sta
 """
 from __future__ import annotations
 
-import logging
 from dataclasses import dataclass
 from typing import Sequence
 
@@ -25,8 +24,6 @@ import torch
 from torch import Tensor
 
 from .embed import gather_positions, pad_right
-
-logger = logging.getLogger(__name__)
 
 __all__ = [
     "JointBatch",
@@ -87,8 +84,15 @@ def sliding_window_blocked(position_ids: Tensor, window: int) -> Tensor:
     return distance >= window
 
 
+class _OnDevice:
+    """``to(device)`` for a dataclass whose fields are all tensors."""
+
+    def to(self, device: torch.device | str):
+        return type(self)(**{k: v.to(device) for k, v in vars(self).items()})
+
+
 @dataclass
-class JointBatch:
+class JointBatch(_OnDevice):
     """One SELF + NEXT joint pass. Shapes: B sequences, L padded length, K slots per suffix.
 
     input_ids (B, L) long; attention_mask (B, 1, L, L) additive float; position_ids (B, L) long;
@@ -107,12 +111,10 @@ class JointBatch:
     valid: Tensor
     blocked: Tensor
 
-    def to(self, device: torch.device | str) -> "JointBatch":
-        return JointBatch(**{k: v.to(device) for k, v in vars(self).items()})
 
 
 @dataclass
-class SingleBatch:
+class SingleBatch(_OnDevice):
     """An ordinary right-padded prompted batch: text_i + one suffix.
 
     input_ids (B, L) long; attention_mask (B, L) long 2D padding mask (1 = real token);
@@ -125,8 +127,6 @@ class SingleBatch:
     text_mask: Tensor
     lengths: Tensor
 
-    def to(self, device: torch.device | str) -> "SingleBatch":
-        return SingleBatch(**{k: v.to(device) for k, v in vars(self).items()})
 
 
 def _slot_index(suffix: Sequence[int], index: Sequence[int], name: str) -> list[int]:

@@ -27,6 +27,8 @@ from pathlib import Path
 
 import torch
 
+from ..io import atomic_dir
+
 log = logging.getLogger(__name__)
 
 __all__ = ["RUNTIMES", "LastHidden", "OnnxInt8Forward", "export_onnx_int8", "load_runtime"]
@@ -79,9 +81,8 @@ def export_onnx_int8(model, out_dir: "str | os.PathLike", *, mlp_output_fp32: bo
     from onnxruntime.quantization import QuantType, quantize_dynamic
 
     out_dir = Path(out_dir)
-    out_dir.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=out_dir.name + ".tmp-", dir=out_dir.parent))
-    try:
+    # another process that won the race to build the same cache entry keeps its copy
+    with atomic_dir(out_dir, keep_existing=True) as tmp:
         params = list(model.parameters())
         external = sum(p.numel() for p in params) * 4 > _EXTERNAL_DATA_BYTES
         wrapped = LastHidden(model).eval()
@@ -106,13 +107,6 @@ def export_onnx_int8(model, out_dir: "str | os.PathLike", *, mlp_output_fp32: bo
                          if mlp_output_fp32 else [])
         for f in tmp.glob("fp32.onnx*"):
             f.unlink()
-        try:
-            os.replace(tmp, out_dir)
-        except OSError:  # another process won the race: keep theirs
-            if not (out_dir / MODEL_FILE).is_file():
-                raise
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
     return out_dir / MODEL_FILE
 
 

@@ -7,7 +7,6 @@ negatives every query is scored against every passage of the (global) batch.
 """
 from __future__ import annotations
 
-import logging
 import random
 from contextlib import nullcontext
 from dataclasses import dataclass
@@ -23,7 +22,6 @@ from ..losses import info_nce
 from ..modeling.embed import embed, pack, pad_token_id, tokenize
 from ..prompts import encode_side, get_template
 
-log = logging.getLogger(__name__)
 
 
 @dataclass
