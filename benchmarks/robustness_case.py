@@ -5,8 +5,8 @@ under runs/bench/case/, never committed, and evaluates on the original and on th
 and lengths of benchmarks/adaptation.py:
 
 - BM25 (it lower-cases: the two copies should score alike);
-- each dense model with the template's casing `keep` (the text as written) and with `lower_all_caps`
-  (the default: a text without lower-case letters is lower-cased, queries and passages alike).
+- each dense model with the `llara` template's casing `keep` (the text as written; the default) and with
+  `lower_all_caps` (a text without lower-case letters is lower-cased, queries and passages alike).
 
 Reproduce (from the repository root; a few minutes per model on 2 CPU cores):
 
@@ -32,6 +32,7 @@ from llara.io import write_jsonl
 RUNS = ROOT / "runs" / "bench" / "case"
 OUT_JSON = RESULTS / "robustness_case.json"
 KEEP = dataclasses.replace(get_template("llara"), name="llara_keep", casing="keep")
+LOWER = dataclasses.replace(get_template("llara"), name="llara_lower_all_caps", casing="lower_all_caps")
 
 
 def upper_copy(name: str) -> str:
@@ -56,7 +57,7 @@ def evaluate(args) -> None:
         args.datasets = [name]
         for label, spec in args.model:
             with heavy(args):
-                evaluate_models({label: (spec, ["llara", KEEP])}, OUT_JSON, args, bm25=True)
+                evaluate_models({label: (spec, [KEEP, LOWER])}, OUT_JSON, args, bm25=True)
     adaptation.DATA = DATA
 
 
@@ -67,7 +68,7 @@ def report(args) -> None:
     lines = ["# Robustness to text written in capitals", "",
              f"Collection: {d} (subsampled as in benchmarks/adaptation.py, --max-docs {args.max_docs}) and a copy with "
              "every title, text and query upper-cased (same ids, same judgments). Dense rows: the `llara` template "
-             "with casing `keep` (text as written) and `lower_all_caps` (the default: texts without a lower-case "
+             "with casing `keep` (text as written) and `lower_all_caps` (texts without a lower-case "
              f"letter are lower-cased, queries and passages alike). Passages cut to {args.max_passage_length} "
              f"tokens, queries to {args.max_query_length}. Machine: {machine()}.", "",
              "| model | casing | original nDCG@10 / R@100 | capitals nDCG@10 / R@100 | capitals / original (nDCG@10) |",
@@ -83,7 +84,7 @@ def report(args) -> None:
     row("bm25", "BM25", "(lower-cases its tokens)")
     for label, _ in args.model:
         row(f"{label}:llara_keep", label, "keep")
-        row(f"{label}:llara", label, "lower_all_caps (default)")
+        row(f"{label}:llara_lower_all_caps", label, "lower_all_caps")
     lines += ["", "Models: " + ", ".join(f"{label} = `{spec}`" for label, spec in args.model), "",
               "## Command", "", "```bash", ".venv/bin/python benchmarks/robustness_case.py "
               + " ".join(f"--model {label}={spec}" for label, spec in args.model), "```", ""]

@@ -174,10 +174,12 @@ def test_casing_rule():
 
 
 def test_casing_is_a_template_option(tmp_path):
-    assert all(t.casing == "keep" for t in BUILTIN_TEMPLATES.values())  # until measured on text in capitals
+    assert all(t.casing == "lower_all_caps" for t in BUILTIN_TEMPLATES.values())  # measured: robustness_case.md
     t = get_template({"name": "k", "query": {}, "passage": {}, "casing": "lower_all_caps"})
     assert t.casing == "lower_all_caps" and get_template(t.to_dict()) == t
-    assert t.prepare(["FISH", "Fish"]) == ["fish", "Fish"] and get_template("eos").prepare(["FISH"]) == ["FISH"]
+    assert t.prepare(["FISH", "Fish"]) == ["fish", "Fish"] and get_template("eos").prepare(["FISH"]) == ["fish"]
+    kept = get_template({"name": "k2", "query": {}, "passage": {}, "casing": "keep"})
+    assert kept.prepare(["FISH"]) == ["FISH"] and get_template(kept.to_dict()).casing == "keep"
     bad = tmp_path / "bad.yaml"
     bad.write_text("query: {}\npassage: {}\ncasing: upper\n")
     with pytest.raises(TemplateError, match="bad.yaml.*casing"):
