@@ -350,3 +350,46 @@ def test_two_processes_gloo(tmp_path):
     assert read_trainer_state(ckpts[0])["world_size"] == 2
     assert (tmp_path / "final" / "model.safetensors").is_file()
     assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")]
+
+
+def test_lora_checkpoint_of_a_tied_model_loads_back(tmp_path):
+    """A tied LM head gets its own token adapter sharing the embedding's delta; peft saves the
+    delta under both names and loads one, which must not stop a resume (SmolLM2, Gemma, Qwen2)."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from safetensors.torch import load_file, save_file
+
+    from llara.training.checkpoint import load_model_weights
+    from llara.training.lora import apply_lora
+
+    def tied_peft(seed):
+        torch.manual_seed(seed)
+        cfg = LlamaConfig(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                          num_attention_heads=4, num_key_value_heads=2, tie_word_embeddings=True)
+        model = LlamaForCausalLM(cfg)
+        model.resize_token_embeddings(70, mean_resizing=False)
+        return apply_lora(model, r=4, trainable_token_ids=[66, 67]).eval()  # eval: no LoRA dropout
+
+    trained = tied_peft(0)
+    assert any(name.endswith("lm_head.token_adapter") for name, _ in trained.named_modules())
+    with torch.no_grad():
+        for name, p in trained.named_parameters():
+            if p.requires_grad:
+                p.add_(torch.randn_like(p))
+    # what peft writes for a resized model loaded from a hub or a directory (SmolLM2): the embedding
+    # layers, the tied head's token rows included
+    saved = tmp_path / "model"
+    trained.save_pretrained(saved, safe_serialization=True, save_embedding_layers=True)
+    f = next(saved.glob("*.safetensors"))
+    sd = load_file(f)
+    key = next(k for k in sd if "lm_head.token_adapter.trainable_tokens_delta" in k)
+    fresh = tied_peft(0)
+    load_model_weights(fresh, saved)
+    ids = torch.tensor([[1, 66, 5, 67]])
+    torch.testing.assert_close(fresh(input_ids=ids).logits, trained(input_ids=ids).logits)
+
+    # a token delta that does not match what the tied layer loaded is still an error
+    sd[key] = sd[key] + 1
+    save_file(sd, f)
+    with pytest.raises(RuntimeError, match="adapter keys not in the model"):
+        load_model_weights(tied_peft(0), saved)

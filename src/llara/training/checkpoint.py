@@ -225,6 +225,23 @@ def _load_safetensors_dir(d: Path) -> dict[str, torch.Tensor]:
     return sd
 
 
+def _not_tied_token_rows(model, sd: dict[str, torch.Tensor], keys: list[str]) -> list[str]:
+    """``keys`` less the token rows of a layer tied to another one (a tied LM head's trainable
+    tokens share the input embedding's delta: peft saves them under both names but loads one), once
+    checked equal to what was loaded through the other name."""
+    modules = dict(model.named_modules())
+    left = []
+    for key in keys:
+        prefix, _, leaf = key.rpartition(".")
+        tied = getattr(modules.get(prefix), "tied_adapter", None)
+        if leaf == "trainable_tokens_delta" and tied is not None:
+            loaded = [d for d in tied.trainable_tokens_delta.values()]
+            if len(loaded) == 1 and torch.equal(loaded[0].detach().cpu().to(sd[key].dtype), sd[key]):
+                continue
+        left.append(key)
+    return left
+
+
 def load_model_weights(model, model_dir: Path) -> None:
     """Load what ``save_model_weights`` wrote into the live (plain or peft) model, exactly."""
     if _peft(model):
@@ -232,7 +249,7 @@ def load_model_weights(model, model_dir: Path) -> None:
 
         sd = _load_safetensors_dir(model_dir)
         result = set_peft_model_state_dict(model, sd)
-        unexpected = getattr(result, "unexpected_keys", None) or []
+        unexpected = _not_tied_token_rows(model, sd, getattr(result, "unexpected_keys", None) or [])
         if unexpected:
             raise RuntimeError(f"{model_dir}: adapter keys not in the model: {unexpected[:5]}")
         return
