@@ -354,7 +354,7 @@ def test_two_processes_gloo(tmp_path):
 
 def test_lora_checkpoint_of_a_tied_model_loads_back(tmp_path):
     """A tied LM head gets its own token adapter sharing the embedding's delta; peft saves the
-    delta under both names and loads one, which must not stop a resume (SmolLM2, Gemma, Qwen2)."""
+    delta under both names and loads one, which must not stop a resume (the embedded SmolLM2)."""
     from transformers import LlamaConfig, LlamaForCausalLM
 
     from safetensors.torch import load_file, save_file
