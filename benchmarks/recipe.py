@@ -10,7 +10,11 @@ BM25-mined SQuAD + SciFact-train groups) and is evaluated the same way (four dev
 - group8: 1 positive + 7 hard negatives per query (GradCache, chunks of 16 sequences);
 - temp05: InfoNCE temperature 0.05 instead of 0.01;
 - lr1e4: learning rate 1e-4 instead of 3e-4;
-- len160: training passages cut to 160 tokens instead of 96 (evaluation stays at 96).
+- len160: training passages cut to 160 tokens instead of 96 (evaluation stays at 96);
+- linear: the learning rate decays linearly to 0 after the warm-up (instead of staying constant).
+
+Variants combine with "+" (e.g. ``linear+temp05``: the flags of both). ``--seed 1`` runs a variant with the
+second seed of the learning curve (data order, LoRA init) and compares it with that seed's baseline.
 
 Reproduce (from the repository root, after benchmarks/learning_curve.py has its adapted:0:<steps> point):
 
@@ -42,7 +46,22 @@ VARIANTS = {  # name: (label, extra `llara finetune` flags, extra data)
     "temp05": ("temperature 0.05", {"--temperature": "0.05"}, False),
     "lr1e4": ("lr 1e-4", {"--lr": "1e-4"}, False),
     "len160": ("training passages of 160 tokens", {"--max-passage-length": "160"}, False),
+    "linear": ("linear decay to 0", {"--lr-scheduler": "linear"}, False),
 }
+
+
+def variant(name: str) -> tuple[str, dict, bool]:
+    """(label, flags, wiki) of a variant or of a "+"-joined combination of variants."""
+    parts = name.split("+")
+    unknown = [x for x in parts if x not in VARIANTS]
+    if unknown:
+        raise argparse.ArgumentTypeError(f"unknown variant(s) {unknown}; known: {sorted(VARIANTS)}")
+    flags = {k: v for x in parts for k, v in VARIANTS[x][1].items()}
+    return " + ".join(VARIANTS[x][0] for x in parts), flags, any(VARIANTS[x][2] for x in parts)
+
+
+def run_label(name: str, seed: int, steps: int) -> str:
+    return f"{name}/{steps}" + (f"/s{seed}" if seed else "")
 
 
 def wiki_groups(args) -> str:
@@ -75,49 +94,68 @@ def run_variants(args) -> None:
     if not base:
         raise SystemExit(f"{args.adapted} is missing")
     for name in args.variants:
-        label = f"{name}/{args.steps}"
+        label = run_label(name, args.seed, args.steps)
         if {r["dataset"] for r in load_rows(OUT_JSON) if r["method"] == f"{label}:llara"} >= set(args.datasets):
             continue
-        _, flags, wiki = VARIANTS[name]
+        _, flags, wiki = variant(name)
         run_args = argparse.Namespace(**vars(args))
         if wiki:
             run_args.data = wiki_groups(args)
-        model = lc.train_to(RUNS / name, base, 0, args.steps, run_args, flags)
+        run_dir = RUNS / (name + (f"_s{args.seed}" if args.seed else ""))
+        model = lc.train_to(run_dir, base, args.seed, args.steps, run_args, flags)
         with lc.heavy(args):
             evaluate_models({label: (str(model), ["llara"])}, OUT_JSON, args, bm25=False)
 
 
 def report(args) -> None:
-    base = load_rows(lc.OUT_JSON)
-    key = f"{lc.point_label('adapted', 0, args.steps)}:llara"
-    rows = [dict(r, method="baseline:llara") for r in base if r["method"] == key]
-    rows += [r for r in base if r["method"] == "bm25"] + load_rows(OUT_JSON)
-    methods = {"bm25": "BM25", "baseline:llara": f"baseline (learning_curve.py, adapted start, {args.steps} steps)"}
-    methods |= {f"{n}/{args.steps}:llara": VARIANTS[n][0] for n in VARIANTS}
+    """One table over every run in recipe.json, each beside the baseline of its seed."""
     names = list(args.datasets)
+    base = load_rows(lc.OUT_JSON)
+    own = load_rows(OUT_JSON)
+    runs = sorted({r["method"][: -len(":llara")] for r in own}, key=lambda m: (m.count("/s"), m))
+    seeds = sorted({int(m.rsplit("/s", 1)[1]) if "/s" in m else 0 for m in runs} | {0})
+    rows = [r for r in base if r["method"] == "bm25"]
+    methods = {"bm25": "BM25"}
+    for seed in seeds:
+        key = f"{lc.point_label('adapted', seed, args.steps)}:llara"
+        rows += [dict(r, method=f"baseline/s{seed}:llara") for r in base if r["method"] == key]
+        methods[f"baseline/s{seed}:llara"] = f"baseline (learning_curve.py, adapted start), seed {seed}"
+    rows += own
+    for m in runs:
+        name, seed = m.split("/")[0], int(m.rsplit("/s", 1)[1]) if "/s" in m else 0
+        methods[f"{m}:llara"] = f"{variant(name)[0]}, seed {seed}"
     get = {(r["method"], r["dataset"]): r["metrics"]["ndcg@10"] for r in rows}
     lines = ["# Fine-tuning recipe variants at one budget", "",
-             f"Each row changes one setting against the baseline: the adapted start (50 steps of EBAE + EBAR + LM) "
-             f"fine-tuned for {args.steps} steps of 8 queries (seed 0, lr 3e-4 constant after 4 warm-up steps, 2 passages "
-             "per query, temperature 0.01, BM25-mined SQuAD + SciFact-train groups, LoRA r 64), evaluated on the "
-             f"subsampled dev collections with 96-token passages. One seed. Machine: {machine()}.", "",
+             f"Each row changes the named settings against the baseline of its seed: the adapted start (50 steps of "
+             f"EBAE + EBAR + LM) fine-tuned for {args.steps} steps of 8 queries (lr 3e-4 constant after 4 warm-up "
+             "steps, 2 passages per query, temperature 0.01, BM25-mined SQuAD + SciFact-train groups, LoRA r 64, "
+             "bf16 with an fp32 LoRA base), evaluated on the subsampled dev collections with 96-token passages. "
+             f"Machine: {machine()}.", "",
              "## nDCG@10 / Recall@100", ""] + table(rows, methods, names) + [""]
     avg = {m: float(np.mean([get[(m, d)] for d in names])) for m in methods if all((m, d) in get for d in names)}
-    if "baseline:llara" in avg:
-        lines += ["Change of the average nDCG@10 against the baseline: " + ", ".join(
-            f"{VARIANTS[m.split('/')[0]][0]} {avg[m] - avg['baseline:llara']:+.3f}"
-            for m in avg if m not in ("bm25", "baseline:llara")) + ".", ""]
+    deltas = []
+    for m in runs:
+        key, seed = f"{m}:llara", int(m.rsplit("/s", 1)[1]) if "/s" in m else 0
+        if key in avg and f"baseline/s{seed}:llara" in avg:
+            deltas.append(f"{methods[key]}: {avg[key]:.3f} ({avg[key] - avg[f'baseline/s{seed}:llara']:+.3f})")
+    if deltas:
+        lines += ["Average nDCG@10 over the four collections, and its change against the same seed's baseline:", ""]
+        lines += [f"- {d}" for d in deltas] + [""]
     steps = {}
-    for n in VARIANTS:
-        log = RUNS / n / "train_log.jsonl"
+    for run in sorted(RUNS.glob("*.log")):
+        log = RUNS / run.stem / "train_log.jsonl"
         if log.is_file():
             entries = [json.loads(x) for x in log.read_text().splitlines() if x.strip()]
-            steps[n] = entries[-1]["elapsed_s"] / max(entries[-1]["step"], 1)
+            steps[run.stem] = entries[-1]["elapsed_s"] / max(entries[-1]["step"], 1)
     if steps:
-        lines += ["Training time per step (s, wall, shared 2-core machine): "
+        lines += ["Training time per step (s, wall, 2 cores, the run alone): "
                   + ", ".join(f"{n} {s:.1f}" for n, s in steps.items()) + ".", ""]
-    lines += ["## Commands", "", "```bash", ".venv/bin/python benchmarks/recipe.py --variants "
-              + " ".join(args.variants), "```", ""]
+    lines += ["## Commands", "", "```bash"]
+    for seed in seeds:
+        names_s = [m.split("/")[0] for m in runs if (int(m.rsplit("/s", 1)[1]) if "/s" in m else 0) == seed]
+        if names_s:
+            lines.append(f".venv/bin/python benchmarks/recipe.py --stage run --seed {seed} --variants " + " ".join(names_s))
+    lines += [".venv/bin/python benchmarks/recipe.py --stage report", "```", ""]
     (RESULTS / "recipe.md").write_text("\n".join(lines))
     print("\n".join(lines))
 
@@ -125,8 +163,10 @@ def report(args) -> None:
 def main(argv=None) -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--stage", choices=["all", "run", "report"], default="all")
-    p.add_argument("--variants", nargs="+", default=list(VARIANTS), choices=list(VARIANTS))
+    p.add_argument("--variants", nargs="+", default=list(VARIANTS), type=lambda v: variant(v) and v,
+                   help=f"variants, or '+'-joined combinations of them: {', '.join(VARIANTS)}")
     p.add_argument("--steps", type=int, default=32)
+    p.add_argument("--seed", type=int, default=0, help="seed of the runs (the baseline of the same seed is compared)")
     lc.add_train_args(p)
     lc.add_eval_args(p)
     args = p.parse_args(argv)
