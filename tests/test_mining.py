@@ -77,7 +77,7 @@ def test_cli_mine_on_adi(adi_dir, tmp_path, method):
 
 
 def test_shipped_squad_pairs_load_and_resolve():
-    from llara.cli import PAIRS_DIR
+    from llara.data.shipped import PAIRS_DIR
     from llara.data.beir import load_corpus, load_qrels, load_queries
 
     d = PAIRS_DIR / "squad"

@@ -11,11 +11,11 @@ from typing import Sequence
 
 from . import cli_args
 from .cli_args import fusion_config, index_location, make_encoder, train_config
+from .data.shipped import shipped_pairs
 from .console import ConsoleReport, console, fail, print_hits, print_side_by_side, print_table, setup_logging, styled
 
 log = logging.getLogger("llara")
 
-PAIRS_DIR = Path(__file__).parent / "data" / "pairs"  # shipped, redistributable training pairs (README inside)
 
 
 def cmd_evaluate(args) -> int:
@@ -200,9 +200,8 @@ def cmd_mine(args) -> int:
     if args.pairs:
         if args.corpus or args.queries or args.qrels or args.train:
             return fail(ValueError("--pairs replaces --corpus, --queries, --qrels and --train: give one or the other"))
-        shipped = PAIRS_DIR / args.pairs
-        args.corpus, args.queries = str(shipped / "corpus.jsonl.gz"), str(shipped / "queries.jsonl.gz")
-        args.qrels = str(shipped / "qrels" / "train.tsv.gz")
+        shipped = shipped_pairs(args.pairs)
+        args.corpus, args.queries, args.qrels = (str(shipped[k]) for k in ("corpus", "queries", "qrels"))
     elif not args.corpus:
         return fail(ValueError("give --corpus (with --queries/--qrels or --train), or --pairs squad"))
     cfg = mining.MiningConfig(window=tuple(args.window), num_negatives=args.negatives, margin=args.margin,
@@ -240,6 +239,31 @@ def cmd_finetune(args) -> int:
     return 0
 
 
+def cmd_recipe(args) -> int:
+    """Adapt, mine, fine-tune and index a corpus of the user's (llara.recipe), resumable."""
+    from .modeling.encoder import Encoder
+    from .recipe import RecipeConfig, run_recipe
+
+    t0 = time.perf_counter()
+    try:
+        cfg = RecipeConfig(corpus=args.corpus, output=args.output, model=args.model, pairs=args.pairs,
+                           adapt_steps=args.adapt_steps, adapt_lr=args.adapt_lr, adapt_batch_size=args.adapt_batch_size,
+                           chunk_tokens=args.chunk_tokens, finetune_steps=args.finetune_steps,
+                           batch_size=args.batch_size, group_size=args.group_size, negatives=args.negatives,
+                           negatives_window=tuple(args.window), max_passage_length=args.max_passage_length,
+                           max_query_length=args.max_query_length, seed=args.seed, cpu=args.device == "cpu",
+                           progress=args.progress)
+        r = run_recipe(cfg, lambda model: Encoder.from_pretrained(model, device=args.device, dtype=args.dtype,
+                                                                  show_progress=args.progress),
+                       say=lambda text: console().print(text))
+    except ValueError as e:
+        return fail(e)
+    times = ", ".join(f"{k} {v['seconds']:.0f} s" for k, v in r["stages"].items())
+    console().print(f"done in {time.perf_counter() - t0:.0f} s ({times}); model {r['model']}; index {r['index']}: "
+                    f"llara search --index {r['index']} \"your question\"")
+    return 0
+
+
 def cmd_loadtest(args) -> int:
     """Load-test a running service (llara.loadtest)."""
     from .loadtest import run
@@ -253,6 +277,7 @@ def build_parser() -> argparse.ArgumentParser:
         "mine": cmd_mine,
         "pretrain": cmd_pretrain,
         "finetune": cmd_finetune,
+        "recipe": cmd_recipe,
         "export": cmd_export,
         "demo": cmd_demo,
         "index": cmd_index,

@@ -18,6 +18,16 @@ from .loop import TrainResult, train
 
 log = logging.getLogger(__name__)
 
+# What fine-tuning changes in TrainConfig's defaults (TrainConfig's own are adaptation's): the authors'
+# LoRA recipe (r 64, alpha 16, dropout 0.1, lr 3e-4), with the changes measured in
+# benchmarks/results/recipe.md. `llara finetune` and `llara recipe` use them; so does finetune_train_config.
+FINETUNE_TRAIN_DEFAULTS: dict = {"lora": True, "lr": 3e-4}
+
+
+def finetune_train_config(**fields) -> TrainConfig:
+    """A :class:`TrainConfig` with fine-tuning's defaults (:data:`FINETUNE_TRAIN_DEFAULTS`) under ``fields``."""
+    return TrainConfig(**{**FINETUNE_TRAIN_DEFAULTS, **fields})
+
 
 @dataclass
 class FinetuneConfig:

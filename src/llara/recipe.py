@@ -1,0 +1,148 @@
+"""``llara recipe``: the whole path on a corpus of yours, in one resumable command.
+
+1. **adapt**: LLaRA adaptation (EBAE + EBAR + LM) on the corpus's own text (no labels);
+2. **mine**: BM25 hard negatives for the training pairs (by default the SQuAD pairs shipped with
+   llara, CC BY-SA 4.0; or a BEIR directory with ``qrels/train.tsv``; or ready ``{query, pos, neg}``
+   lines);
+3. **finetune**: contrastive fine-tuning of the adapted model (``llara finetune``'s defaults);
+4. **index**: the corpus encoded by the fine-tuned model into a FAISS + BM25 index directory
+   (``llara search`` / ``llara serve`` read it; hybrid search works out of the box).
+
+Every stage writes into ``<output>/`` and is skipped when its output is complete; a stage cut off
+half-way resumes from its checkpoint (training) or its last shard (index). ``<output>/recipe.json``
+records each stage's settings, output and wall time.
+"""
+from __future__ import annotations
+
+import json
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any, Callable
+
+from .data.pretrain import PretrainDataConfig
+from .data.shipped import SHIPPED_PAIRS, shipped_pairs
+from .io import write_json
+from .retrieval.index import build_index
+from .retrieval.mining import MiningConfig, mine
+from .training.finetune import FinetuneConfig, finetune, finetune_train_config
+from .training.config import TrainConfig
+from .training.pretrain import pretrain
+
+STAGES = ("adapt", "mine", "finetune", "index")
+
+
+@dataclass
+class RecipeConfig:
+    corpus: str  # BEIR corpus.jsonl ({_id, title, text}); also the adaptation text
+    output: str = "runs/recipe"
+    model: str = "default"
+    pairs: str = "squad"  # a shipped pair set, a BEIR directory with qrels/train.tsv, or a {query, pos, neg} .jsonl
+    adapt_steps: int = 50  # 0: fine-tune the model as given
+    adapt_lr: float = 5e-5
+    adapt_batch_size: int = 8
+    chunk_tokens: int = 96
+    finetune_steps: int = 32
+    batch_size: int = 8
+    group_size: int = 2  # 1 positive + 1 hard negative per query (+ in-batch negatives)
+    negatives: int = 7  # hard negatives mined per query (fine-tuning samples group_size - 1 of them per pass)
+    negatives_window: tuple[int, int] = (5, 100)  # BM25 ranks the hard negatives are drawn from
+    max_passage_length: int = 96  # training and index (prompt included)
+    max_query_length: int = 64
+    seed: int = 0
+    cpu: bool = False
+    progress: bool = True
+
+    def __post_init__(self):
+        for name in ("adapt_steps", "finetune_steps"):
+            if getattr(self, name) < 0:
+                raise ValueError(f"{name} must be >= 0, got {getattr(self, name)}")
+        if self.finetune_steps == 0 and self.adapt_steps == 0:
+            raise ValueError("adapt_steps and finetune_steps are both 0: nothing to train")
+        if not Path(self.corpus).is_file():
+            raise ValueError(f"{self.corpus}: no such corpus file (a BEIR corpus.jsonl)")
+        self.negatives_window = tuple(self.negatives_window)
+
+
+def _pairs_source(pairs: str) -> dict[str, Any]:
+    """mine()'s inputs for ``pairs``, or ``{"train": path}`` when it is already mined."""
+    if pairs in SHIPPED_PAIRS:
+        return {k: str(v) for k, v in shipped_pairs(pairs).items()}
+    p = Path(pairs)
+    if p.is_dir() and (p / "qrels" / "train.tsv").is_file():
+        return {"corpus": str(p / "corpus.jsonl"), "queries": str(p / "queries.jsonl"),
+                "qrels": str(p / "qrels" / "train.tsv")}
+    if p.is_file():
+        return {"train": str(p)}
+    raise ValueError(f"--pairs {pairs!r}: not a shipped pair set ({', '.join(SHIPPED_PAIRS)}), a BEIR directory "
+                     "with qrels/train.tsv, or a training .jsonl file")
+
+
+def _done(path: Path) -> bool:
+    return (path / "llara.json").is_file()
+
+
+def run_recipe(cfg: RecipeConfig, make_encoder: Callable[[str], Any], say: Callable[[str], None] = print) -> dict:
+    """Run the stages not yet done; returns (and writes to ``<output>/recipe.json``) what each did.
+    ``make_encoder(model_dir)`` builds the index's encoder (the CLI passes its device/dtype flags)."""
+    out = Path(cfg.output)
+    out.mkdir(parents=True, exist_ok=True)
+    record_path = out / "recipe.json"
+    record = json.loads(record_path.read_text()) if record_path.is_file() else {}
+    record["config"] = asdict(cfg)
+    stages = record.setdefault("stages", {})
+    source = _pairs_source(cfg.pairs)
+
+    def stage(name: str, what: str, fn: Callable[[], Any], done: bool, **info) -> None:
+        i = STAGES.index(name) + 1
+        if done:
+            say(f"{i}/4 {name}: already done ({what})")
+            return
+        say(f"{i}/4 {name}: {what}")
+        t0 = time.perf_counter()
+        fn()
+        stages[name] = {"seconds": round(time.perf_counter() - t0, 1), **info}
+        write_json(record_path, record)
+
+    model = cfg.model
+    if cfg.adapt_steps:
+        adapt_dir = out / "adapt"
+        train_cfg = TrainConfig(output_dir=str(adapt_dir), max_steps=cfg.adapt_steps, batch_size=cfg.adapt_batch_size,
+                                lr=cfg.adapt_lr, save_every=max(cfg.adapt_steps // 4, 1), seed=cfg.seed, resume=True,
+                                cpu=cfg.cpu, progress=cfg.progress)
+        stage("adapt", f"{cfg.adapt_steps} steps of EBAE + EBAR + LM on {cfg.corpus} (chunks of {cfg.chunk_tokens} "
+              "tokens)", lambda: pretrain(cfg.model, [cfg.corpus], train_cfg,
+                                          PretrainDataConfig(chunk_tokens=cfg.chunk_tokens)),
+              _done(adapt_dir / "final"), steps=cfg.adapt_steps, model=str(adapt_dir / "final"))
+        model = str(adapt_dir / "final")
+
+    train = Path(source["train"]) if "train" in source else out / "pairs.jsonl"
+    if "train" not in source:
+        mining = MiningConfig(window=cfg.negatives_window, num_negatives=max(cfg.negatives, cfg.group_size - 1), seed=cfg.seed)
+        stage("mine", f"BM25 hard negatives (ranks {cfg.negatives_window[0]}-{cfg.negatives_window[1]}) for the "
+              f"{cfg.pairs} pairs", lambda: mine(source["corpus"], train, queries=source["queries"],
+                                                  qrels=source["qrels"], method="bm25", config=mining),
+              train.is_file(), pairs=cfg.pairs, output=str(train))
+
+    if cfg.finetune_steps:
+        ft_dir = out / "finetune"
+        train_cfg = finetune_train_config(output_dir=str(ft_dir), max_steps=cfg.finetune_steps,
+                                          batch_size=cfg.batch_size, save_every=max(cfg.finetune_steps // 4, 1),
+                                          seed=cfg.seed, resume=True, cpu=cfg.cpu, progress=cfg.progress)
+        ft_cfg = FinetuneConfig(group_size=cfg.group_size, max_query_length=cfg.max_query_length,
+                                max_passage_length=cfg.max_passage_length, data_seed=cfg.seed)
+        stage("finetune", f"{cfg.finetune_steps} contrastive steps of {cfg.batch_size} queries x {cfg.group_size} "
+              f"passages from {model}", lambda: finetune(model, str(train), train_cfg, ft_cfg),
+              _done(ft_dir / "final"), steps=cfg.finetune_steps, model=str(ft_dir / "final"))
+        model = str(ft_dir / "final")
+
+    index_dir = out / "index"
+    manifest = index_dir / "manifest.json"
+    complete = manifest.is_file() and json.loads(manifest.read_text()).get("complete", False)
+    stage("index", f"{cfg.corpus} encoded by {model} (passages cut to {cfg.max_passage_length} tokens) + BM25",
+          lambda: build_index(make_encoder(model), cfg.corpus, index_dir, model_spec=model, resume=True, bm25=True),
+          complete, output=str(index_dir))
+    record["model"], record["index"] = model, str(index_dir)
+    write_json(record_path, record)
+    return record
+

@@ -1,0 +1,113 @@
+"""`llara recipe`: adapt → mine → fine-tune → index on a tiny model, resumable; `llara finetune`'s defaults."""
+import json
+import shutil
+
+import pytest
+from tiny import make_model, make_tokenizer
+
+from llara.cli import build_parser, main
+from llara.modeling.encoder import Encoder
+from llara.recipe import _pairs_source
+from llara.training.finetune import FINETUNE_TRAIN_DEFAULTS, finetune_train_config
+
+
+@pytest.fixture
+def tiny_dir(tmp_path):
+    return str(Encoder(make_model("llama"), make_tokenizer(), "llara", show_progress=False).save(tmp_path / "base"))
+
+
+@pytest.fixture
+def train_pairs(tmp_path, adi_dir):
+    """adi as a BEIR directory with a train split (its test judgments): stand-in for the shipped pairs."""
+    d = tmp_path / "pairs"
+    shutil.copytree(adi_dir, d)
+    (d / "qrels" / "train.tsv").write_text((d / "qrels" / "test.tsv").read_text())
+    return d
+
+
+def _steps(run):
+    return [json.loads(x)["step"] for x in (run / "train_log.jsonl").read_text().splitlines()]
+
+
+def test_recipe_runs_every_stage_once_and_the_index_searches(tiny_dir, train_pairs, adi_dir, tmp_path, capsys):
+    out = tmp_path / "recipe"
+    args = ["recipe", "--corpus", str(adi_dir / "corpus.jsonl"), "--model", tiny_dir, "--pairs", str(train_pairs),
+            "--output", str(out), "--adapt-steps", "2", "--adapt-batch-size", "2", "--chunk-tokens", "16",
+            "--finetune-steps", "2", "--batch-size", "2", "--negatives", "3", "--window", "2", "20",
+            "--max-passage-length", "48", "--device", "cpu", "--dtype", "float32", "--no-progress"]
+    assert main(args) == 0
+    text = capsys.readouterr().out
+    assert all(f"{i}/4 {s}:" in text for i, s in enumerate(("adapt", "mine", "finetune", "index"), 1))
+    record = json.loads((out / "recipe.json").read_text())
+    assert list(record["stages"]) == ["adapt", "mine", "finetune", "index"]
+    assert all(s["seconds"] >= 0 for s in record["stages"].values())
+    # each stage starts from the previous one's output
+    ft = json.loads((out / "finetune" / "final" / "llara.json").read_text())
+    assert ft["base_model"] == str(out / "adapt" / "final") and ft["finetune_data"] == str(out / "pairs.jsonl")
+    assert ft["training"]["lora"] is True and ft["training"]["lr"] == FINETUNE_TRAIN_DEFAULTS["lr"]
+    assert ft["max_passage_length"] == 48 and ft["finetune"]["group_size"] == 2
+    groups = [json.loads(x) for x in (out / "pairs.jsonl").read_text().splitlines()]
+    assert groups and all(1 <= len(g["neg"]) <= 3 for g in groups)
+    manifest = json.loads((out / "index" / "manifest.json").read_text())
+    assert manifest["complete"] and manifest["count"] == sum(1 for _ in open(adi_dir / "corpus.jsonl"))
+    assert manifest["bm25"] and record["model"] == str(out / "finetune" / "final")
+    assert main(["search", "--index", str(out / "index"), "--json", "-k", "3", "--mode", "hybrid", "fish"]) == 0
+    hits = json.loads(capsys.readouterr().out.splitlines()[-1])["hits"]
+    assert len(hits) == 3
+
+    # a second run finds every stage done and trains nothing
+    mtime = (out / "pairs.jsonl").stat().st_mtime_ns
+    assert main(args) == 0
+    assert capsys.readouterr().out.count("already done") == 4
+    assert _steps(out / "adapt") == [1, 2] and _steps(out / "finetune") == [1, 2]
+    assert (out / "pairs.jsonl").stat().st_mtime_ns == mtime
+
+    # more fine-tuning steps: the fine-tuning resumes from its checkpoint; adaptation and mining stay done
+    shutil.rmtree(out / "finetune" / "final")
+    shutil.rmtree(out / "index")
+    assert main(args[:args.index("--finetune-steps") + 1] + ["3"] + args[args.index("--finetune-steps") + 2:]) == 0
+    assert _steps(out / "finetune") == [1, 2, 3] and _steps(out / "adapt") == [1, 2]
+    assert json.loads((out / "index" / "manifest.json").read_text())["complete"]
+
+
+def test_recipe_without_adaptation_and_with_mined_lines(tiny_dir, train_pairs, adi_dir, tmp_path):
+    train = tmp_path / "train.jsonl"
+    assert main(["mine", "--method", "bm25", "--corpus", str(train_pairs / "corpus.jsonl"), "--queries",
+                 str(train_pairs / "queries.jsonl"), "--qrels", str(train_pairs / "qrels" / "train.tsv"),
+                 "--window", "2", "20", "--negatives", "3", "--output", str(train)]) == 0
+    out = tmp_path / "recipe"
+    assert main(["recipe", "--corpus", str(adi_dir / "corpus.jsonl"), "--model", tiny_dir, "--pairs", str(train),
+                 "--output", str(out), "--adapt-steps", "0", "--finetune-steps", "1", "--batch-size", "2",
+                 "--max-passage-length", "48", "--device", "cpu", "--dtype", "float32", "--no-progress"]) == 0
+    record = json.loads((out / "recipe.json").read_text())
+    assert list(record["stages"]) == ["finetune", "index"] and not (out / "adapt").exists()
+    assert json.loads((out / "finetune" / "final" / "llara.json").read_text())["base_model"] == tiny_dir
+
+
+@pytest.mark.parametrize("bad, message", [
+    (["--corpus", "missing.jsonl"], "missing.jsonl: no such corpus file"),
+    (["--pairs", "nope"], "--pairs 'nope': not a shipped pair set"),
+    (["--adapt-steps", "0", "--finetune-steps", "0"], "nothing to train"),
+])
+def test_recipe_rejects_bad_input_before_training(bad, message, adi_dir, tmp_path, capsys):
+    args = ["recipe", "--corpus", str(adi_dir / "corpus.jsonl"), "--output", str(tmp_path / "r")] + bad
+    assert main(args) == 2
+    assert message in capsys.readouterr().err
+    assert not (tmp_path / "r" / "adapt").exists()
+
+
+def test_shipped_pairs_are_found():
+    source = _pairs_source("squad")
+    assert {k: v.rsplit("/", 1)[-1] for k, v in source.items()} == {
+        "corpus": "corpus.jsonl.gz", "queries": "queries.jsonl.gz", "qrels": "train.tsv.gz"}
+    assert all(__import__("pathlib").Path(v).is_file() for v in source.values())
+
+
+def test_finetune_defaults_are_the_recipe():
+    """`llara finetune` and finetune_train_config share FINETUNE_TRAIN_DEFAULTS; adaptation keeps TrainConfig's."""
+    ft = build_parser().parse_args(["finetune", "--data", "x", "--output", "o"])
+    pre = build_parser().parse_args(["pretrain", "--data", "x", "--output", "o"])
+    for key, value in FINETUNE_TRAIN_DEFAULTS.items():
+        assert getattr(ft, key) == value and getattr(finetune_train_config(max_steps=1), key) == value
+        assert getattr(pre, key) != value
+    assert build_parser().parse_args(["finetune", "--data", "x", "--output", "o", "--no-lora"]).lora is False
