@@ -62,12 +62,26 @@ def test_recipe_runs_every_stage_once_and_the_index_searches(tiny_dir, train_pai
     assert _steps(out / "adapt") == [1, 2] and _steps(out / "finetune") == [1, 2]
     assert (out / "pairs.jsonl").stat().st_mtime_ns == mtime
 
-    # more fine-tuning steps: the fine-tuning resumes from its checkpoint; adaptation and mining stay done
-    shutil.rmtree(out / "finetune" / "final")
-    shutil.rmtree(out / "index")
-    assert main(args[:args.index("--finetune-steps") + 1] + ["3"] + args[args.index("--finetune-steps") + 2:]) == 0
+    # more fine-tuning steps: the fine-tuning continues from its checkpoint, adaptation and mining stay done,
+    # and the index is rebuilt for the new weights
+    def with_flag(flag, value):
+        i = args.index(flag)
+        return args[:i + 1] + [value] + args[i + 2:]
+
+    assert main(with_flag("--finetune-steps", "3")) == 0
+    text = " ".join(capsys.readouterr().out.split())  # rich wraps long lines
+    assert "continuing from step 2" in text and "rebuilt" in text and text.count("already done") == 2
     assert _steps(out / "finetune") == [1, 2, 3] and _steps(out / "adapt") == [1, 2]
+    record = json.loads((out / "recipe.json").read_text())
+    assert record["stages"]["finetune"]["steps"] == 3
+    assert record["stages"]["index"]["settings"]["model"]["steps"] == 3
     assert json.loads((out / "index" / "manifest.json").read_text())["complete"]
+
+    # another setting of a trained stage: an error that names the run, and nothing is lost
+    assert main(with_flag("--finetune-steps", "3") + ["--group-size", "3"]) == 2
+    err = " ".join(capsys.readouterr().err.split())
+    assert f"{out / 'finetune'} was trained with other settings (group_size" in err
+    assert _steps(out / "finetune") == [1, 2, 3] and (out / "finetune" / "final" / "llara.json").is_file()
 
 
 def test_recipe_without_adaptation_and_with_mined_lines(tiny_dir, train_pairs, adi_dir, tmp_path):

@@ -15,6 +15,7 @@ records each stage's settings, output and wall time.
 from __future__ import annotations
 
 import json
+import shutil
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -25,7 +26,7 @@ from .data.shipped import SHIPPED_PAIRS, shipped_pairs
 from .io import write_json
 from .retrieval.index import build_index
 from .retrieval.mining import MiningConfig, mine
-from .training.finetune import FinetuneConfig, finetune, finetune_train_config
+from .training.finetune import FINETUNE_TRAIN_DEFAULTS, FinetuneConfig, finetune, finetune_train_config
 from .training.config import TrainConfig
 from .training.pretrain import pretrain
 
@@ -78,13 +79,19 @@ def _pairs_source(pairs: str) -> dict[str, Any]:
                      "with qrels/train.tsv, or a training .jsonl file")
 
 
-def _done(path: Path) -> bool:
-    return (path / "llara.json").is_file()
+def _index_complete(index_dir: Path) -> bool:
+    manifest = index_dir / "manifest.json"
+    return manifest.is_file() and bool(json.loads(manifest.read_text()).get("complete"))
 
 
 def run_recipe(cfg: RecipeConfig, make_encoder: Callable[[str], Any], say: Callable[[str], None] = print) -> dict:
     """Run the stages not yet done; returns (and writes to ``<output>/recipe.json``) what each did.
-    ``make_encoder(model_dir)`` builds the index's encoder (the CLI passes its device/dtype flags)."""
+    ``make_encoder(model_dir)`` builds the index's encoder (the CLI passes its device/dtype flags).
+
+    A stage is done when its output is there and ``recipe.json`` records it made with the same settings
+    (its own and those of every stage before it). A training stage asked for more steps continues from
+    its last checkpoint; one whose other settings changed is an error (its run directory is kept). Mining
+    and the index are rebuilt when their settings or their model changed."""
     out = Path(cfg.output)
     out.mkdir(parents=True, exist_ok=True)
     record_path = out / "recipe.json"
@@ -93,36 +100,60 @@ def run_recipe(cfg: RecipeConfig, make_encoder: Callable[[str], Any], say: Calla
     stages = record.setdefault("stages", {})
     source = _pairs_source(cfg.pairs)
 
-    def stage(name: str, what: str, fn: Callable[[], Any], done: bool, **info) -> None:
-        i = STAGES.index(name) + 1
-        if done:
+    def stage(name: str, what: str, fn: Callable[[], Any], output_ok: bool, settings: dict, *,
+              steps: int | None = None, run_dir: Path | None = None, **info) -> dict:
+        """Run ``fn`` unless done; returns the settings that describe the stage's output (for the next)."""
+        i, prev = STAGES.index(name) + 1, stages.get(name)
+        settings = json.loads(json.dumps(settings))  # as recipe.json stores them (tuples become lists)
+        mine_ = {"settings": settings, "steps": steps}
+        if prev and output_ok and {k: prev.get(k) for k in mine_} == mine_:
             say(f"{i}/4 {name}: already done ({what})")
-            return
+            return mine_
+        if prev and run_dir is not None and run_dir.exists():
+            changed = sorted(k for k in set(prev["settings"]) | set(settings)
+                             if prev["settings"].get(k) != settings.get(k))
+            if changed or steps < prev["steps"]:
+                why = f"other settings ({', '.join(changed)})" if changed else f"{prev['steps']} steps, not {steps}"
+                raise ValueError(f"{run_dir} was trained with {why}: delete it, or choose another --output")
+            what += f" (continuing from step {prev['steps']})"
+        elif prev and run_dir is None:
+            what += " (rebuilt: its settings or its model changed)"
         say(f"{i}/4 {name}: {what}")
         t0 = time.perf_counter()
         fn()
-        stages[name] = {"seconds": round(time.perf_counter() - t0, 1), **info}
+        stages[name] = {"seconds": round(time.perf_counter() - t0, 1), **mine_, **info}
         write_json(record_path, record)
+        return mine_
 
-    model = cfg.model
+    model, shaped = cfg.model, {"model": cfg.model}  # the model so far, and what shaped it
+    corpus = str(Path(cfg.corpus).resolve())
     if cfg.adapt_steps:
         adapt_dir = out / "adapt"
         train_cfg = TrainConfig(output_dir=str(adapt_dir), max_steps=cfg.adapt_steps, batch_size=cfg.adapt_batch_size,
                                 lr=cfg.adapt_lr, save_every=max(cfg.adapt_steps // 4, 1), seed=cfg.seed, resume=True,
                                 cpu=cfg.cpu, progress=cfg.progress)
-        stage("adapt", f"{cfg.adapt_steps} steps of EBAE + EBAR + LM on {cfg.corpus} (chunks of {cfg.chunk_tokens} "
-              "tokens)", lambda: pretrain(cfg.model, [cfg.corpus], train_cfg,
-                                          PretrainDataConfig(chunk_tokens=cfg.chunk_tokens)),
-              _done(adapt_dir / "final"), steps=cfg.adapt_steps, model=str(adapt_dir / "final"))
+        shaped = stage("adapt", f"{cfg.adapt_steps} steps of EBAE + EBAR + LM on {cfg.corpus} (chunks of "
+                       f"{cfg.chunk_tokens} tokens)",
+                       lambda: pretrain(cfg.model, [cfg.corpus], train_cfg,
+                                        PretrainDataConfig(chunk_tokens=cfg.chunk_tokens)),
+                       (adapt_dir / "final" / "llara.json").is_file(),
+                       {**shaped, "corpus": corpus, "lr": cfg.adapt_lr, "batch_size": cfg.adapt_batch_size,
+                        "chunk_tokens": cfg.chunk_tokens, "seed": cfg.seed},
+                       steps=cfg.adapt_steps, run_dir=adapt_dir, model=str(adapt_dir / "final"))
         model = str(adapt_dir / "final")
 
-    train = Path(source["train"]) if "train" in source else out / "pairs.jsonl"
-    if "train" not in source:
-        mining = MiningConfig(window=cfg.negatives_window, num_negatives=max(cfg.negatives, cfg.group_size - 1), seed=cfg.seed)
-        stage("mine", f"BM25 hard negatives (ranks {cfg.negatives_window[0]}-{cfg.negatives_window[1]}) for the "
-              f"{cfg.pairs} pairs", lambda: mine(source["corpus"], train, queries=source["queries"],
-                                                  qrels=source["qrels"], method="bm25", config=mining),
-              train.is_file(), pairs=cfg.pairs, output=str(train))
+    if "train" in source:
+        train, pairs = Path(source["train"]), {"train": str(Path(source["train"]).resolve())}
+    else:
+        train = out / "pairs.jsonl"
+        mining = MiningConfig(window=cfg.negatives_window, num_negatives=max(cfg.negatives, cfg.group_size - 1),
+                              seed=cfg.seed)
+        pairs = stage("mine", f"BM25 hard negatives (ranks {cfg.negatives_window[0]}-{cfg.negatives_window[1]}) "
+                      f"for the {cfg.pairs} pairs",
+                      lambda: mine(source["corpus"], train, queries=source["queries"], qrels=source["qrels"],
+                                   method="bm25", config=mining),
+                      train.is_file(), {"pairs": cfg.pairs, "window": cfg.negatives_window,
+                                        "negatives": mining.num_negatives, "seed": cfg.seed}, output=str(train))
 
     if cfg.finetune_steps:
         ft_dir = out / "finetune"
@@ -131,18 +162,25 @@ def run_recipe(cfg: RecipeConfig, make_encoder: Callable[[str], Any], say: Calla
                                           seed=cfg.seed, resume=True, cpu=cfg.cpu, progress=cfg.progress)
         ft_cfg = FinetuneConfig(group_size=cfg.group_size, max_query_length=cfg.max_query_length,
                                 max_passage_length=cfg.max_passage_length, data_seed=cfg.seed)
-        stage("finetune", f"{cfg.finetune_steps} contrastive steps of {cfg.batch_size} queries x {cfg.group_size} "
-              f"passages from {model}", lambda: finetune(model, str(train), train_cfg, ft_cfg),
-              _done(ft_dir / "final"), steps=cfg.finetune_steps, model=str(ft_dir / "final"))
+        shaped = stage("finetune", f"{cfg.finetune_steps} contrastive steps of {cfg.batch_size} queries x "
+                       f"{cfg.group_size} passages from {model}",
+                       lambda: finetune(model, str(train), train_cfg, ft_cfg),
+                       (ft_dir / "final" / "llara.json").is_file(),
+                       {"start": shaped, "pairs": pairs, "batch_size": cfg.batch_size, "group_size": cfg.group_size,
+                        "max_query_length": cfg.max_query_length, "max_passage_length": cfg.max_passage_length,
+                        "seed": cfg.seed, **{k: getattr(train_cfg, k) for k in FINETUNE_TRAIN_DEFAULTS}},
+                       steps=cfg.finetune_steps, run_dir=ft_dir, model=str(ft_dir / "final"))
         model = str(ft_dir / "final")
 
     index_dir = out / "index"
-    manifest = index_dir / "manifest.json"
-    complete = manifest.is_file() and json.loads(manifest.read_text()).get("complete", False)
-    stage("index", f"{cfg.corpus} encoded by {model} (passages cut to {cfg.max_passage_length} tokens) + BM25",
-          lambda: build_index(make_encoder(model), cfg.corpus, index_dir, model_spec=model, resume=True, bm25=True),
-          complete, output=str(index_dir))
+
+    def build():
+        if "index" in stages and index_dir.exists():  # built for another model or corpus: rebuilt, not resumed
+            shutil.rmtree(index_dir)
+        build_index(make_encoder(model), cfg.corpus, index_dir, model_spec=model, resume=True, bm25=True)
+
+    stage("index", f"{cfg.corpus} encoded by {model} + BM25", build, _index_complete(index_dir),
+          {"model": shaped, "corpus": corpus}, output=str(index_dir))
     record["model"], record["index"] = model, str(index_dir)
     write_json(record_path, record)
     return record
-
