@@ -21,6 +21,11 @@ Reproduce (from the repository root, after benchmarks/learning_curve.py has its 
     .venv/bin/python benchmarks/recipe.py --variants wiki group8 temp05
     .venv/bin/python benchmarks/recipe.py --stage report
 
+``--stage user`` times `llara recipe` as a user would run it, with its defaults, on one whole dev corpus
+(--user-dataset, default cisi), then evaluates the fine-tuned model and BM25 on that collection's queries:
+
+    .venv/bin/python benchmarks/recipe.py --stage user
+
 Writes benchmarks/results/recipe.{md,json}; runs go to runs/bench/recipe/.
 """
 from __future__ import annotations
@@ -36,7 +41,7 @@ from adaptation import evaluate_models, load_rows, table
 from zero_shot import DATA, RESULTS, ROOT, machine
 
 from llara.io import iter_jsonl
-from llara.io import write_jsonl
+from llara.io import write_json, write_jsonl
 
 RUNS = ROOT / "runs" / "bench" / "recipe"
 OUT_JSON = RESULTS / "recipe.json"
@@ -150,19 +155,65 @@ def report(args) -> None:
     if steps:
         lines += ["Training time per step (s, wall, 2 cores, the run alone): "
                   + ", ".join(f"{n} {s:.1f}" for n, s in steps.items()) + ".", ""]
+    user = RESULTS / "recipe_user.json"
+    if user.is_file():
+        u = json.loads(user.read_text())
+        c = u["config"]
+        lines += [f"## `llara recipe` on a whole corpus ({u['dataset']}, {u['docs']} documents)", "",
+                  f"`llara recipe --corpus {u['dataset']}/corpus.jsonl` with its defaults: {c['adapt_steps']} adaptation "
+                  f"steps, BM25 mining of the shipped SQuAD pairs, {c['finetune_steps']} fine-tuning steps of "
+                  f"{c['batch_size']} x {c['group_size']}, {c['max_passage_length']}-token passages, index. "
+                  f"Alone on the machine ({u['machine']}).", "",
+                  "| stage | wall time | median step |", "|---|---|---|"]
+        lines += [f"| {k} | {v:.0f} s | " + (f"{u['median_step_s'][k]:.1f} s |" if k in u["median_step_s"] else "|")
+                  for k, v in u["stages"].items()]
+        lines += ["", f"Then `llara evaluate` on the {u['dataset']} test queries (whole corpus, 96-token passages "
+                  "for the dense side): nDCG@10 " + ", ".join(f"{k} {v:.3f}" for k, v in u["ndcg@10"].items())
+                  + "; Recall@100 " + ", ".join(f"{k} {v:.3f}" for k, v in u["recall@100"].items()) + ".", ""]
     lines += ["## Commands", "", "```bash"]
     for seed in seeds:
         names_s = [m.split("/")[0] for m in runs if (int(m.rsplit("/s", 1)[1]) if "/s" in m else 0) == seed]
         if names_s:
             lines.append(f".venv/bin/python benchmarks/recipe.py --stage run --seed {seed} --variants " + " ".join(names_s))
+    if user.is_file():
+        lines.append(".venv/bin/python benchmarks/recipe.py --stage user")
     lines += [".venv/bin/python benchmarks/recipe.py --stage report", "```", ""]
     (RESULTS / "recipe.md").write_text("\n".join(lines))
     print("\n".join(lines))
 
 
+def user_run(args) -> None:
+    """`llara recipe` with its defaults on a whole dev corpus: wall time per stage and per step, then
+    `llara evaluate` (dense, BM25, hybrid) of the result on the collection's test queries."""
+    ds = DATA / args.user_dataset
+    out = RUNS / f"user_{args.user_dataset}"
+    with lc.heavy(args):
+        ft.run([ft.LLARA, "recipe", "--corpus", str(ds / "corpus.jsonl"), "--output", str(out), "--no-progress"],
+               RUNS / f"user_{args.user_dataset}.log")
+        if not (out / "eval" / "summary.json").is_file():
+            ft.run([ft.LLARA, "evaluate", "--model", str(out / "finetune" / "final"), "--dataset", str(ds),
+                    "--method", "dense", "--method", "bm25", "--method", "hybrid", "--output", str(out / "eval"),
+                    "--no-cache"], RUNS / f"user_{args.user_dataset}.log")
+    record = json.loads((out / "recipe.json").read_text())
+    steps = {}
+    for name in ("adapt", "finetune"):
+        entries = [json.loads(x) for x in (out / name / "train_log.jsonl").read_text().splitlines() if x.strip()]
+        times = np.diff([0.0] + [e["elapsed_s"] for e in entries])
+        steps[name] = float(np.median(times[2:] if len(times) > 4 else times))
+    rows = json.loads((out / "eval" / "summary.json").read_text())
+    result = {"dataset": args.user_dataset, "docs": sum(1 for _ in open(ds / "corpus.jsonl")),
+              "stages": {k: v["seconds"] for k, v in record["stages"].items()}, "median_step_s": steps,
+              "ndcg@10": {r["retrieval"]: r["metrics"]["ndcg@10"] for r in rows},
+              "recall@100": {r["retrieval"]: r["metrics"]["recall@100"] for r in rows},
+              "config": record["config"], "machine": machine()}
+    write_json(RESULTS / "recipe_user.json", result)
+    print(json.dumps(result, indent=1))
+
+
 def main(argv=None) -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--stage", choices=["all", "run", "report"], default="all")
+    p.add_argument("--stage", choices=["all", "run", "user", "report"], default="all")
+    p.add_argument("--user-dataset", default="cisi", help="the dev collection whose corpus --stage user runs on")
     p.add_argument("--variants", nargs="+", default=list(VARIANTS), type=lambda v: variant(v) and v,
                    help=f"variants, or '+'-joined combinations of them: {', '.join(VARIANTS)}")
     p.add_argument("--steps", type=int, default=32)
@@ -172,6 +223,8 @@ def main(argv=None) -> None:
     args = p.parse_args(argv)
     if args.stage in ("all", "run"):
         run_variants(args)
+    if args.stage == "user":
+        user_run(args)
     if args.stage in ("all", "report"):
         report(args)
 
