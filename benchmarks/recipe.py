@@ -32,6 +32,7 @@ from __future__ import annotations
 
 import argparse
 import json
+from pathlib import Path
 
 import numpy as np
 
@@ -112,39 +113,65 @@ def run_variants(args) -> None:
             evaluate_models({label: (str(model), ["llara"])}, OUT_JSON, args, bm25=False)
 
 
+def parse_label(m: str) -> tuple[str, int, int]:
+    """(variant name, seed, passage length) of a run label ``name/steps[/sSEED][@LENGTH]``."""
+    m, _, length = m.partition("@")
+    return m.split("/")[0], int(m.rsplit("/s", 1)[1]) if "/s" in m else 0, int(length or 96)
+
+
+def long_eval(args) -> None:
+    """The named variants and the baseline of the same seed, evaluated with --long-length-token passages
+    (the rest of this benchmark cuts passages at 96 tokens; MiniLM reads 256 word pieces)."""
+    L = args.long_length
+    models = {f"baseline/s{args.seed}@{L}": (str(lc.RUNS / f"adapted_s{args.seed}" / f"step{args.steps}"), ["llara"])}
+    for name in args.variants:
+        run_dir = RUNS / (name + (f"_s{args.seed}" if args.seed else ""))
+        models[f"{run_label(name, args.seed, args.steps)}@{L}"] = (str(run_dir / f"step{args.steps}"), ["llara"])
+    missing = [spec for spec, _ in models.values() if not (Path(spec) / "llara.json").is_file()]
+    if missing:
+        raise SystemExit(f"not trained yet: {missing}")
+    with lc.heavy(args):
+        evaluate_models(models, OUT_JSON, argparse.Namespace(**{**vars(args), "max_passage_length": L}), bm25=False)
+
+
 def report(args) -> None:
-    """One table over every run in recipe.json, each beside the baseline of its seed."""
+    """One table over every run in recipe.json, each beside the baseline of its seed (and passage length)."""
     names = list(args.datasets)
     base = load_rows(lc.OUT_JSON)
     own = load_rows(OUT_JSON)
-    runs = sorted({r["method"][: -len(":llara")] for r in own}, key=lambda m: (m.count("/s"), m))
-    seeds = sorted({int(m.rsplit("/s", 1)[1]) if "/s" in m else 0 for m in runs} | {0})
-    rows = [r for r in base if r["method"] == "bm25"]
-    methods = {"bm25": "BM25"}
+    runs = sorted({r["method"][: -len(":llara")] for r in own},
+                  key=lambda m: (parse_label(m)[2], m.startswith("baseline"), parse_label(m)[1], m))
+    seeds = sorted({parse_label(m)[1] for m in runs} | {0})
+    rows = [r for r in base if r["method"] in ("bm25", "minilm")]
+    methods = {"bm25": "BM25", "minilm": "all-MiniLM-L6-v2 (256 word pieces)"}
     for seed in seeds:
         key = f"{lc.point_label('adapted', seed, args.steps)}:llara"
         rows += [dict(r, method=f"baseline/s{seed}:llara") for r in base if r["method"] == key]
         methods[f"baseline/s{seed}:llara"] = f"baseline (learning_curve.py, adapted start), seed {seed}"
     rows += own
     for m in runs:
-        name, seed = m.split("/")[0], int(m.rsplit("/s", 1)[1]) if "/s" in m else 0
-        methods[f"{m}:llara"] = f"{variant(name)[0]}, seed {seed}"
+        name, seed, length = parse_label(m)
+        what = "baseline" if name == "baseline" else variant(name)[0]
+        methods[f"{m}:llara"] = f"{what}, seed {seed}" + (f", **{length}-token passages**" if length != 96 else "")
     get = {(r["method"], r["dataset"]): r["metrics"]["ndcg@10"] for r in rows}
     lines = ["# Fine-tuning recipe variants at one budget", "",
              f"Each row changes the named settings against the baseline of its seed: the adapted start (50 steps of "
              f"EBAE + EBAR + LM) fine-tuned for {args.steps} steps of 8 queries (lr 3e-4 constant after 4 warm-up "
              "steps, 2 passages per query, temperature 0.01, BM25-mined SQuAD + SciFact-train groups, LoRA r 64, "
-             "bf16 with an fp32 LoRA base), evaluated on the subsampled dev collections with 96-token passages. "
+             "bf16 with an fp32 LoRA base), evaluated on the subsampled dev collections with 96-token passages "
+             "unless the row says otherwise. "
              f"Machine: {machine()}.", "",
              "## nDCG@10 / Recall@100", ""] + table(rows, methods, names) + [""]
     avg = {m: float(np.mean([get[(m, d)] for d in names])) for m in methods if all((m, d) in get for d in names)}
     deltas = []
     for m in runs:
-        key, seed = f"{m}:llara", int(m.rsplit("/s", 1)[1]) if "/s" in m else 0
-        if key in avg and f"baseline/s{seed}:llara" in avg:
-            deltas.append(f"{methods[key]}: {avg[key]:.3f} ({avg[key] - avg[f'baseline/s{seed}:llara']:+.3f})")
+        name, seed, length = parse_label(m)
+        key, ref = f"{m}:llara", f"baseline/s{seed}" + (f"@{length}" if length != 96 else "") + ":llara"
+        if key in avg and ref in avg and key != ref:
+            deltas.append(f"{methods[key]}: {avg[key]:.3f} ({avg[key] - avg[ref]:+.3f})")
     if deltas:
-        lines += ["Average nDCG@10 over the four collections, and its change against the same seed's baseline:", ""]
+        lines += ["Average nDCG@10 over the four collections, and its change against the baseline of the same seed "
+                  "and passage length:", ""]
         lines += [f"- {d}" for d in deltas] + [""]
     steps = {}
     for run in sorted(RUNS.glob("*.log")):
@@ -153,7 +180,7 @@ def report(args) -> None:
             entries = [json.loads(x) for x in log.read_text().splitlines() if x.strip()]
             steps[run.stem] = entries[-1]["elapsed_s"] / max(entries[-1]["step"], 1)
     if steps:
-        lines += ["Training time per step (s, wall, 2 cores, the run alone): "
+        lines += ["Training time per step (s, wall, 2 cores; light unit tests ran beside some runs): "
                   + ", ".join(f"{n} {s:.1f}" for n, s in steps.items()) + ".", ""]
     user = RESULTS / "recipe_user.json"
     if user.is_file():
@@ -172,7 +199,7 @@ def report(args) -> None:
                   + "; Recall@100 " + ", ".join(f"{k} {v:.3f}" for k, v in u["recall@100"].items()) + ".", ""]
     lines += ["## Commands", "", "```bash"]
     for seed in seeds:
-        names_s = [m.split("/")[0] for m in runs if (int(m.rsplit("/s", 1)[1]) if "/s" in m else 0) == seed]
+        names_s = [m.split("/")[0] for m in runs if parse_label(m)[1] == seed and "@" not in m]
         if names_s:
             lines.append(f".venv/bin/python benchmarks/recipe.py --stage run --seed {seed} --variants " + " ".join(names_s))
     if user.is_file():
@@ -212,7 +239,8 @@ def user_run(args) -> None:
 
 def main(argv=None) -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--stage", choices=["all", "run", "user", "report"], default="all")
+    p.add_argument("--stage", choices=["all", "run", "user", "long", "report"], default="all")
+    p.add_argument("--long-length", type=int, default=256, help="passage length of --stage long")
     p.add_argument("--user-dataset", default="cisi", help="the dev collection whose corpus --stage user runs on")
     p.add_argument("--variants", nargs="+", default=list(VARIANTS), type=lambda v: variant(v) and v,
                    help=f"variants, or '+'-joined combinations of them: {', '.join(VARIANTS)}")
@@ -225,6 +253,8 @@ def main(argv=None) -> None:
         run_variants(args)
     if args.stage == "user":
         user_run(args)
+    if args.stage == "long":
+        long_eval(args)
     if args.stage in ("all", "report"):
         report(args)
 
