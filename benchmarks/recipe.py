@@ -120,10 +120,12 @@ def parse_label(m: str) -> tuple[str, int, int]:
 
 
 def long_eval(args) -> None:
-    """The named variants and the baseline of the same seed, evaluated with --long-length-token passages
+    """The named variants (and with --long-baseline the baseline of the same seed), evaluated with --long-length-token passages
     (the rest of this benchmark cuts passages at 96 tokens; MiniLM reads 256 word pieces)."""
     L = args.long_length
-    models = {f"baseline/s{args.seed}@{L}": (str(lc.RUNS / f"adapted_s{args.seed}" / f"step{args.steps}"), ["llara"])}
+    models = {}
+    if args.long_baseline:
+        models[f"baseline/s{args.seed}@{L}"] = (str(lc.RUNS / f"adapted_s{args.seed}" / f"step{args.steps}"), ["llara"])
     for name in args.variants:
         run_dir = RUNS / (name + (f"_s{args.seed}" if args.seed else ""))
         models[f"{run_label(name, args.seed, args.steps)}@{L}"] = (str(run_dir / f"step{args.steps}"), ["llara"])
@@ -241,6 +243,7 @@ def main(argv=None) -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--stage", choices=["all", "run", "user", "long", "report"], default="all")
     p.add_argument("--long-length", type=int, default=256, help="passage length of --stage long")
+    p.add_argument("--long-baseline", action="store_true", help="--stage long: the baseline too")
     p.add_argument("--user-dataset", default="cisi", help="the dev collection whose corpus --stage user runs on")
     p.add_argument("--variants", nargs="+", default=list(VARIANTS), type=lambda v: variant(v) and v,
                    help=f"variants, or '+'-joined combinations of them: {', '.join(VARIANTS)}")
