@@ -180,10 +180,12 @@ def report(args) -> None:
         log = RUNS / run.stem / "train_log.jsonl"
         if log.is_file():
             entries = [json.loads(x) for x in log.read_text().splitlines() if x.strip()]
-            steps[run.stem] = entries[-1]["elapsed_s"] / max(entries[-1]["step"], 1)
+            last = entries[-1]["step"]
+            steps[run.stem] = (entries[-1]["elapsed_s"] / max(last, 1), last)
     if steps:
         lines += ["Training time per step (s, wall, 2 cores; light unit tests ran beside some runs): "
-                  + ", ".join(f"{n} {s:.1f}" for n, s in steps.items()) + ".", ""]
+                  + ", ".join(f"{n} {t:.1f}" + (f" (stopped after {last} steps, not evaluated)" if last < args.steps
+                                                 else "") for n, (t, last) in steps.items()) + ".", ""]
     user = RESULTS / "recipe_user.json"
     if user.is_file():
         u = json.loads(user.read_text())
