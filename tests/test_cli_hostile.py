@@ -155,6 +155,18 @@ def test_finetune_errors_keep_markup(tmp_path, capsys, model_dir):
     assert f"{VANISHING}train.jsonl:1" in err and "'pos' must be a non-empty list" in err
 
 
+def test_finetune_rejects_a_group_without_negatives_before_loading_the_model(tmp_path, capsys, model_dir, monkeypatch):
+    import llara.training.finetune as ft
+
+    monkeypatch.setattr(ft, "load_model", lambda *a, **kw: pytest.fail("the model loaded before the data was checked"))
+    data = _jsonl(tmp_path / "train.jsonl", [{"query": "a", "pos": ["x"], "neg": ["y"]},
+                                             {"query": "rutabaga", "pos": ["z"], "neg": []}])
+    assert main(_train_args("finetune", model_dir, data, tmp_path / "ft") + ["--group-size", "2"]) == 2
+    err = " ".join(_error_line(capsys).split())
+    assert "train.jsonl:2" in err and "'neg' is empty, but --group-size 2" in err
+    assert not (tmp_path / "ft").exists()
+
+
 def test_unexpected_errors_are_one_line(monkeypatch, tmp_path, capsys):
     import llara.cli as cli
 

@@ -28,6 +28,19 @@ def test_sampling_is_seeded_and_sized():
     assert a != sample_negatives(_run(), {"q": {"d0"}}, MiningConfig(window=(1, 50), num_negatives=5, seed=4))["q"]
 
 
+def test_a_short_window_is_topped_up_with_random_documents():
+    """A rare query term: BM25 returns 3 documents, the window 2-20 holds 2 of them; 3 more come from the corpus."""
+    run = {"q": {"p": 3.0, "a": 2.0, "b": 1.0}, "full": _run()["q"]}
+    corpus = [f"d{i}" for i in range(50)] + ["p", "a", "b"]
+    cfg = MiningConfig(window=(2, 20), num_negatives=5, seed=1)
+    out = sample_negatives(run, {"q": {"p"}, "full": {"d0"}}, cfg, fill_from=corpus)
+    assert {"a", "b"} <= set(out["q"]) and len(out["q"]) == 5 and "p" not in out["q"]
+    assert len(set(out["q"])) == 5
+    # a full window is not touched, and without a corpus nothing is added
+    assert out["full"] == sample_negatives(run, {"full": {"d0"}}, cfg)["full"]
+    assert sorted(sample_negatives(run, {"q": {"p"}}, cfg)["q"]) == ["a", "b"]
+
+
 def test_margin_guard_drops_near_positive_scores():
     run = {"q": {"p": 10.0, "a": 9.9, "b": 9.0, "c": 5.0}}
     neg = sample_negatives(run, {"q": {"p"}}, MiningConfig(window=(1, 4), num_negatives=10, margin=0.5))["q"]

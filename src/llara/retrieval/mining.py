@@ -13,7 +13,7 @@ import os
 import random
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Iterator, Mapping
+from typing import Any, Callable, Iterator, Mapping, Sequence
 
 import numpy as np
 
@@ -50,15 +50,18 @@ def sample_negatives(
     positives: Mapping[str, set[str]],
     cfg: MiningConfig,
     positive_scores: Mapping[str, float] | None = None,
+    fill_from: Sequence[str] = (),
 ) -> dict[str, list[str]]:
-    """Negative doc ids per query, from the run's rank window.
+    """Negative doc ids per query, from the run's rank window; where the window holds fewer than
+    ``cfg.num_negatives`` usable documents, random documents of ``fill_from`` (the corpus ids) make up
+    the rest.
 
     ``positive_scores[qid]`` is the best positive's score under the same retriever (for the margin
     guard); when missing, the best positive's score in the run is used, and without either the guard
     is skipped for that query."""
     out: dict[str, list[str]] = {}
     lo, hi = cfg.window
-    skipped_guard = 0
+    skipped_guard = filled = 0
     for qid, pos in positives.items():
         ranked = rank_docs(run.get(qid, {}))
         ref = (positive_scores or {}).get(qid)
@@ -77,9 +80,21 @@ def sample_negatives(
             seen.add(d)
             candidates.append(d)
         rng = random.Random(f"{cfg.seed}:{qid}")
-        out[qid] = rng.sample(candidates, min(cfg.num_negatives, len(candidates)))
+        chosen = rng.sample(candidates, min(cfg.num_negatives, len(candidates)))
+        if len(chosen) < cfg.num_negatives and fill_from:
+            # too few candidates in the window (a rare query term): top up with random documents, as
+            # FlagEmbedding's miner does, so every group can be used at any group size up to num_negatives + 1
+            taken = set(chosen) | set(pos)
+            extra = [d for d in rng.sample(fill_from, min(len(fill_from), cfg.num_negatives + len(taken)))
+                     if d not in taken]
+            chosen += extra[: cfg.num_negatives - len(chosen)]
+            filled += 1
+        out[qid] = chosen
     if skipped_guard:
         log.warning("margin guard skipped for %d queries whose positives were not retrieved", skipped_guard)
+    if filled:
+        log.info("%d of %d queries had fewer than %d candidates in ranks %d-%d: topped up with random documents",
+                 filled, len(positives), cfg.num_negatives, lo, hi)
     return out
 
 
@@ -182,7 +197,7 @@ def mine(corpus: str | os.PathLike, output: str | os.PathLike, *, queries: str |
     k = config.window[1] + max((len(p) for p in positives.values()), default=0)
     run, emb, dids = retrieve(method, docs, found, k, encoder() if method == "dense" else None)
     pos_scores = dense_positive_scores(emb, dids, positives) if emb is not None else None
-    negatives = sample_negatives(run, positives, config, pos_scores)
+    negatives = sample_negatives(run, positives, config, pos_scores, fill_from=list(docs))
     n = write_jsonl(iter_training_lines(found, positives, negatives, docs), output)
     counts = [len(v) for v in negatives.values()]
     return MiningResult(n, float(np.mean(counts)) if counts else 0.0)

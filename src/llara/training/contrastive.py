@@ -31,8 +31,9 @@ class Group:
     neg: list[str]
 
 
-def load_groups(path: str | Path) -> list[Group]:
-    """``{"query", "pos": [...], "neg": [...]}`` lines (``llara mine`` output); file:line errors."""
+def load_groups(path: str | Path, group_size: int = 1) -> list[Group]:
+    """``{"query", "pos": [...], "neg": [...]}`` lines (``llara mine`` output); file:line errors.
+    With ``group_size > 1`` every line needs at least one negative (they are sampled with replacement)."""
     path = Path(path)
     groups = []
     for n, obj in iter_jsonl(path):
@@ -43,6 +44,9 @@ def load_groups(path: str | Path) -> list[Group]:
             raise DataError(path, n, "'pos' must be a non-empty list of strings")
         if not isinstance(neg, list) or not all(isinstance(p, str) for p in neg):
             raise DataError(path, n, "'neg' must be a list of strings")
+        if group_size > 1 and not neg:
+            raise DataError(path, n, f"'neg' is empty, but --group-size {group_size} needs a hard negative per "
+                                     "query: add negatives (llara mine tops them up), drop the line, or use --group-size 1")
         groups.append(Group(obj["query"], pos, neg))
     if not groups:
         raise DataError(path, None, "no training groups")

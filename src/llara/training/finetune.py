@@ -19,8 +19,9 @@ from .loop import TrainResult, train
 log = logging.getLogger(__name__)
 
 # What fine-tuning changes in TrainConfig's defaults (TrainConfig's own are adaptation's): the authors'
-# LoRA recipe (r 64, alpha 16, dropout 0.1, lr 3e-4), with the changes measured in
-# benchmarks/results/recipe.md. `llara finetune` and `llara recipe` use them; so does finetune_train_config.
+# LoRA recipe (r 64, alpha 16, dropout 0.1, lr 3e-4; lr 1e-4 scored 0.020 lower, a linear decay +0.003:
+# benchmarks/results/recipe.md). `llara finetune` and `llara recipe` use them; so does finetune_train_config.
+# FinetuneConfig's temperature default (0.05, not the authors' 0.01) comes from the same measurements.
 FINETUNE_TRAIN_DEFAULTS: dict = {"lora": True, "lr": 3e-4}
 
 
@@ -34,8 +35,10 @@ class FinetuneConfig:
     template: str = field(default="", metadata={"help": "template (queries: query side, passages: passage side); "
                                                       "default: the checkpoint's, else llara"})
     group_size: int = field(default=16, metadata={"help": "passages per query: 1 positive + group_size-1 hard negatives"})
-    temperature: float = field(default=0.01, metadata={"help": "InfoNCE temperature on dot products "
-                                                               "(cosine when the template normalises)"})
+    temperature: float = field(default=0.05, metadata={"help": "InfoNCE temperature on dot products "
+                                                               "(cosine when the template normalises); the "
+                                                               "authors' 0.01 scored 0.014 lower on average "
+                                                               "(benchmarks/results/recipe.md)"})
     max_query_length: int = field(default=64, metadata={"help": "tokens per query, prompt included"})
     max_passage_length: int = field(default=160, metadata={"help": "tokens per passage, prompt included"})
     cross_device: bool = field(default=True, metadata={"help": "use other processes' passages as negatives"})
@@ -99,6 +102,7 @@ def make_loss_fn(cfg: FinetuneConfig, grad_accum: int = 1):
 def finetune(model_spec: str, data_path: str, train_cfg: TrainConfig, cfg: FinetuneConfig | None = None,
              *, model=None, tokenizer=None) -> TrainResult:
     cfg = cfg or FinetuneConfig()
+    groups = load_groups(data_path, cfg.group_size)  # bad data fails before the model loads
     checkpoint_template = None
     if model is None:
         model, tokenizer, resolved = load_model(model_spec, causal_lm=True, device="cpu", dtype="float32")
@@ -106,7 +110,6 @@ def finetune(model_spec: str, data_path: str, train_cfg: TrainConfig, cfg: Finet
     template = get_template(cfg.template or checkpoint_template or "llara")
     log.info("fine-tuning with template %r", template.name)
     ensure_slot_tokens(tokenizer, model, template.slot_tokens)
-    groups = load_groups(data_path)
     collator = ContrastiveCollator(tokenizer, template, group_size=cfg.group_size,
                                    max_query_length=cfg.max_query_length,
                                    max_passage_length=cfg.max_passage_length, seed=cfg.data_seed)
