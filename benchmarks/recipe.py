@@ -206,6 +206,11 @@ def report(args) -> None:
         names_s = [m.split("/")[0] for m in runs if parse_label(m)[1] == seed and "@" not in m]
         if names_s:
             lines.append(f".venv/bin/python benchmarks/recipe.py --stage run --seed {seed} --variants " + " ".join(names_s))
+    for m in runs:
+        if "@" in m:
+            name, seed, length = parse_label(m)
+            lines.append(f".venv/bin/python benchmarks/recipe.py --stage long --long-length {length} --seed {seed} "
+                         + ("--long-baseline" if name == "baseline" else f"--variants {name}"))
     if user.is_file():
         lines.append(".venv/bin/python benchmarks/recipe.py --stage user")
     lines += [".venv/bin/python benchmarks/recipe.py --stage report", "```", ""]
