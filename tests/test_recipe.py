@@ -1,6 +1,7 @@
 """`llara recipe`: adapt → mine → fine-tune → index on a tiny model, resumable; `llara finetune`'s defaults."""
 import json
 import shutil
+from pathlib import Path
 
 import pytest
 from tiny import make_model, make_tokenizer
@@ -114,7 +115,7 @@ def test_shipped_pairs_are_found():
     source = _pairs_source("squad")
     assert {k: v.rsplit("/", 1)[-1] for k, v in source.items()} == {
         "corpus": "corpus.jsonl.gz", "queries": "queries.jsonl.gz", "qrels": "train.tsv.gz"}
-    assert all(__import__("pathlib").Path(v).is_file() for v in source.values())
+    assert all(Path(v).is_file() for v in source.values())
 
 
 def test_finetune_defaults_are_the_recipe():

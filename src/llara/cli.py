@@ -243,24 +243,19 @@ def cmd_recipe(args) -> int:
     """Adapt, mine, fine-tune and index a corpus of the user's (llara.recipe), resumable."""
     from .modeling.encoder import Encoder
     from .recipe import RecipeConfig, run_recipe
+    from .training.config import config_from_args
 
     t0 = time.perf_counter()
     try:
-        cfg = RecipeConfig(corpus=args.corpus, output=args.output, model=args.model, pairs=args.pairs,
-                           adapt_steps=args.adapt_steps, adapt_lr=args.adapt_lr, adapt_batch_size=args.adapt_batch_size,
-                           chunk_tokens=args.chunk_tokens, finetune_steps=args.finetune_steps,
-                           batch_size=args.batch_size, group_size=args.group_size, negatives=args.negatives,
-                           negatives_window=tuple(args.window), max_passage_length=args.max_passage_length,
-                           max_query_length=args.max_query_length, seed=args.seed, cpu=args.device == "cpu",
-                           progress=args.progress)
+        cfg = config_from_args(argparse.Namespace(**vars(args), cpu=args.device == "cpu"), RecipeConfig)
         r = run_recipe(cfg, lambda model: Encoder.from_pretrained(model, device=args.device, dtype=args.dtype,
                                                                   show_progress=args.progress),
-                       say=lambda text: console().print(text))
+                       say=console().print)
     except ValueError as e:
         return fail(e)
     times = ", ".join(f"{k} {v['seconds']:.0f} s" for k, v in r["stages"].items())
-    console().print(f"done in {time.perf_counter() - t0:.0f} s ({times}); model {r['model']}; index {r['index']}: "
-                    f"llara search --index {r['index']} \"your question\"")
+    console().print(f"done in {time.perf_counter() - t0:.0f} s (recorded stage times: {times}); "
+                    f"model {r['model']}; index {r['index']}: llara search --index {r['index']} \"your question\"")
     return 0
 
 

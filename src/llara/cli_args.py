@@ -193,6 +193,8 @@ def build_parser(commands: Mapping[str, Callable]) -> argparse.ArgumentParser:
     p.set_defaults(func=commands["mine"])
 
     from .data.pretrain import PretrainDataConfig
+    from .recipe import RecipeConfig
+    from .training.config import add_config_arguments
     from .training.finetune import FINETUNE_TRAIN_DEFAULTS, FinetuneConfig
     from .training.pretrain import PretrainLossConfig
 
@@ -209,31 +211,11 @@ def build_parser(commands: Mapping[str, Callable]) -> argparse.ArgumentParser:
 
     p = sub.add_parser("recipe", help="your corpus end to end, resumable: adapt on it, mine and fine-tune on the "
                                        "shipped SQuAD pairs, index it (FAISS + BM25)")
-    p.add_argument("--corpus", required=True, help="BEIR corpus.jsonl ({_id, title, text}): adapted on, then indexed")
-    p.add_argument("--output", default="runs/recipe", help="run directory: adapt/, pairs.jsonl, finetune/, index/, "
-                                                            "recipe.json (default: %(default)s)")
-    p.add_argument("--model", default="default", help="model to start from (same forms as for evaluate)")
-    p.add_argument("--pairs", default="squad",
-                   help=f"training pairs: shipped ({', '.join(SHIPPED_PAIRS)}: 10,570 SQuAD v1.1 questions, CC BY-SA "
-                        "4.0), a BEIR directory with qrels/train.tsv, or {query, pos, neg} lines (default: %(default)s)")
-    p.add_argument("--adapt-steps", type=int, default=50, help="adaptation steps; 0: none (default: %(default)s)")
-    p.add_argument("--adapt-lr", type=float, default=5e-5)
-    p.add_argument("--adapt-batch-size", type=int, default=8)
-    p.add_argument("--chunk-tokens", type=int, default=96, help="adaptation chunk length (default: %(default)s)")
-    p.add_argument("--finetune-steps", type=int, default=32, help="fine-tuning steps; 0: none (default: %(default)s)")
-    p.add_argument("--batch-size", type=int, default=8, help="queries per fine-tuning step (default: %(default)s)")
-    p.add_argument("--group-size", type=int, default=2, help="passages per query (default: %(default)s)")
-    p.add_argument("--negatives", type=int, default=7, help="BM25 hard negatives mined per query (default: %(default)s)")
-    p.add_argument("--window", type=int, nargs=2, default=[5, 100], metavar=("LO", "HI"),
-                   help="BM25 ranks the negatives are drawn from (default: 5 100)")
-    p.add_argument("--max-passage-length", type=int, default=96,
-                   help="tokens per passage in training and index, prompt included (default: %(default)s)")
-    p.add_argument("--max-query-length", type=int, default=64)
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--device", default=None, help="index encoding device (default: cuda if available)")
+    p.add_argument("--corpus", required=True, help=RecipeConfig.__dataclass_fields__["corpus"].metadata["help"])
+    add_config_arguments(p, RecipeConfig, skip=("corpus", "cpu"))
+    p.add_argument("--device", default=None, help="cpu, cuda ... (default: cuda if available); cpu also trains there")
     p.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"],
                    help="index encoding precision (default: %(default)s)")
-    p.add_argument("--progress", action=argparse.BooleanOptionalAction, default=True)
     p.set_defaults(func=commands["recipe"])
 
     p = sub.add_parser("export", help="write any model llara loads as a llara + sentence-transformers directory")

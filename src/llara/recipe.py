@@ -17,7 +17,7 @@ from __future__ import annotations
 import json
 import shutil
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Callable
 
@@ -33,26 +33,36 @@ from .training.pretrain import pretrain
 STAGES = ("adapt", "mine", "finetune", "index")
 
 
+def _f(default: Any, help: str) -> Any:
+    """A field with the ``help`` that :func:`~llara.training.config.add_config_arguments` turns into a flag."""
+    if isinstance(default, list):
+        return field(default_factory=lambda: list(default), metadata={"help": help})
+    return field(default=default, metadata={"help": help})
+
+
 @dataclass
 class RecipeConfig:
-    corpus: str  # BEIR corpus.jsonl ({_id, title, text}); also the adaptation text
-    output: str = "runs/recipe"
-    model: str = "default"
-    pairs: str = "squad"  # a shipped pair set, a BEIR directory with qrels/train.tsv, or a {query, pos, neg} .jsonl
-    adapt_steps: int = 50  # 0: fine-tune the model as given
-    adapt_lr: float = 5e-5
-    adapt_batch_size: int = 8
-    chunk_tokens: int = 96
-    finetune_steps: int = 32
-    batch_size: int = 8
-    group_size: int = 2  # 1 positive + 1 hard negative per query (+ in-batch negatives)
-    negatives: int = 7  # hard negatives mined per query (fine-tuning samples group_size - 1 of them per pass)
-    negatives_window: tuple[int, int] = (5, 100)  # BM25 ranks the hard negatives are drawn from
-    max_passage_length: int = 96  # training and index (prompt included)
-    max_query_length: int = 64
-    seed: int = 0
-    cpu: bool = False
-    progress: bool = True
+    """The settings of ``llara recipe`` (every field but ``corpus`` and ``cpu`` is a flag of the command)."""
+
+    corpus: str = field(metadata={"help": "BEIR corpus.jsonl ({_id, title, text}): adapted on, then indexed"})
+    output: str = _f("runs/recipe", "run directory: adapt/, pairs.jsonl, finetune/, index/, recipe.json")
+    model: str = _f("default", "model to start from (same forms as for evaluate)")
+    pairs: str = _f("squad", f"training pairs: shipped ({', '.join(SHIPPED_PAIRS)}: 10,570 SQuAD v1.1 questions, "
+                             "CC BY-SA 4.0), a BEIR directory with qrels/train.tsv, or {query, pos, neg} lines")
+    adapt_steps: int = _f(50, "adaptation steps; 0: fine-tune the model as given")
+    adapt_lr: float = _f(5e-5, "adaptation learning rate")
+    adapt_batch_size: int = _f(8, "(chunk, next chunk) pairs per adaptation step")
+    chunk_tokens: int = _f(96, "adaptation chunk length")
+    finetune_steps: int = _f(32, "fine-tuning steps; 0: none")
+    batch_size: int = _f(8, "queries per fine-tuning step")
+    group_size: int = _f(2, "passages per query: 1 positive + group_size - 1 hard negatives (+ in-batch negatives)")
+    negatives: int = _f(7, "BM25 hard negatives mined per query (fine-tuning samples group_size - 1 of them)")
+    window: list[int] = _f([5, 100], "BM25 ranks LO HI the negatives are drawn from")
+    max_passage_length: int = _f(96, "tokens per passage in training and index, prompt included")
+    max_query_length: int = _f(64, "tokens per query, prompt included")
+    seed: int = _f(0, "seed of adaptation, mining and fine-tuning")
+    cpu: bool = _f(False, "train on the CPU even where a GPU is available")
+    progress: bool = _f(True, "progress bars")
 
     def __post_init__(self):
         for name in ("adapt_steps", "finetune_steps"):
@@ -60,9 +70,11 @@ class RecipeConfig:
                 raise ValueError(f"{name} must be >= 0, got {getattr(self, name)}")
         if self.finetune_steps == 0 and self.adapt_steps == 0:
             raise ValueError("adapt_steps and finetune_steps are both 0: nothing to train")
+        if len(self.window) != 2:
+            raise ValueError(f"window takes two ranks LO HI, got {self.window}")
         if not Path(self.corpus).is_file():
             raise ValueError(f"{self.corpus}: no such corpus file (a BEIR corpus.jsonl)")
-        self.negatives_window = tuple(self.negatives_window)
+        self.window = list(self.window)
 
 
 def _pairs_source(pairs: str) -> dict[str, Any]:
@@ -104,11 +116,10 @@ def run_recipe(cfg: RecipeConfig, make_encoder: Callable[[str], Any], say: Calla
               steps: int | None = None, run_dir: Path | None = None, **info) -> dict:
         """Run ``fn`` unless done; returns the settings that describe the stage's output (for the next)."""
         i, prev = STAGES.index(name) + 1, stages.get(name)
-        settings = json.loads(json.dumps(settings))  # as recipe.json stores them (tuples become lists)
-        mine_ = {"settings": settings, "steps": steps}
-        if prev and output_ok and {k: prev.get(k) for k in mine_} == mine_:
+        made = {"settings": settings, "steps": steps}
+        if prev and output_ok and {k: prev.get(k) for k in made} == made:
             say(f"{i}/4 {name}: already done ({what})")
-            return mine_
+            return made
         if prev and run_dir is not None and run_dir.exists():
             changed = sorted(k for k in set(prev["settings"]) | set(settings)
                              if prev["settings"].get(k) != settings.get(k))
@@ -121,9 +132,9 @@ def run_recipe(cfg: RecipeConfig, make_encoder: Callable[[str], Any], say: Calla
         say(f"{i}/4 {name}: {what}")
         t0 = time.perf_counter()
         fn()
-        stages[name] = {"seconds": round(time.perf_counter() - t0, 1), **mine_, **info}
+        stages[name] = {"seconds": round(time.perf_counter() - t0, 1), **made, **info}
         write_json(record_path, record)
-        return mine_
+        return made
 
     model, shaped = cfg.model, {"model": cfg.model}  # the model so far, and what shaped it
     corpus = str(Path(cfg.corpus).resolve())
@@ -146,13 +157,13 @@ def run_recipe(cfg: RecipeConfig, make_encoder: Callable[[str], Any], say: Calla
         train, pairs = Path(source["train"]), {"train": str(Path(source["train"]).resolve())}
     else:
         train = out / "pairs.jsonl"
-        mining = MiningConfig(window=cfg.negatives_window, num_negatives=max(cfg.negatives, cfg.group_size - 1),
+        mining = MiningConfig(window=tuple(cfg.window), num_negatives=max(cfg.negatives, cfg.group_size - 1),
                               seed=cfg.seed)
-        pairs = stage("mine", f"BM25 hard negatives (ranks {cfg.negatives_window[0]}-{cfg.negatives_window[1]}) "
+        pairs = stage("mine", f"BM25 hard negatives (ranks {cfg.window[0]}-{cfg.window[1]}) "
                       f"for the {cfg.pairs} pairs",
                       lambda: mine(source["corpus"], train, queries=source["queries"], qrels=source["qrels"],
                                    method="bm25", config=mining),
-                      train.is_file(), {"pairs": cfg.pairs, "window": cfg.negatives_window,
+                      train.is_file(), {"pairs": cfg.pairs, "window": cfg.window,
                                         "negatives": mining.num_negatives, "seed": cfg.seed}, output=str(train))
 
     if cfg.finetune_steps:

@@ -37,8 +37,8 @@ class FinetuneConfig:
     group_size: int = field(default=16, metadata={"help": "passages per query: 1 positive + group_size-1 hard negatives"})
     temperature: float = field(default=0.05, metadata={"help": "InfoNCE temperature on dot products "
                                                                "(cosine when the template normalises); the "
-                                                               "authors' 0.01 scored 0.014 lower on average "
-                                                               "(benchmarks/results/recipe.md)"})
+                                                               "authors' 0.01 scored 0.014 lower on average over "
+                                                               "two seeds (benchmarks/results/recipe.md)"})
     max_query_length: int = field(default=64, metadata={"help": "tokens per query, prompt included"})
     max_passage_length: int = field(default=160, metadata={"help": "tokens per passage, prompt included"})
     cross_device: bool = field(default=True, metadata={"help": "use other processes' passages as negatives"})
