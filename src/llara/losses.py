@@ -136,6 +136,7 @@ def causal_lm_loss(
     bias: Tensor | None = None,
     softcap: float | None = None,
     recompute: bool = True,
+    positions: Tensor | None = None,
 ) -> Tensor:
     """Next-token loss on the text tokens: hidden (B, L, H); input_ids (B, L); text_mask (B, L) bool.
 
@@ -147,13 +148,21 @@ def causal_lm_loss(
     each chunk is checkpointed, so backward keeps one chunk's (chunk_size, V) logits alive instead of
     all of them. A single chunk is not: its logits exist once either way, and recomputing them would
     cost a second LM-head product and log-softmax for no memory saved.
+    positions (N,) long, optional: the flat indices ``b * L + j - 1`` of those predicting states,
+    computed on the host (``llara.modeling.masks.lm_positions``); with them no device
+    synchronisation is needed (selecting by ``text_mask`` must read the mask back to size the result).
     Returns the mean over counted tokens (fp32 scalar); 0 when there are none.
     """
     if chunk_size < 1:
         raise ValueError("chunk_size must be >= 1")
-    select = text_mask[:, 1:].to(torch.bool)  # (B, L-1): targets at j >= 1
-    h = hidden[:, :-1][select]  # (N, H) states that predict a text token
-    y = input_ids[:, 1:][select].to(torch.long)  # (N,)
+    if positions is not None:
+        flat = positions.to(hidden.device, torch.long)
+        h = hidden.reshape(-1, hidden.size(-1)).index_select(0, flat)  # (N, H)
+        y = input_ids.reshape(-1).to(hidden.device).index_select(0, flat + 1).to(torch.long)  # (N,)
+    else:
+        select = text_mask[:, 1:].to(torch.bool)  # (B, L-1): targets at j >= 1
+        h = hidden[:, :-1][select]  # (N, H) states that predict a text token
+        y = input_ids[:, 1:][select].to(torch.long)  # (N,)
     n = y.numel()
     if n == 0:
         return (hidden.sum() + lm_head_weight.sum()).float() * 0.0
@@ -194,6 +203,7 @@ def llara_pretrain_loss(
     bow_reduce: str = "mean",
     lm_weight: float = 1.0,
     chunk_size: int = 1024,
+    lm_positions: Tensor | None = None,
 ) -> dict[str, Tensor]:
     """The LLaRA adaptation objective from one joint forward pass.
 
@@ -201,7 +211,8 @@ def llara_pretrain_loss(
     self_positions / next_positions (B, K) long: positions of the SELF (EBAE) / NEXT (EBAR) slots
     (K = 8 in the authors' form, K = 1 for the paper's `</s>`). *_targets, *_target_mask (B, T):
     from `bow_targets` (EBAE: the text's own tokens; EBAR: the next passage's tokens).
-    input_ids, text_mask (B, L): for the causal LM loss on the text tokens (see `causal_lm_loss`).
+    input_ids, text_mask (B, L): for the causal LM loss on the text tokens (see `causal_lm_loss`);
+    lm_positions: their host-computed flat indices (`llara.modeling.masks.lm_positions`), which spare a device sync.
     form: "authors" (max-pool slot logits, unique targets) or "paper" (logits of the mean slot
     state, i.e. the one `</s>` state when K = 1; targets with multiplicity).
     loss = bow_scale * reduce(active of EBAE, EBAR) + lm_weight * LM, reduce = mean (authors) or sum.
@@ -243,7 +254,8 @@ def llara_pretrain_loss(
         if input_ids is None or text_mask is None:
             raise ValueError("lm_weight > 0 needs input_ids and text_mask")
         lm = causal_lm_loss(
-            hidden, input_ids, text_mask, lm_head_weight, chunk_size, bias=lm_head_bias, softcap=softcap
+            hidden, input_ids, text_mask, lm_head_weight, chunk_size, bias=lm_head_bias, softcap=softcap,
+            positions=lm_positions,
         )
         loss = loss + lm_weight * lm
     return {

@@ -9,7 +9,7 @@ from typing import Iterable, Sequence
 import torch
 from torch import Tensor
 
-from ..modeling.masks import JointBatch, build_joint_batch
+from ..modeling.masks import JointBatch, build_joint_batch, lm_positions
 from ..prompts import EncodedSide, Template, TemplateError, encode_side, get_template
 from .chunking import PretrainExample
 from .targets import DEFAULT_STOPWORDS, bow_targets, load_stopwords, target_filter
@@ -136,6 +136,7 @@ class PretrainCollator:
         out = {k: getattr(jb, k) for k in _JOINT_FIELDS}
         out["text_mask"] = jb.text_mask.clone()
         out["text_mask"][:, : len(self.prefix_ids)] = False
+        out["lm_positions"] = lm_positions(out["text_mask"])  # on the host, so the loss needs no device sync
         targets = {}
         for name, rows in (("self", texts), ("next", nexts)):
             ids, mask = bow_targets(rows, self.vocab_size, self.keep, unique=self.unique_targets)

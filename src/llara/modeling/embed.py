@@ -149,11 +149,8 @@ def pool(weights: Tensor, hidden: Tensor) -> Tensor:
 def normalize(emb: Tensor, on: "bool | Tensor") -> Tensor:
     """L2-normalised rows where ``on`` (a bool, or a (B,) bool tensor per row), else ``emb`` itself."""
     if isinstance(on, Tensor):
+        # Chosen per row without reading ``on`` back (which would make the host wait for the device).
         on = on.to(emb.device, torch.bool)
-        if bool(on.all()):
-            return F.normalize(emb, dim=-1)
-        if not bool(on.any()):
-            return emb
         return torch.where(on[:, None], F.normalize(emb, dim=-1), emb)
     return F.normalize(emb, dim=-1) if on else emb
 

@@ -33,6 +33,7 @@ __all__ = [
     "build_joint_batch",
     "build_single_batch",
     "gather_positions",
+    "lm_positions",
     "sliding_window_blocked",
 ]
 
@@ -55,10 +56,9 @@ def allowed_keys(valid: Tensor, blocked: Tensor | None = None) -> Tensor:
             raise ValueError(f"blocked must be {(B, L, L)}, got {tuple(blocked.shape)}")
         allowed = allowed & ~blocked.to(device=valid.device, dtype=torch.bool)
     empty = ~allowed.any(dim=-1)                                        # (B, L)
-    if bool(empty.any()):
-        eye = torch.eye(L, dtype=torch.bool, device=valid.device)
-        allowed = allowed | (eye[None] & empty[:, :, None])
-    return allowed
+    # Unconditionally (a no-op where no row is empty): testing first would synchronise with the device.
+    eye = torch.eye(L, dtype=torch.bool, device=valid.device)
+    return allowed | (eye[None] & empty[:, :, None])
 
 
 def additive_mask(valid: Tensor, blocked: Tensor | None, dtype: torch.dtype) -> Tensor:
@@ -229,3 +229,11 @@ def build_single_batch(
         text_mask=text_mask,
         lengths=torch.tensor(lengths, dtype=torch.long),
     )
+
+
+def lm_positions(text_mask: Tensor) -> Tensor:
+    """text_mask (B, L) bool -> (N,) long flat indices ``b * L + j - 1`` of the states that predict the
+    text tokens j >= 1, in row-major order (the order ``causal_lm_loss`` selects them in)."""
+    targets = text_mask.to(torch.bool).clone()
+    targets[:, 0] = False
+    return targets.flatten().nonzero().squeeze(1) - 1

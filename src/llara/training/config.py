@@ -59,7 +59,12 @@ class TrainConfig:
 
     # --- memory and precision
     precision: str = _f("auto", "auto (bf16 on GPUs that support it and on CPUs whose bf16 matmul is measured faster, else fp32), fp32 or bf16 (autocast over fp32 weights; LoRA base weights in bf16)")
-    gradient_checkpointing: bool = _f(False, "recompute activations in backward (less memory, ~30% slower)")
+    gradient_checkpointing: bool | str = _f(
+        "auto", "recompute activations in backward (less memory, ~1/3 more compute): true, false, or auto "
+        "(only when the step's estimated memory exceeds the budget, see memory_gb)")
+    memory_gb: float = _f(0.0, "memory budget of a training step in GiB, for the automatic choices (gradient "
+                               "checkpointing, GradCache chunk); 0: 90% of the GPU's free memory, or on a CPU "
+                               "min(60% of available RAM, 6 GiB)")
     cpu: bool = _f(False, "train on CPU even when a GPU is present")
     ddp_find_unused_parameters: bool = _f(False, "DDP option; only needed when some trainable parameters get no gradient")
 
@@ -71,6 +76,9 @@ class TrainConfig:
     lora_target_modules: list[str] | None = _f(
         None, "names of the linear layers to adapt; default: every linear projection inside the decoder layers"
     )
+    lora_dtype: str = _f(
+        "auto", "dtype of the LoRA adapters and trainable token rows: auto (bf16 beside a bf16 base on GPUs, "
+        "so that no weight is cast in a step; fp32 on CPUs, whose base stays fp32), fp32 or bf16")
     trainable_tokens: str = _f(
         "indices",
         "how the caller's token ids (the slot tokens) train in LoRA mode: 'indices' (only their embedding "
@@ -115,6 +123,15 @@ class TrainConfig:
             raise ValueError(f"precision must be one of {PRECISIONS}, got {self.precision!r}")
         if self.lr_scheduler not in SCHEDULERS:
             raise ValueError(f"lr_scheduler must be one of {SCHEDULERS}, got {self.lr_scheduler!r}")
+        if isinstance(self.gradient_checkpointing, str):
+            value = self.gradient_checkpointing.strip().lower()
+            if value not in ("auto", "true", "false"):
+                raise ValueError(f"gradient_checkpointing must be true, false or auto, got {self.gradient_checkpointing!r}")
+            self.gradient_checkpointing = "auto" if value == "auto" else value == "true"
+        if self.memory_gb < 0:
+            raise ValueError(f"memory_gb must be >= 0 (0: automatic), got {self.memory_gb}")
+        if self.lora_dtype not in ("auto", "fp32", "bf16"):
+            raise ValueError(f"lora_dtype must be auto, fp32 or bf16, got {self.lora_dtype!r}")
         if self.trainable_tokens not in TRAINABLE_TOKEN_MODES:
             raise ValueError(f"trainable_tokens must be one of {TRAINABLE_TOKEN_MODES}, got {self.trainable_tokens!r}")
         if self.lora_target_modules is not None:

@@ -7,7 +7,9 @@ first without graphs, then a chunked backward, so large batches fit in small mem
 from __future__ import annotations
 
 import logging
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
+
+import torch
 
 
 from ..modeling.loading import ensure_slot_tokens, load_model
@@ -42,12 +44,14 @@ class FinetuneConfig:
     max_query_length: int = field(default=64, metadata={"help": "tokens per query, prompt included"})
     max_passage_length: int = field(default=160, metadata={"help": "tokens per passage, prompt included"})
     cross_device: bool = field(default=True, metadata={"help": "use other processes' passages as negatives"})
-    grad_cache_chunk: int = field(default=0, metadata={"help": "GradCache chunk size in sequences (0: plain step)"})
+    grad_cache_chunk: int = field(default=-1, metadata={"help": "GradCache chunk size in sequences (0: plain step; "
+                                                              "-1: chosen from the memory budget, --memory-gb: a "
+                                                              "plain step when the whole batch fits)"})
     data_seed: int = field(default=0, metadata={"help": "seed of batch composition and negative sampling"})
 
     def __post_init__(self):
-        if self.group_size < 1 or self.temperature <= 0 or self.grad_cache_chunk < 0:
-            raise ValueError("group_size must be >= 1, temperature > 0 and grad_cache_chunk >= 0")
+        if self.group_size < 1 or self.temperature <= 0 or self.grad_cache_chunk < -1:
+            raise ValueError("group_size must be >= 1, temperature > 0 and grad_cache_chunk >= -1 (-1: automatic)")
 
 
 class _Batches:
@@ -80,21 +84,52 @@ class _Batches:
             yield batch
 
 
+def _num_tokens(batch) -> torch.Tensor:
+    """Real tokens of a step's queries and passages, left on the device (the loop reads it once per step)."""
+    return batch["query"]["attention_mask"].sum() + batch["passage"]["attention_mask"].sum()
+
+
+def memory_plan(model, train_cfg: TrainConfig, cfg: FinetuneConfig) -> tuple[int, int, int]:
+    """(GradCache chunk, tokens, sequence length) of the largest forward pass with a graph.
+
+    A fixed ``grad_cache_chunk`` is kept; -1 chooses from the memory budget (``memory.py``): a plain
+    step when the whole batch's graph fits, else the largest power-of-two chunk that fits. The
+    tokens counted are the padded maxima: ``batch_size`` queries and ``batch_size x group_size``
+    passages."""
+    from .memory import choose_chunk, plan_for
+    from .setup import resolve_precision
+
+    q, p = train_cfg.batch_size, train_cfg.batch_size * cfg.group_size
+    seq = max(cfg.max_query_length, cfg.max_passage_length)
+    whole = q * cfg.max_query_length + p * cfg.max_passage_length
+    chunk = cfg.grad_cache_chunk
+    if chunk == -1:
+        device = "cpu" if train_cfg.cpu or not torch.cuda.is_available() else "cuda"
+        plan = plan_for(model, device, precision=resolve_precision(train_cfg), lora=train_cfg.lora,
+                        memory_gb=train_cfg.memory_gb)
+        checkpointing = train_cfg.gradient_checkpointing is True
+        chunk = choose_chunk(plan, q + p, seq, whole, checkpointing)
+        tokens = whole if chunk == 0 else chunk * seq
+        log.info("memory: %s -> %s", plan.describe(tokens, seq, checkpointing),
+                 "plain step" if chunk == 0 else f"GradCache, chunks of {chunk} sequences")
+    return chunk, (whole if chunk == 0 else chunk * seq), seq
+
+
 def make_loss_fn(cfg: FinetuneConfig, grad_accum: int = 1):
+    if cfg.grad_cache_chunk < 0:
+        raise ValueError("grad_cache_chunk -1 (automatic) must be resolved first: see memory_plan")
     if cfg.grad_cache_chunk:
         def compute_loss(model, batch, no_sync=None):
             loss = grad_cache_step(model, batch, cfg.temperature, cfg.grad_cache_chunk,
                                    cross_device=cfg.cross_device, no_sync=no_sync, scale=1.0 / grad_accum)
-            return {"loss": loss, "num_tokens": int(batch["query"]["attention_mask"].sum()
-                                                    + batch["passage"]["attention_mask"].sum())}
+            return {"loss": loss, "num_tokens": _num_tokens(batch)}
 
         compute_loss.manual_backward = True  # the loop must not call backward on the returned loss
         return compute_loss
 
     def compute_loss(model, batch):
         q, p = embed(model, batch["query"]), embed(model, batch["passage"])
-        return {"loss": contrastive_loss(q, p, cfg.temperature, cfg.cross_device),
-                "num_tokens": int(batch["query"]["attention_mask"].sum() + batch["passage"]["attention_mask"].sum())}
+        return {"loss": contrastive_loss(q, p, cfg.temperature, cfg.cross_device), "num_tokens": _num_tokens(batch)}
 
     return compute_loss
 
@@ -118,5 +153,8 @@ def finetune(model_spec: str, data_path: str, train_cfg: TrainConfig, cfg: Finet
     slot_ids = tokenizer.convert_tokens_to_ids(list(template.slot_tokens)) if template.slot_tokens else []
     extra = {"finetune": asdict(cfg), "finetune_data": str(data_path), "base_model": model_spec,
              "max_query_length": cfg.max_query_length, "max_passage_length": cfg.max_passage_length}
+    chunk, tokens, seq = memory_plan(model, train_cfg, cfg)
+    cfg = replace(cfg, grad_cache_chunk=chunk)
+    extra["finetune"] = asdict(cfg)
     return train(model, tokenizer, data, make_loss_fn(cfg, train_cfg.grad_accum), train_cfg, template=template,
-                 trainable_token_ids=slot_ids, export_extra=extra)
+                 trainable_token_ids=slot_ids, export_extra=extra, step_tokens=(tokens, seq))

@@ -51,6 +51,7 @@ from ..modeling.precision import training_kernels
 from .config import TrainConfig
 from .export import export_model
 from .logging_utils import JsonlLog, Progress
+from .memory import peak_memory_gb, plan_for
 from .lora import is_peft_model
 from .plot import plot_log
 from .setup import (
@@ -130,12 +131,15 @@ def train(
     trainable_token_ids: Sequence[int] | None = None,
     accelerator=None,
     export_extra: dict[str, Any] | None = None,
+    step_tokens: tuple[int, int] | None = None,
 ) -> TrainResult:
     """Train ``model`` on ``data`` with ``compute_loss``; see the module docstring.
 
     trainable_token_ids: token ids whose embedding rows must train under LoRA (the slot tokens).
     template: recorded in the export's ``llara.json`` (a Template or a built-in name).
     accelerator: an ``accelerate.Accelerator`` (default: one built from the config).
+    step_tokens: (tokens in one forward pass with a graph, tokens per sequence) of a micro-batch at
+    most, for ``gradient_checkpointing='auto'`` (see ``memory.py``); without it 'auto' is off.
     """
     from accelerate.utils import DistributedType, set_seed
 
@@ -163,7 +167,17 @@ def train(
     token_ids = sorted({int(i) for i in trainable_token_ids or ()})
     if config.lora and not token_ids and not is_peft_model(model):
         logger.warning("LoRA without trainable_token_ids: added tokens (the slots) keep their initial embeddings")
-    model = prepare_model(model, config, token_ids, precision, acc.device.type)
+    checkpointing = config.gradient_checkpointing
+    if checkpointing == "auto":
+        checkpointing = False
+        if step_tokens is not None:
+            plan = plan_for(model, acc.device, precision=precision, lora=config.lora and not is_peft_model(model),
+                            memory_gb=config.memory_gb)
+            tokens_, seq_ = step_tokens
+            checkpointing = plan.checkpointing(tokens_, seq_)
+            logger.info("memory: %s -> gradient checkpointing %s", plan.describe(tokens_, seq_, checkpointing),
+                        "on" if checkpointing else "off")
+    model = prepare_model(model, config, token_ids, precision, acc.device.type, checkpointing=bool(checkpointing))
     optimizer = build_optimizer(model, config)
     num_steps = total_steps(config, data, acc.num_processes)
     scheduler = build_scheduler(optimizer, config, num_steps)
@@ -219,8 +233,10 @@ def train(
     kernels.__enter__()
     try:
         while state["step"] < num_steps:
+            # Everything a step reports stays on the device until one read per step (the log line):
+            # no host synchronisation per micro-batch.
             sums: dict[str, torch.Tensor | float] = {}
-            tokens = 0
+            tokens = torch.zeros((), dtype=torch.float64, device=acc.device)
             grad_norm = None
             micro = 0
             for _ in range(config.grad_accum):
@@ -244,7 +260,7 @@ def train(
                 micro += 1
                 for k, v in out.items():
                     if k == TOKENS_KEY:
-                        tokens += int(v)
+                        tokens += v.detach().to(tokens.device) if isinstance(v, torch.Tensor) else v
                     elif is_number(v):
                         v = v.detach().float() if isinstance(v, torch.Tensor) else float(v)
                         sums[k] = sums.get(k, 0.0) + v
@@ -259,12 +275,14 @@ def train(
             scheduler.step()
             state["step"] += 1
             keys = sorted(sums)
+            norm = torch.as_tensor(float("nan") if grad_norm is None else grad_norm, device=acc.device)
             packed = torch.stack([torch.as_tensor(sums[k], dtype=torch.float32, device=acc.device) for k in keys]
-                                 + [torch.tensor(float(tokens), device=acc.device)])
-            packed[:-1] /= micro
-            means = acc.reduce(packed, reduction="mean")
-            tokens_all = float(means[-1]) * acc.num_processes
-            values = {k: float(means[i]) for i, k in enumerate(keys)}
+                                 + [tokens.float(), norm.detach().float().reshape(())])
+            packed[:-2] /= micro
+            means = acc.reduce(packed, reduction="mean").tolist()  # the step's one read from the device
+            tokens_all = means[-2] * acc.num_processes
+            grad_norm = None if math.isnan(means[-1]) else means[-1]
+            values = {k: means[i] for i, k in enumerate(keys)}
             now = time.perf_counter()
             step_time, step_start = now - step_start, now
             state.update(epoch=stream.epoch, examples_in_epoch=stream.examples, examples=stream.consumed,
@@ -274,9 +292,10 @@ def train(
             tps = tokens_all / step_time if step_time > 0 else None
             if acc.is_main_process:
                 entry = {"step": state["step"], "epoch": stream.epoch, "loss": values.pop("loss"), **values,
-                         "lr": lr, "grad_norm": None if grad_norm is None else float(grad_norm),
+                         "lr": lr, "grad_norm": grad_norm,
                          "examples": stream.consumed, "tokens": state["tokens"],
-                         "tokens_per_s": None if tps is None else round(tps, 1), "elapsed_s": state["elapsed_s"]}
+                         "tokens_per_s": None if tps is None else round(tps, 1), "elapsed_s": state["elapsed_s"],
+                         "peak_memory_gb": peak_memory_gb(acc.device)}
                 log.write(entry)
                 progress.update(last_loss, tps, lr)
             if not math.isfinite(last_loss):

@@ -82,12 +82,15 @@ def apply_lora(
     target_modules: Sequence[str] | None = None,
     trainable_token_ids: Sequence[int] | None = None,
     trainable_tokens: str = "indices",
+    dtype: torch.dtype = torch.float32,
 ):
     """Wrap a Hugging Face model with LoRA adapters; returns a ``peft.PeftModel``.
 
     trainable_token_ids: token ids whose input-embedding rows must train (e.g. the 16 slot tokens);
     with ``trainable_tokens="embedding"`` the whole input embedding trains instead.
-    Adapter weights are created in fp32 even when the base weights are bf16.
+    dtype: of the adapter weights and trainable token rows. fp32 (default) keeps small AdamW
+    updates; bf16 beside a bf16 base keeps the whole step in one dtype (no casts of weights or of
+    the adapted projections' inputs), at the cost of updates below bf16's resolution (~0.4%).
     """
     from peft import LoraConfig, get_peft_model
 
@@ -115,12 +118,13 @@ def apply_lora(
     with warnings.catch_warnings():
         # peft reads transformers' deprecated `is_gradient_checkpointing` alias.
         warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*", category=FutureWarning)
-        peft_model = get_peft_model(model, config, adapter_name=ADAPTER_NAME, autocast_adapter_dtype=True)
-    # Trainable tensors in fp32 (the token delta copies the base dtype): AdamW updates of ~1e-5
-    # vanish in bf16. The forward casts them to the base dtype.
+        peft_model = get_peft_model(model, config, adapter_name=ADAPTER_NAME,
+                                    autocast_adapter_dtype=dtype == torch.float32)
+    # Trainable tensors in ``dtype`` (peft creates them in the base's or in fp32). In fp32, AdamW
+    # updates of ~1e-5 survive; the forward casts them to the base dtype.
     for p in peft_model.parameters():
-        if p.requires_grad and p.dtype != torch.float32:
-            p.data = p.data.float()
+        if p.requires_grad and p.dtype != dtype:
+            p.data = p.data.to(dtype)
     n_train = sum(p.numel() for p in peft_model.parameters() if p.requires_grad)
     n_all = sum(p.numel() for p in peft_model.parameters())
     logger.info("LoRA r=%d alpha=%g dropout=%g on %s; %d trainable token rows (%s); %d / %d parameters train",

@@ -9,6 +9,7 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass, field
 from typing import Sequence
 
+import torch
 from torch.utils.data import DataLoader
 
 from ..data.pretrain import PretrainCollator, PretrainDataConfig, PretrainDataset, joint_batch
@@ -19,6 +20,7 @@ from ..modeling.loading import ensure_slot_tokens, load_model
 from ..prompts import get_template
 from .config import TrainConfig
 from .loop import TrainResult, train
+from .setup import resolve_precision
 
 
 @dataclass
@@ -49,10 +51,10 @@ def make_loss_fn(cfg: PretrainLossConfig):
             self_positions=jb.self_slots, self_targets=batch["self_targets"],
             self_target_mask=batch["self_target_mask"], next_positions=jb.next_slots,
             next_targets=batch["next_targets"], next_target_mask=batch["next_target_mask"],
-            input_ids=jb.input_ids, text_mask=jb.text_mask, form=cfg.form, use_ebae=cfg.ebae,
+            input_ids=jb.input_ids, text_mask=jb.text_mask, lm_positions=batch.get("lm_positions"), form=cfg.form, use_ebae=cfg.ebae,
             use_ebar=cfg.ebar, bow_scale=cfg.bow_scale, lm_weight=cfg.lm_weight,
         )
-        out["num_tokens"] = int(batch["num_tokens"])
+        out["num_tokens"] = batch["num_tokens"]  # a tensor: read by the loop once per step, no sync here
         return out
 
     return compute_loss
@@ -75,11 +77,16 @@ def pretrain(model_spec: str, data_paths: Sequence[str], train_cfg: TrainConfig,
     probe = PretrainCollator(tokenizer, template, vocab_size=vocab)  # measures the prompt, builds the filter
     # By default a whole chunk always fits: max_length = chunk_tokens + the joint prompt.
     max_length = loss_cfg.max_length or data_cfg.chunk_tokens + probe.prompt_tokens
-    collator = PretrainCollator(tokenizer, template, max_length=max_length, keep=probe.keep, vocab_size=vocab)
+    # The additive mask is built by the data loader in the compute dtype (autocast's under bf16), so the
+    # step does not rebuild it on the device.
+    compute = torch.bfloat16 if resolve_precision(train_cfg) == "bf16" else torch.float32
+    collator = PretrainCollator(tokenizer, template, max_length=max_length, keep=probe.keep, vocab_size=vocab,
+                                dtype=compute)
     dataset = PretrainDataset(list(data_paths), tokenizer, data_cfg, prepare=template.prepare)
     loader = DataLoader(dataset, batch_size=train_cfg.batch_size, collate_fn=collator)
     slot_ids = tokenizer.convert_tokens_to_ids(list(template.slot_tokens))
     extra = {"pretrain_data": {**asdict(data_cfg), "paths": [str(p) for p in data_paths]},
              "pretrain_loss": asdict(loss_cfg), "base_model": model_spec}
     return train(model, tokenizer, loader, make_loss_fn(loss_cfg), train_cfg, template=template,
-                 trainable_token_ids=slot_ids, export_extra=extra)
+                 trainable_token_ids=slot_ids, export_extra=extra,
+                 step_tokens=(train_cfg.batch_size * max_length, max_length))

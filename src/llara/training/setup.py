@@ -51,16 +51,32 @@ def make_accelerator(config: TrainConfig):
     )
 
 
+def lora_dtype(config: TrainConfig, precision: str, device_type: str) -> torch.dtype:
+    """The adapters' dtype: bf16 beside a bf16 base on a GPU under 'auto' (so that no weight is cast
+    in a step: peft would otherwise cast every adapted projection's bf16 input to fp32 and back),
+    fp32 on a CPU (whose base stays fp32) or when asked."""
+    if config.lora_dtype == "bf16" or (config.lora_dtype == "auto" and precision == "bf16" and device_type != "cpu"):
+        return torch.bfloat16
+    return torch.float32
+
+
 def prepare_model(model: nn.Module, config: TrainConfig, trainable_token_ids: Sequence[int] | None = None,
-                  precision: str = "fp32", device_type: str = "cpu") -> nn.Module:
+                  precision: str = "fp32", device_type: str = "cpu", *,
+                  checkpointing: bool | None = None) -> nn.Module:
     """Gradient checkpointing, LoRA, train mode.
 
-    LoRA under bf16 on a GPU casts the frozen base to bf16 (half its memory; adapters stay fp32). On a
-    CPU the base stays fp32 and autocast runs the products in bf16: with a bf16 base the residual
-    stream is bf16 too, and that cost 0.027 nDCG@10 on average after 24 fine-tuning steps of the
-    embedded model against fp32 training, while autocast over the fp32 base scored +0.005 and ran
-    at 1.49x fp32's tokens/s (benchmarks/results/precision.md)."""
-    if config.gradient_checkpointing:
+    checkpointing: the caller's decision (e.g. from a memory plan, see ``memory.py``); None: the
+    config's ``gradient_checkpointing`` when it is True or False, off when it is 'auto'.
+
+    LoRA under bf16 on a GPU casts the frozen base to bf16 (half its memory) and, by default
+    (``lora_dtype='auto'``), creates the adapters in bf16 too: base, adapters and activations share
+    one dtype, so a step casts no weight. On a CPU the base stays fp32 and autocast runs the products
+    in bf16: with a bf16 base the residual stream is bf16 too, and that cost 0.027 nDCG@10 on average
+    after 24 fine-tuning steps of the embedded model against fp32 training, while autocast over the
+    fp32 base scored +0.005 and ran at 1.49x fp32's tokens/s (benchmarks/results/precision.md)."""
+    if checkpointing is None:
+        checkpointing = config.gradient_checkpointing is True
+    if checkpointing:
         # Non-reentrant checkpointing needs no input gradients (frozen embeddings under LoRA).
         kwargs = {"use_reentrant": False}
         if hasattr(model, "activation_checkpointing_enable"):  # transformers >= 5.x name
@@ -71,7 +87,7 @@ def prepare_model(model: nn.Module, config: TrainConfig, trainable_token_ids: Se
             model.config.use_cache = False
     if config.lora and not is_peft_model(model):
         if precision == "bf16" and device_type != "cpu":
-            model.to(torch.bfloat16)  # frozen base in bf16; adapters stay fp32 (autocast in forward)
+            model.to(torch.bfloat16)  # frozen base in bf16
         model = apply_lora(
             model,
             r=config.lora_r,
@@ -80,6 +96,7 @@ def prepare_model(model: nn.Module, config: TrainConfig, trainable_token_ids: Se
             target_modules=config.lora_target_modules,
             trainable_token_ids=trainable_token_ids,
             trainable_tokens=config.trainable_tokens,
+            dtype=lora_dtype(config, precision, device_type),
         )
     elif not config.lora:
         low = {p.dtype for p in model.parameters() if p.requires_grad and p.dtype != torch.float32}
