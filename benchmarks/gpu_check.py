@@ -1,22 +1,36 @@
-"""GPU check: what llara's GPU paths do on one GPU, in one JSON file (about 3-5 minutes on an H100/H200).
+"""GPU benchmark: llara's GPU paths at the hardware's limit, in one JSON file (~5 minutes on an H100/H200).
 
 1. ``joint_pass``: one joint SELF + NEXT forward pass (sdpa) gives the slot states of two separate
-   prompted passes, in fp32 and in bf16, on the embedded model and real (chunk, next chunk) pairs.
+   prompted passes, in fp32 and in bf16, on the small model and real (chunk, next chunk) pairs.
 2. ``pretrain`` / ``finetune``: 20 steps each of ``llara pretrain`` and ``llara finetune`` (BM25-mined
-   negatives) on the embedded model, bf16: first/last loss, median tokens/s, peak memory.
-3. ``llama7b_lora``: LLaRA adaptation steps (the same ``pretrain`` code) of a randomly initialised
-   LLaMA-2-7B-shaped model (no weights needed), LoRA + gradient checkpointing, bf16: tokens/s, MFU
-   and peak memory.
-4. ``encoder``: ``Encoder.encode`` passage tokens/s of the embedded model, bf16.
+   negatives) on the small model, bf16: first/last loss, median tokens/s, peak memory.
+3. ``adapt``: LLaRA adaptation (``llara.training.pretrain``) of a randomly initialised model of
+   ``--shape`` (no weights needed: throughput and memory do not depend on them), LoRA, bf16, with and
+   without gradient checkpointing: tokens/s, MFU, peak memory; then a torch.profiler table of one step
+   (top CUDA ops), its dtype casts and its host synchronisations (``torch.cuda.set_sync_debug_mode``).
+4. ``contrastive``: contrastive fine-tuning (``llara.training.finetune``) of the same shape with
+   GradCache (the chunk chosen by the memory plan unless ``--gc-chunk``): tokens/s, MFU, peak memory.
+5. ``attention``: the cost of LLaRA's custom mask: SDPA forward + backward with the joint pass's 4D
+   additive mask against the causal flash kernel without a mask, at the adaptation's shapes.
+6. ``encoder``: ``Encoder.encode`` against the raw base-model forward over the same padded batches
+   (benchmarks/encode_ratio.py) on the shape, and the small model's tokens/s.
 
-On a fresh GPU machine, from the repository root (sets up a venv with PyPI's CUDA build of torch)::
+MFU = model FLOPs / (seconds x the GPU's dense bf16 peak). Model FLOPs per token of a LoRA step (frozen
+base): forward 2 x matmul parameters + causal attention, backward the same again (activation
+gradients only); hardware FLOPs add the recomputed forward of checkpointing and GradCache's first,
+graph-free forward.
+
+On a machine with a package index, from the repository root (sets up a venv with PyPI's torch, unless
+the system python already has a CUDA torch)::
 
     bash benchmarks/gpu_check.sh --out benchmarks/results/gpu_check.json
 
-With llara already installed: ``python benchmarks/gpu_check.py``. ``--tiny --cpu --model DIR`` runs
-every section with small shapes on CPU (the plumbing test in tests/test_gpu_check.py). Each section
-is written to the JSON as soon as it ends (a failed section records its error, the others still run);
-the exit status is 1 when a section failed or a check did not pass.
+On a GPU machine without a package index (what travels, the random-weight small model):
+``benchmarks/gpu_device.sh``. With llara importable: ``python benchmarks/gpu_check.py``.
+``--tiny --cpu --model DIR`` runs every section with small shapes on CPU (the plumbing test in
+tests/test_gpu_check.py). Each section is written to the JSON as soon as it ends (a failed section
+records its error, the others still run); the exit status is 1 when a section failed or a check did
+not pass.
 """
 from __future__ import annotations
 
@@ -37,10 +51,18 @@ DEMO = ROOT / "src" / "llara" / "data" / "demo" / "med"
 # Dense bf16 peak TFLOP/s (no sparsity) by device-name fragment, from the vendors' data sheets.
 PEAK_BF16_TFLOPS = {"H200": 989.4, "H100": 989.4, "GH200": 989.4, "A100": 312.0, "L40S": 362.1, "A10G": 70.0,
                     "L4": 121.0, "B200": 2250.0}
-LLAMA2_7B = dict(hidden_size=4096, intermediate_size=11008, num_hidden_layers=32, num_attention_heads=32,
-                 num_key_value_heads=32, max_position_embeddings=4096, rms_norm_eps=1e-5)
-TINY_LLAMA = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
-                  num_key_value_heads=4, max_position_embeddings=512, rms_norm_eps=1e-5)
+# Decoder shapes for --shape (LLaMA layout; random weights). 135m: SmolLM2-135M (the embedded model);
+# 1.5b: Qwen2-1.5B's sizes; 7b: LLaMA-2-7B.
+SHAPES = {
+    "135m": dict(hidden_size=576, intermediate_size=1536, num_hidden_layers=30, num_attention_heads=9,
+                 num_key_value_heads=3),
+    "1.5b": dict(hidden_size=1536, intermediate_size=8960, num_hidden_layers=28, num_attention_heads=12,
+                 num_key_value_heads=2),
+    "7b": dict(hidden_size=4096, intermediate_size=11008, num_hidden_layers=32, num_attention_heads=32,
+               num_key_value_heads=32),
+    "tiny": dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+                 num_key_value_heads=4),
+}
 
 
 def _sync(device: torch.device) -> None:
@@ -168,7 +190,7 @@ def check_finetune(args, device: torch.device, work: Path) -> dict:
             "seconds": round(time.perf_counter() - t0, 1), "peak_memory_gib": _peak_gib(device), **_log_summary(run)}
 
 
-# --------------------------------------------------------------------------- 3. 7B-shaped LoRA step
+# --------------------------------------------------------------------------- 3-6. the big shape
 def _peak_tflops(args, device: torch.device) -> float | None:
     if args.peak_tflops:
         return args.peak_tflops
@@ -179,79 +201,277 @@ def _peak_tflops(args, device: torch.device) -> float | None:
     return hits[0] if hits else None
 
 
-def check_llama7b_lora(args, device: torch.device, work: Path) -> dict:
+def _shape(args) -> dict:
+    return SHAPES["tiny" if args.tiny else args.shape]
+
+
+def _big_model(args, device: torch.device, tok):
+    """A randomly initialised causal LM of ``--shape`` in bf16 on ``device`` (untied LM head, as LLaMA)."""
     from transformers import AutoModelForCausalLM, LlamaConfig
 
-    from llara.data.pretrain import PretrainDataConfig
-    from llara.modeling.loading import load_tokenizer, resolve_model
-    from llara.training.config import TrainConfig
-    from llara.training.pretrain import PretrainLossConfig, pretrain
-
-    shape = TINY_LLAMA if args.tiny else LLAMA2_7B
-    tok = load_tokenizer(resolve_model(args.model).path)  # any tokenizer: the weights are random
+    shape = _shape(args)
     cfg = LlamaConfig(vocab_size=len(tok), bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id,
-                      pad_token_id=tok.pad_token_id, tie_word_embeddings=False, **shape)
-    _reset_peak(device)
-    t0 = time.perf_counter()
+                      pad_token_id=tok.pad_token_id, tie_word_embeddings=False, max_position_embeddings=4096,
+                      rms_norm_eps=1e-5, **shape)
     torch.manual_seed(0)
     with torch.device(device):
-        model = AutoModelForCausalLM.from_config(cfg, dtype=torch.bfloat16, attn_implementation="sdpa")
-    init_s = time.perf_counter() - t0
-    base_params = sum(p.numel() for p in model.parameters())
-    # Parameters that take part in a matmul per token: decoder layers and LM head (not the embedding lookup).
-    matmul_params = base_params - model.get_input_embeddings().weight.numel()
-    steps = 3 if not args.tiny else 2
-    train_cfg = TrainConfig(output_dir=str(work / "llama7b"), max_steps=steps, batch_size=args.big_batch,
-                            lr=1e-4, warmup_steps=1, precision="bf16", gradient_checkpointing=True, lora=True,
-                            lora_r=args.lora_r, lora_alpha=2.0 * args.lora_r, save_every=0, export=False,
-                            progress=False, seed=0, cpu=device.type == "cpu")
-    data_cfg = PretrainDataConfig(chunk_tokens=args.big_chunk_tokens)
-    loss_cfg = PretrainLossConfig()
-    result = pretrain("llama2-7b-shape", [str(DEMO / "corpus.jsonl")], train_cfg, data_cfg, loss_cfg,
-                      model=model, tokenizer=tok)
-    _sync(device)
-    rows = [json.loads(line) for line in (work / "llama7b" / "train_log.jsonl").read_text().splitlines()]
-    trainable = sum(p.numel() for p in result.model.parameters() if p.requires_grad)
-    timed = rows[1:]  # step 1: CUDA kernels, allocator warm-up
-    tps = statistics.median(r["tokens_per_s"] for r in timed)
-    seq = args.big_chunk_tokens + 30  # joint input: chunk + LLaRA's two prompts (about 30 tokens)
-    # Forward FLOPs per token: 2 per matmul weight + attention scores and values (causal: half of 4*L*S*d).
-    fwd = 2 * matmul_params + 2 * shape["num_hidden_layers"] * seq * shape["hidden_size"]
-    # LoRA freezes the base: backward computes activation gradients only (~1x forward); checkpointing
-    # recomputes the forward once more (hardware FLOPs, not model FLOPs, as in PaLM's MFU definition).
-    model_flops, hw_flops = 2 * fwd * tps, 3 * fwd * tps
+        return AutoModelForCausalLM.from_config(cfg, dtype=torch.bfloat16, attn_implementation="sdpa")
+
+
+def _matmul_params(model) -> int:
+    """Parameters that take part in a matmul per token: decoder layers and LM head (not the lookup)."""
+    return sum(p.numel() for p in model.parameters()) - model.get_input_embeddings().weight.numel()
+
+
+def _forward_flops(args, matmul_params: int, seq: int) -> float:
+    """Forward FLOPs per token: 2 per matmul weight + causal attention scores and values (half of 4*L*s*d)."""
+    shape = _shape(args)
+    return 2 * matmul_params + 2 * shape["num_hidden_layers"] * seq * shape["hidden_size"]
+
+
+def _rates(args, device, tps: float, fwd: float, extra_forwards: float) -> dict:
+    """MFU (model FLOPs: forward + activation-gradient backward = 2 x forward) and HFU (plus the
+    forwards that are recomputed: checkpointing, GradCache's first pass)."""
     peak = _peak_tflops(args, device)
-    return {
-        "shape": {**shape, "vocab_size": len(tok)}, "parameters": base_params, "trainable_parameters": trainable,
-        "lora_r": args.lora_r, "gradient_checkpointing": True, "precision": "bf16", "batch_size": args.big_batch,
-        "chunk_tokens": args.big_chunk_tokens, "steps": len(rows), "init_seconds": round(init_s, 1),
-        "losses": [r["loss"] for r in rows], "tokens_per_s": round(tps, 1),
-        "tokens_per_s_by_step": [r.get("tokens_per_s") for r in rows],
-        "model_tflops": round(model_flops / 1e12, 2), "hardware_tflops": round(hw_flops / 1e12, 2),
-        "peak_bf16_tflops": peak, "mfu": round(model_flops / 1e12 / peak, 4) if peak else None,
-        "hfu": round(hw_flops / 1e12 / peak, 4) if peak else None, "peak_memory_gib": _peak_gib(device),
-        "flops_note": "per token: forward 2 x matmul parameters + 2 x layers x seq x hidden (causal attention); "
-                      "model FLOPs = 2 x forward (frozen base: activation gradients only), hardware FLOPs = "
-                      "3 x forward (gradient checkpointing recomputes the forward)",
-    }
+    model_tflops, hw_tflops = 2 * fwd * tps / 1e12, (2 + extra_forwards) * fwd * tps / 1e12
+    return {"model_tflops": round(model_tflops, 2), "hardware_tflops": round(hw_tflops, 2), "peak_bf16_tflops": peak,
+            "mfu": round(model_tflops / peak, 4) if peak else None, "hfu": round(hw_tflops / peak, 4) if peak else None}
 
 
-# --------------------------------------------------------------------------- 4. encoder throughput
+def _timed_rows(log: Path) -> list[dict]:
+    rows = [json.loads(line) for line in log.read_text().splitlines() if line.strip()]
+    return rows
+
+
+def _train_cfg(args, device, out: Path, steps: int, **kw):
+    from llara.training.config import TrainConfig
+
+    return TrainConfig(output_dir=str(out), max_steps=steps, lr=1e-4, warmup_steps=1, precision="bf16", lora=True,
+                       lora_r=args.lora_r, lora_alpha=2.0 * args.lora_r, save_every=0, export=False,
+                       progress=False, seed=0, cpu=device.type == "cpu", **kw)
+
+
+def _adapt_run(args, device, work: Path, tok, checkpointing: bool) -> dict:
+    from llara.data.pretrain import PretrainDataConfig
+    from llara.training.pretrain import PretrainLossConfig, pretrain
+
+    _reset_peak(device)
+    t0 = time.perf_counter()
+    model = _big_model(args, device, tok)
+    init_s = time.perf_counter() - t0
+    params, matmul = sum(p.numel() for p in model.parameters()), _matmul_params(model)
+    out = work / f"adapt_ckpt{int(checkpointing)}"
+    cfg = _train_cfg(args, device, out, args.big_steps, batch_size=args.big_batch,
+                     gradient_checkpointing=checkpointing)
+    result = pretrain("random-shape", [str(DEMO / "corpus.jsonl")], cfg, PretrainDataConfig(chunk_tokens=args.big_chunk_tokens),
+                      PretrainLossConfig(), model=model, tokenizer=tok)
+    _sync(device)
+    rows = _timed_rows(out / "train_log.jsonl")
+    tps = statistics.median(r["tokens_per_s"] for r in rows[1:])  # step 1: kernels, allocator warm-up
+    seq = args.big_chunk_tokens + 30  # the joint input: chunk + LLaRA's two prompts (about 30 tokens)
+    row = {"gradient_checkpointing": checkpointing, "batch_size": args.big_batch, "chunk_tokens": args.big_chunk_tokens,
+           "parameters": params, "trainable_parameters": sum(p.numel() for p in result.model.parameters() if p.requires_grad),
+           "trainable_dtypes": sorted({str(p.dtype) for p in result.model.parameters() if p.requires_grad}),
+           "steps": len(rows), "init_seconds": round(init_s, 1), "losses": [r["loss"] for r in rows],
+           "tokens_per_s": round(tps, 1), "tokens_per_s_by_step": [r.get("tokens_per_s") for r in rows],
+           "peak_memory_gib": _peak_gib(device), "logged_peak_memory_gb": rows[-1].get("peak_memory_gb"),
+           **_rates(args, device, tps, _forward_flops(args, matmul, seq), 1.0 if checkpointing else 0.0)}
+    return row, result.model
+
+
+def _profile_step(args, device, model, tok) -> dict:
+    """torch.profiler over two adaptation steps of ``model`` (after one warm-up): the top CUDA ops, the
+    dtype casts and the host synchronisations per step."""
+    import warnings
+
+    from torch.profiler import ProfilerActivity, profile
+
+    from llara.data.pretrain import PretrainCollator
+    from llara.training.pretrain import PretrainLossConfig, make_loss_fn
+    from llara.training.setup import build_optimizer
+    from llara.training.config import TrainConfig
+
+    loss_fn = make_loss_fn(PretrainLossConfig())
+    coll = PretrainCollator(tok, "llara", vocab_size=model.get_output_embeddings().weight.shape[0],
+                            max_length=args.big_chunk_tokens + 40, dtype=torch.bfloat16)
+    pairs = _pairs(tok, args.big_batch, args.big_chunk_tokens)
+    while len(pairs) < args.big_batch:
+        pairs = pairs + pairs
+    batch = coll(pairs[: args.big_batch])
+    opt = build_optimizer(model, TrainConfig(output_dir="unused", max_steps=1, lr=1e-4))
+    model.train()
+
+    def step():
+        from accelerate.utils import send_to_device
+
+        b = send_to_device(batch, device, non_blocking=True)
+        with torch.autocast(device.type, dtype=torch.bfloat16):
+            out = loss_fn(model, b)
+        out["loss"].backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+
+    step()
+    _sync(device)
+    syncs = None
+    if device.type == "cuda":
+        torch.cuda.set_sync_debug_mode("warn")
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            step()
+            _sync(device)
+        torch.cuda.set_sync_debug_mode(0)
+        seen: dict[str, int] = {}
+        for w in caught:
+            key = str(w.message).splitlines()[0][:120]
+            seen[key] = seen.get(key, 0) + 1
+        syncs = {"count": sum(seen.values()), "messages": seen}
+    acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
+    with profile(activities=acts) as prof:
+        for _ in range(2):
+            step()
+        _sync(device)
+    averages = prof.key_averages()
+    sort = "cuda_time_total" if device.type == "cuda" else "cpu_time_total"
+    casts = sum(e.count for e in averages if e.key in ("aten::_to_copy",)) / 2
+    top = []
+    for e in sorted(averages, key=lambda e: getattr(e, "device_time_total", 0) if device.type == "cuda"
+                    else e.cpu_time_total, reverse=True)[:20]:
+        top.append({"op": e.key, "count": e.count, "device_ms": round(getattr(e, "device_time_total", 0) / 1e3, 2),
+                    "cpu_ms": round(e.cpu_time_total / 1e3, 2)})
+    return {"steps_profiled": 2, "host_syncs_per_step": syncs, "to_copy_per_step": casts, "top_ops": top,
+            "table": averages.table(sort_by=sort, row_limit=20, max_name_column_width=50)}
+
+
+def check_adapt(args, device: torch.device, work: Path) -> dict:
+    from llara.modeling.loading import load_tokenizer, resolve_model
+
+    tok = load_tokenizer(resolve_model(args.model).path)  # any tokenizer: the weights are random
+    out = {"shape": {"name": "tiny" if args.tiny else args.shape, **_shape(args), "vocab_size": len(tok)},
+           "precision": "bf16", "lora_r": args.lora_r}
+    model = None
+    for checkpointing in (False, True):
+        key = "checkpointing" if checkpointing else "no_checkpointing"
+        try:
+            out[key], trained = _adapt_run(args, device, work, tok, checkpointing)
+            if not checkpointing:
+                model = trained
+            else:
+                del trained
+        except torch.OutOfMemoryError as e:
+            out[key] = {"error": f"OutOfMemoryError: {str(e)[:300]}"}
+        _reset_peak(device)
+    if model is not None:
+        out["profile"] = _profile_step(args, device, model, tok)
+    del model
+    _reset_peak(device)
+    return out
+
+
+def check_contrastive(args, device: torch.device, work: Path) -> dict:
+    from llara.modeling.loading import load_tokenizer, resolve_model
+    from llara.training.finetune import FinetuneConfig, finetune
+
+    train = work / "train_contrastive.jsonl"
+    if not train.exists():
+        _cli(["mine", "--method", "bm25", "--corpus", str(DEMO / "corpus.jsonl"), "--queries",
+              str(DEMO / "queries.jsonl"), "--qrels", str(DEMO / "qrels" / "test.tsv"), "--window", "5", "100",
+              "--negatives", "15", "--output", str(train)])
+    tok = load_tokenizer(resolve_model(args.model).path)
+    _reset_peak(device)
+    model = _big_model(args, device, tok)
+    matmul = _matmul_params(model)
+    out_dir = work / "contrastive"
+    cfg = FinetuneConfig(group_size=args.ft_group, max_query_length=64, max_passage_length=160,
+                         grad_cache_chunk=args.gc_chunk)
+    tcfg = _train_cfg(args, device, out_dir, args.big_steps, batch_size=args.ft_batch)
+    result = finetune("random-shape", str(train), tcfg, cfg, model=model, tokenizer=tok)
+    _sync(device)
+    rows = _timed_rows(out_dir / "train_log.jsonl")
+    tps = statistics.median(r["tokens_per_s"] for r in rows[1:])
+    info = json.loads((out_dir / "train_log.jsonl").read_text().splitlines()[0])
+    del result, model
+    # Real tokens per sequence vary; FLOPs of attention use the padded passage length (an upper bound).
+    fwd = _forward_flops(args, matmul, 160)
+    return {"batch_size": args.ft_batch, "group_size": args.ft_group, "query_tokens": 64, "passage_tokens": 160,
+            "grad_cache_chunk": "auto" if args.gc_chunk == -1 else args.gc_chunk, "steps": len(rows),
+            "losses": [r["loss"] for r in rows], "tokens_per_s": round(tps, 1),
+            "tokens_per_s_by_step": [r.get("tokens_per_s") for r in rows], "peak_memory_gib": _peak_gib(device),
+            "logged_peak_memory_gb": info.get("peak_memory_gb"),
+            **_rates(args, device, tps, fwd, 1.0)}
+
+
+def check_attention(args, device: torch.device) -> dict:
+    """SDPA forward + backward at the adaptation's shapes: the joint pass's 4D additive mask (what
+    llara runs) against ``is_causal`` without a mask (the flash kernel; not LLaRA's attention)."""
+    import torch.nn.functional as F
+
+    from llara.modeling.masks import additive_mask
+
+    shape = _shape(args)
+    B, L = args.big_batch, args.big_chunk_tokens + 32
+    heads, d = shape["num_attention_heads"], shape["hidden_size"] // shape["num_attention_heads"]
+    g = torch.Generator(device=device).manual_seed(0)
+    q, k, v = (torch.randn(B, heads, L, d, device=device, dtype=torch.bfloat16, generator=g).requires_grad_()
+               for _ in range(3))
+    valid = torch.ones(B, L, dtype=torch.bool, device=device)
+    blocked = torch.zeros(B, L, L, dtype=torch.bool, device=device)
+    blocked[:, L - 8 :, L - 16 : L - 8] = True  # the NEXT suffix may not see the SELF suffix
+    mask = additive_mask(valid, blocked, torch.bfloat16)
+
+    def run(**kw) -> float:
+        for i in range(args.attn_repeats + 2):
+            if i == 2:
+                _sync(device)
+                t0 = time.perf_counter()
+            F.scaled_dot_product_attention(q, k, v, **kw).sum().backward()
+        _sync(device)
+        return (time.perf_counter() - t0) / args.attn_repeats * 1e3
+
+    masked, causal = run(attn_mask=mask), run(is_causal=True)
+    layers = shape["num_hidden_layers"]
+    return {"batch": B, "length": L, "heads": heads, "head_dim": d,
+            "masked_ms_per_layer": round(masked, 3), "causal_flash_ms_per_layer": round(causal, 3),
+            "masked_over_causal": round(masked / causal, 2),
+            "extra_ms_per_step": round((masked - causal) * layers, 1),
+            "note": "forward + backward of one layer's attention; extra_ms_per_step = (masked - causal) x layers"}
+
+
+# --------------------------------------------------------------------------- 6. encoder throughput
 def check_encoder(args, device: torch.device) -> dict:
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    from encode_ratio import measure
+
     from llara.io import iter_jsonl, passage_text
     from llara.modeling.encoder import Encoder
+    from llara.modeling.loading import ensure_slot_tokens, load_tokenizer, resolve_model
+    from llara.prompts import get_template
 
     texts = [passage_text(doc) for _, doc in iter_jsonl(DEMO / "corpus.jsonl")][: args.encode_passages]
+    out = {}
+    # The small model through the public loader.
     enc = Encoder.from_pretrained(args.model, device=str(device), dtype="bfloat16", batch_size=args.encode_batch,
                                   max_passage_length=args.encode_max_length, show_progress=False)
-    enc.encode(texts[: args.encode_batch], "passage")  # warm-up
-    _sync(device)
-    enc.encode(texts, "passage")
-    st = enc.last_stats
-    return {"passages": st.texts, "tokens": st.tokens, "padded_tokens": st.padded_tokens,
-            "seconds": round(st.seconds, 3),
-            "tokens_per_s": round(st.tokens_per_second, 1), "passages_per_s": round(st.texts / st.seconds, 1),
-            "batch_size": args.encode_batch, "max_passage_length": args.encode_max_length, "dtype": "bfloat16"}
+    out["small_model"] = measure(enc, texts, batch_size=args.encode_batch, max_length=args.encode_max_length)
+    del enc
+    # The big shape (random weights).
+    tok = load_tokenizer(resolve_model(args.model).path)
+    model = _big_model(args, device, tok)
+    ensure_slot_tokens(tok, model, get_template("llara").slot_tokens)
+    model.eval()
+    enc = Encoder(model, tok, "llara", batch_size=args.encode_batch, max_passage_length=args.encode_max_length,
+                  show_progress=False)
+    big = measure(enc, texts, batch_size=args.encode_batch, max_length=args.encode_max_length)
+    peak = _peak_tflops(args, device)
+    raw = big.get("raw_tokens_per_s")
+    if peak and raw:
+        big["raw_mfu"] = round(2 * _matmul_params(model) * raw / 1e12 / peak, 4)
+    out["shape"] = big
+    del enc, model
+    _reset_peak(device)
+    out["ok"] = True
+    return out
 
 
 # --------------------------------------------------------------------------- driver
@@ -282,16 +502,23 @@ def main(argv=None) -> int:
     p.add_argument("--out", default=str(ROOT / "benchmarks" / "results" / "gpu_check.json"))
     p.add_argument("--work", default=None, help="directory for training runs (default: OUT's name + '.runs')")
     p.add_argument("--model", default="default", help="the model of sections 1, 2 and 4 (default: embedded)")
-    p.add_argument("--sections", default="joint_pass,pretrain,finetune,llama7b_lora,encoder")
+    p.add_argument("--sections", default="joint_pass,pretrain,finetune,adapt,contrastive,attention,encoder")
+    p.add_argument("--shape", default="7b", choices=[k for k in SHAPES if k != "tiny"],
+                   help="decoder shape of sections 3-6 (random weights)")
     p.add_argument("--cpu", action="store_true", help="run on CPU (plumbing only)")
     p.add_argument("--tiny", action="store_true", help="small shapes and few steps (plumbing on CPU)")
     p.add_argument("--steps", type=int, default=20)
     p.add_argument("--batch-size", type=int, default=16)
     p.add_argument("--chunk-tokens", type=int, default=128)
     p.add_argument("--joint-batch", type=int, default=16)
+    p.add_argument("--big-steps", type=int, default=5, help="steps of each run of the big shape")
     p.add_argument("--big-batch", type=int, default=8)
     p.add_argument("--big-chunk-tokens", type=int, default=480)
+    p.add_argument("--ft-batch", type=int, default=16, help="contrastive fine-tuning: queries per step")
+    p.add_argument("--ft-group", type=int, default=8, help="contrastive fine-tuning: passages per query")
+    p.add_argument("--gc-chunk", type=int, default=-1, help="GradCache chunk (-1: the memory plan chooses)")
     p.add_argument("--lora-r", type=int, default=64)
+    p.add_argument("--attn-repeats", type=int, default=10)
     p.add_argument("--peak-tflops", type=float, default=None, help="dense bf16 peak of the GPU, for MFU")
     p.add_argument("--encode-passages", type=int, default=1024)
     p.add_argument("--encode-batch", type=int, default=128)
@@ -299,7 +526,8 @@ def main(argv=None) -> int:
     args = p.parse_args(argv)
     if args.tiny:
         args.steps, args.batch_size, args.chunk_tokens, args.joint_batch = min(args.steps, 3), 2, 16, 3
-        args.big_batch, args.big_chunk_tokens, args.lora_r = 2, 16, 4
+        args.big_steps, args.big_batch, args.big_chunk_tokens, args.lora_r = 3, 2, 16, 4
+        args.ft_batch, args.ft_group, args.attn_repeats = 2, 3, 1
         args.encode_passages, args.encode_batch, args.encode_max_length = 8, 4, 32
     device = torch.device("cpu" if args.cpu or not torch.cuda.is_available() else "cuda")
     out = Path(args.out)
@@ -315,7 +543,9 @@ def main(argv=None) -> int:
     checks = {"joint_pass": lambda: check_joint_pass(args, device),
               "pretrain": lambda: check_pretrain(args, device, work),
               "finetune": lambda: check_finetune(args, device, work),
-              "llama7b_lora": lambda: check_llama7b_lora(args, device, work),
+              "adapt": lambda: check_adapt(args, device, work),
+              "contrastive": lambda: check_contrastive(args, device, work),
+              "attention": lambda: check_attention(args, device),
               "encoder": lambda: check_encoder(args, device)}
     for name in args.sections.split(","):
         t0 = time.perf_counter()

@@ -14,9 +14,10 @@ Checked against a measured run: a LLaMA-2-7B shape, LoRA r64, bf16, 8 x 510 toke
 checkpointing, peaked at 45.5 GiB on an H200; this estimate gives 51 GiB (about 12% high, on the
 safe side).
 
-The budget is ``memory_gb`` when set; otherwise 90% of the GPU's free memory, or on a CPU the smaller
-of 60% of the available RAM and :data:`CPU_DEFAULT_BUDGET_GB` (so that every default command fits
-in 8 GB of resident memory with the process's own overhead).
+The budget is ``memory_gb`` when set; otherwise 90% of the GPU's free memory (plus what this process
+already reserved there), or on a CPU the smaller of 60% of the available RAM (plus this process's
+resident memory) and :data:`CPU_DEFAULT_BUDGET_GB` (so that every default command fits in 8 GB of
+resident memory with the process's own overhead).
 """
 from __future__ import annotations
 
@@ -60,10 +61,18 @@ def budget_bytes(device: torch.device | str, memory_gb: float = 0.0) -> int:
     if memory_gb and memory_gb > 0:
         return int(memory_gb * GiB)
     device = torch.device(device)
-    free = available_bytes(device)
+    # What this process already holds (the loaded model) counts as usable: the plan counts the weights.
     if device.type == "cuda":
-        return int(0.9 * free)
-    return int(min(0.6 * free, CPU_DEFAULT_BUDGET_GB * GiB))
+        return int(0.9 * (available_bytes(device) + torch.cuda.memory_reserved(device)))
+    return int(min(0.6 * (available_bytes(device) + _rss_bytes()), CPU_DEFAULT_BUDGET_GB * GiB))
+
+
+def _rss_bytes() -> int:
+    try:
+        with open("/proc/self/statm") as f:
+            return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+    except (OSError, ValueError, IndexError):
+        return 0
 
 
 def peak_memory_gb(device: torch.device | str) -> float:

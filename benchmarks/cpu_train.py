@@ -1,0 +1,161 @@
+"""CPU training at the hardware's limit: training steps against the bf16 matmul limit, in one run, and
+the peak resident memory of ``llara finetune`` with its defaults.
+
+1. ``matmul``: GFLOP/s of a 2048-cube matmul in bf16 and fp32 (best of 5), measured before and after
+   the training runs (the mean is the limit; both are reported, so a machine whose load changed shows).
+2. ``pretrain``: ``llara pretrain`` (full fine-tuning, precision auto) on the embedded model:
+   median tokens/s after the first step; ratio = 6 x parameters x tokens/s / the bf16 matmul limit.
+3. ``finetune``: ``llara finetune`` (LoRA, its defaults but for the batch shape given) on BM25-mined
+   groups of the shipped demo corpus: ratio = 4 x parameters x tokens/s / the limit (frozen base:
+   forward and activation gradients; GradCache's extra forward counts as overhead).
+4. ``memory``: ``llara finetune --model default --max-steps 1 --batch-size B`` with every other option
+   at its default (group 16, 160-token passages, GradCache chunk and checkpointing from the memory
+   plan) for each B of ``--memory-batches``: the peak RSS the training log records and the plan chosen.
+
+    python benchmarks/cpu_train.py --out benchmarks/results/cpu_train.json
+
+Each section is written as soon as it ends; every command runs in its own process (so peak RSS is that
+command's own).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import re
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+DEMO = ROOT / "src" / "llara" / "data" / "demo" / "med"
+PARAMS_135M = 134_515_008  # SmolLM2-135M (tied embeddings counted once), the convention of issue 20
+
+
+def matmul_gflops(dtype: torch.dtype, n: int = 2048, repeats: int = 5) -> float:
+    a, b = torch.randn(n, n, dtype=dtype), torch.randn(n, n, dtype=dtype)
+    torch.mm(a, b)
+    best = float("inf")
+    for _ in range(repeats):
+        t = time.perf_counter()
+        torch.mm(a, b)
+        best = min(best, time.perf_counter() - t)
+    return 2 * n**3 / best / 1e9
+
+
+def llara(argv: list[str], env: dict | None = None) -> tuple[float, str]:
+    cmd = [sys.executable, "-m", "llara.cli", *argv]
+    t = time.perf_counter()
+    done = subprocess.run(cmd, capture_output=True, text=True, env={**os.environ, **(env or {})})
+    if done.returncode:
+        raise RuntimeError(f"{' '.join(argv)} failed:\n{done.stderr[-3000:]}")
+    return time.perf_counter() - t, done.stderr + done.stdout
+
+
+def log_rows(run: Path) -> list[dict]:
+    return [json.loads(line) for line in (run / "train_log.jsonl").read_text().splitlines() if line.strip()]
+
+
+def summary(run: Path, flops_per_token: float, limit_gflops: float | None) -> dict:
+    rows = log_rows(run)
+    tps = statistics.median(r["tokens_per_s"] for r in rows[1:]) if len(rows) > 1 else rows[0]["tokens_per_s"]
+    out = {"steps": len(rows), "tokens_per_s": round(tps, 1), "tokens_per_s_by_step": [r["tokens_per_s"] for r in rows],
+           "peak_memory_gb": rows[-1].get("peak_memory_gb"), "gflops": round(flops_per_token * tps / 1e9, 1)}
+    if limit_gflops:
+        out["ratio_to_bf16_matmul"] = round(flops_per_token * tps / 1e9 / limit_gflops, 3)
+    return out
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--out", default=str(ROOT / "benchmarks" / "results" / "cpu_train.json"))
+    p.add_argument("--work", default="/tmp/llara-cpu-train")
+    p.add_argument("--model", default="default")
+    p.add_argument("--sections", default="pretrain,finetune,memory")
+    p.add_argument("--steps", type=int, default=6)
+    p.add_argument("--pretrain-batch", type=int, default=8)
+    p.add_argument("--chunk-tokens", type=int, default=128)
+    p.add_argument("--finetune-batch", type=int, default=8)
+    p.add_argument("--finetune-group", type=int, default=4)
+    p.add_argument("--memory-batches", default="2,8,32")
+    args = p.parse_args(argv)
+    out, work = Path(args.out), Path(args.work)
+    work.mkdir(parents=True, exist_ok=True)
+    result = {"command": "python benchmarks/cpu_train.py " + " ".join(argv if argv is not None else sys.argv[1:]),
+              "machine": {"cpu": platform.processor() or platform.machine(), "cores": os.cpu_count(),
+                          "threads": torch.get_num_threads(), "torch": torch.__version__},
+              "sections": {}}
+    cpu_name = next((line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
+                     if line.startswith("model name")), None) if Path("/proc/cpuinfo").exists() else None
+    result["machine"]["cpu"] = cpu_name or result["machine"]["cpu"]
+
+    def write():
+        from llara.io import write_json
+
+        write_json(out, result)
+
+    before = {"bf16": matmul_gflops(torch.bfloat16), "fp32": matmul_gflops(torch.float32)}
+    result["sections"]["matmul_before"] = {k: round(v, 1) for k, v in before.items()}
+    write()
+    limit = before["bf16"]
+    common = ["--max-steps", str(args.steps), "--save-every", "0", "--no-export", "--no-progress", "--seed", "0"]
+    sections = args.sections.split(",")
+    if "pretrain" in sections:
+        run = work / "pretrain"
+        argv_ = ["pretrain", "--model", args.model, "--data", str(DEMO / "corpus.jsonl"), "--output", str(run),
+                 "--batch-size", str(args.pretrain_batch), "--chunk-tokens", str(args.chunk_tokens), "--lr", "5e-5",
+                 *common]
+        subprocess.run(["rm", "-rf", str(run)])
+        seconds, _ = llara(argv_)
+        result["sections"]["pretrain"] = {"command": "llara " + " ".join(argv_), "seconds": round(seconds, 1),
+                                          "flops_per_token": f"6 x {PARAMS_135M}",
+                                          **summary(run, 6 * PARAMS_135M, limit)}
+        write()
+    train = work / "train.jsonl"
+    if ("finetune" in sections or "memory" in sections) and not train.exists():
+        llara(["mine", "--method", "bm25", "--corpus", str(DEMO / "corpus.jsonl"), "--queries",
+               str(DEMO / "queries.jsonl"), "--qrels", str(DEMO / "qrels" / "test.tsv"), "--window", "5", "100",
+               "--negatives", "15", "--output", str(train)])
+    if "finetune" in sections:
+        run = work / "finetune"
+        argv_ = ["finetune", "--model", args.model, "--data", str(train), "--output", str(run),
+                 "--batch-size", str(args.finetune_batch), "--group-size", str(args.finetune_group), *common]
+        subprocess.run(["rm", "-rf", str(run)])
+        seconds, text = llara(argv_)
+        plan = re.findall(r"memory: .*?-> (.*)", text)
+        result["sections"]["finetune"] = {"command": "llara " + " ".join(argv_), "seconds": round(seconds, 1),
+                                          "memory_plan": plan[:1], "flops_per_token": f"4 x {PARAMS_135M}",
+                                          **summary(run, 4 * PARAMS_135M, limit)}
+        write()
+    if "memory" in sections:
+        rows = {}
+        for b in [int(x) for x in args.memory_batches.split(",") if x]:
+            run = work / f"memory_b{b}"
+            subprocess.run(["rm", "-rf", str(run)])
+            argv_ = ["finetune", "--model", args.model, "--data", str(train), "--output", str(run),
+                     "--batch-size", str(b), "--max-steps", "1", "--save-every", "0", "--no-export", "--no-progress"]
+            seconds, text = llara(argv_)
+            rows[str(b)] = {"command": "llara " + " ".join(argv_), "seconds": round(seconds, 1),
+                            "memory_plan": re.findall(r"memory: (.*)", text)[:2],
+                            "peak_rss_gb": log_rows(run)[-1]["peak_memory_gb"]}
+            result["sections"]["memory"] = rows
+            write()
+    after = {"bf16": matmul_gflops(torch.bfloat16), "fp32": matmul_gflops(torch.float32)}
+    result["sections"]["matmul_after"] = {k: round(v, 1) for k, v in after.items()}
+    result["bf16_matmul_limit_gflops"] = round((before["bf16"] + after["bf16"]) / 2, 1)
+    for name in ("pretrain", "finetune"):
+        sec = result["sections"].get(name)
+        if sec:
+            sec["ratio_to_mean_bf16_matmul"] = round(sec["gflops"] / result["bf16_matmul_limit_gflops"], 3)
+    write()
+    print(json.dumps(result, indent=1)[:4000])
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
