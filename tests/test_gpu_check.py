@@ -26,7 +26,8 @@ def test_gpu_check_tiny_on_cpu(tmp_path):
     errors = {k: v.get("error") for k, v in result["sections"].items() if "error" in v}
     assert not errors, errors
     assert rc == 0 and result["ok"] is True
-    assert list(result["sections"]) == ["joint_pass", "pretrain", "finetune", "llama7b_lora", "encoder"]
+    assert list(result["sections"]) == ["joint_pass", "pretrain", "finetune", "adapt", "contrastive", "attention",
+                                        "encoder"]
     s = result["sections"]
     for dtype in ("fp32", "bf16"):
         for side in ("self", "next"):
@@ -34,11 +35,19 @@ def test_gpu_check_tiny_on_cpu(tmp_path):
     assert s["joint_pass"]["fp32"]["self"]["max_abs_diff"] < 1e-4
     for name in ("pretrain", "finetune"):
         assert s[name]["steps"] == 3 and math.isfinite(s[name]["last_loss"]) and s[name]["median_tokens_per_s"] > 0
-    big = s["llama7b_lora"]
-    assert big["shape"]["num_hidden_layers"] == 2 and big["gradient_checkpointing"]
-    assert 0 < big["trainable_parameters"] < big["parameters"] and big["tokens_per_s"] > 0
-    assert all(math.isfinite(x) for x in big["losses"])
-    assert s["encoder"]["passages"] == 8 and s["encoder"]["tokens_per_s"] > 0
+    adapt = s["adapt"]
+    assert adapt["shape"]["num_hidden_layers"] == 2
+    for key, ckpt in (("no_checkpointing", False), ("checkpointing", True)):
+        run = adapt[key]
+        assert run["gradient_checkpointing"] is ckpt and run["tokens_per_s"] > 0 and run["logged_peak_memory_gb"] > 0
+        assert 0 < run["trainable_parameters"] < run["parameters"] and all(math.isfinite(x) for x in run["losses"])
+    prof = adapt["profile"]
+    assert prof["top_ops"] and "aten::" in prof["table"] and prof["to_copy_per_step"] >= 0
+    assert s["contrastive"]["steps"] == 3 and s["contrastive"]["tokens_per_s"] > 0
+    assert s["attention"]["masked_ms_per_layer"] > 0 and s["attention"]["causal_flash_ms_per_layer"] > 0
+    for model in ("small_model", "shape"):
+        enc = s["encoder"][model]
+        assert enc["encode_tokens_per_s"] > 0 and enc["raw_tokens_per_s"] > 0 and enc["ratio"] > 0
 
 
 def test_mfu_peak_table():
