@@ -18,7 +18,8 @@ from llara.evaluation.runner import evaluate_datasets
 from llara.modeling.encoder import Encoder
 from llara.retrieval.bm25 import bm25_search
 from llara.retrieval.fusion import FusionConfig, fuse, linear
-from llara.retrieval.index import build_index, merge_indexes, open_index
+from llara.retrieval.index import build_index, merge_indexes
+from llara.retrieval.store import open_index
 from llara.retrieval.searcher import Searcher
 
 QUERIES = ["the retrieval of a passage", "fish in the river water", "capital city of france", "brain cell study"]

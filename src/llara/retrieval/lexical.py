@@ -23,7 +23,7 @@ from typing import Iterable, Sequence
 
 from ..io import DataError, atomic_dir, passage_text
 from .bm25 import BM25Index
-from .index import iter_corpus, sha256_file
+from .store import iter_corpus, sha256_file
 
 log = logging.getLogger(__name__)
 
