@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import logging
 import shutil
 
 import pytest
@@ -19,8 +20,8 @@ from llara.modeling.encoder import Encoder
 from llara.retrieval.bm25 import bm25_search
 from llara.retrieval.fusion import FusionConfig, fuse, linear
 from llara.retrieval.index import build_index, merge_indexes
-from llara.retrieval.store import open_index
 from llara.retrieval.searcher import Searcher
+from llara.retrieval.store import open_index
 
 QUERIES = ["the retrieval of a passage", "fish in the river water", "capital city of france", "brain cell study"]
 
@@ -251,6 +252,20 @@ def test_serve_modes_equal_the_searcher(client):
     info = c.get("/info").json()
     assert info["default_mode"] == "hybrid" and info["modes"] == ["dense", "bm25", "hybrid"]
     assert info["fusion"] == s.fusion.to_dict() and info["bm25"]["documents"] == 30
+
+
+def test_a_query_without_a_bm25_term_is_logged_at_debug_only(client, caplog):
+    # per query: at INFO, a client would decide how fast the service's log grows
+    c = client[0]
+    caplog.set_level(logging.INFO, logger="llara")
+    for body in ({"query": "the of and"}, {"queries": ["zzzq", "the"], "mode": "bm25"}):
+        r = c.post("/search", json={"k": 3, **body})
+        assert r.status_code == 200, r.text
+    assert [rec.getMessage() for rec in caplog.records if rec.levelno >= logging.INFO] == []
+    caplog.set_level(logging.DEBUG, logger="llara.retrieval.bm25")
+    assert c.post("/search", json={"query": "the of and", "k": 3}).status_code == 200
+    assert [rec.levelno for rec in caplog.records if "no term in the BM25 vocabulary" in rec.getMessage()] == [
+        logging.DEBUG]
 
 
 @pytest.mark.parametrize("body,message", [
