@@ -180,6 +180,9 @@ def test_merged_parts_get_bm25_too(built, tmp_path):
     merged = merge_indexes(parts, tmp_path / "merged", fusion=FusionConfig(alpha=0.4, depth=12))
     one, two = Searcher.from_index(built["index"]), Searcher.from_index(merged)
     assert two.default_mode == "hybrid" and one.search(QUERIES, k=6) == two.search(QUERIES, k=6)
+    bm25_files = sorted(p.name for p in (built["index"] / "bm25").iterdir())
+    assert bm25_files == sorted(p.name for p in (merged / "bm25").iterdir())
+    assert all((merged / "bm25" / f).read_bytes() == (built["index"] / "bm25" / f).read_bytes() for f in bm25_files)
 
 
 def test_no_bm25_and_old_index_serve_dense(built, tmp_path, capsys):
