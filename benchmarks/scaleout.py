@@ -7,7 +7,7 @@ Reproduce (from the repository root, after `make setup`; about 5 minutes on 2 CP
 1. ``llara index`` of the first ``--passages`` passages of med in one process, then with
    ``--engine ray --workers 2`` on a local Ray cluster (one model per actor, 1 torch thread each)
    on the same machine: wall time of each command (model loading and Ray start-up included), the
-   encoding seconds the manifests record, and whether the shards are identical.
+   encoding seconds the build logs record, and whether the shards are identical.
 2. The single-process index exported to embedded Qdrant (``QdrantClient(path=...)``), and the 30
    med test queries searched through FAISS Flat and Qdrant: top-10 overlap, time of the vector search.
 
@@ -49,7 +49,9 @@ def shard_checksums(index: Path) -> list[str]:
 
 
 def encode_seconds(index: Path) -> float:
-    return sum(s["seconds"] for s in json.loads((index / "manifest.json").read_text())["shards"])
+    from llara.training.logging_utils import read_log
+
+    return sum(row["seconds"] for row in read_log(index / "build-log.jsonl") if "shard" in row)
 
 
 def ray_overhead(args, work: Path, env: dict) -> dict:
@@ -64,7 +66,7 @@ def ray_overhead(args, work: Path, env: dict) -> dict:
     ray_cmd = [*llara, *common, "--output", str(work / "ray"), "--engine", "ray", "--workers", "2"]
     single_s = run_timed(single_cmd, env)
     ray_s = run_timed(ray_cmd, env)
-    from llara.retrieval.index import open_index
+    from llara.retrieval.store import open_index
 
     a, b = open_index(work / "single"), open_index(work / "ray")
     diff = float(np.abs(a.embeddings() - b.embeddings()).max())
@@ -85,7 +87,7 @@ def qdrant_vs_faiss(work: Path) -> dict:
     from llara.data.beir import load_queries
     from llara.modeling.encoder import Encoder
     from llara.prompts import Template
-    from llara.retrieval.index import open_index
+    from llara.retrieval.store import open_index
     from llara.retrieval.qdrant import export_to_qdrant, open_qdrant
 
     index = open_index(work / "single")

@@ -11,7 +11,7 @@ from tiny_index import index_setup
 from llara.cli import main
 from llara.data.beir import DataError
 from llara.retrieval.check import check_index
-from llara.retrieval.index import open_index
+from llara.retrieval.store import open_index
 
 
 @pytest.fixture(scope="module")

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import logging
 import shutil
 
 import pytest
@@ -18,8 +19,9 @@ from llara.evaluation.runner import evaluate_datasets
 from llara.modeling.encoder import Encoder
 from llara.retrieval.bm25 import bm25_search
 from llara.retrieval.fusion import FusionConfig, fuse, linear
-from llara.retrieval.index import build_index, merge_indexes, open_index
+from llara.retrieval.index import build_index, merge_indexes
 from llara.retrieval.searcher import Searcher
+from llara.retrieval.store import open_index
 
 QUERIES = ["the retrieval of a passage", "fish in the river water", "capital city of france", "brain cell study"]
 
@@ -178,6 +180,9 @@ def test_merged_parts_get_bm25_too(built, tmp_path):
     merged = merge_indexes(parts, tmp_path / "merged", fusion=FusionConfig(alpha=0.4, depth=12))
     one, two = Searcher.from_index(built["index"]), Searcher.from_index(merged)
     assert two.default_mode == "hybrid" and one.search(QUERIES, k=6) == two.search(QUERIES, k=6)
+    bm25_files = sorted(p.name for p in (built["index"] / "bm25").iterdir())
+    assert bm25_files == sorted(p.name for p in (merged / "bm25").iterdir())
+    assert all((merged / "bm25" / f).read_bytes() == (built["index"] / "bm25" / f).read_bytes() for f in bm25_files)
 
 
 def test_no_bm25_and_old_index_serve_dense(built, tmp_path, capsys):
@@ -250,6 +255,20 @@ def test_serve_modes_equal_the_searcher(client):
     info = c.get("/info").json()
     assert info["default_mode"] == "hybrid" and info["modes"] == ["dense", "bm25", "hybrid"]
     assert info["fusion"] == s.fusion.to_dict() and info["bm25"]["documents"] == 30
+
+
+def test_a_query_without_a_bm25_term_is_logged_at_debug_only(client, caplog):
+    # per query: at INFO, a client would decide how fast the service's log grows
+    c = client[0]
+    caplog.set_level(logging.INFO, logger="llara")
+    for body in ({"query": "the of and"}, {"queries": ["zzzq", "the"], "mode": "bm25"}):
+        r = c.post("/search", json={"k": 3, **body})
+        assert r.status_code == 200, r.text
+    assert [rec.getMessage() for rec in caplog.records if rec.levelno >= logging.INFO] == []
+    caplog.set_level(logging.DEBUG, logger="llara.retrieval.bm25")
+    assert c.post("/search", json={"query": "the of and", "k": 3}).status_code == 200
+    assert [rec.levelno for rec in caplog.records if "no term in the BM25 vocabulary" in rec.getMessage()] == [
+        logging.DEBUG]
 
 
 @pytest.mark.parametrize("body,message", [

@@ -10,8 +10,9 @@ from tiny_index import index_setup
 
 from llara.cli import main
 from llara.data.beir import DataError
-from llara.retrieval.index import build_index, iter_corpus, merge_indexes, open_index, parse_shard_spec
+from llara.retrieval.index import build_index, merge_indexes, parse_shard_spec
 from llara.retrieval.searcher import Hit, Searcher
+from llara.retrieval.store import iter_corpus, open_index
 
 QUERIES = ["the retrieval of a passage", "fish in the river water", "capital city of france", "brain cell study"]
 

@@ -17,7 +17,8 @@ httpx = pytest.importorskip("httpx", reason="the serve extra: pip install -e '.[
 pytest.importorskip("fastapi", reason="the serve extra: pip install -e '.[serve]'")
 from fastapi.testclient import TestClient  # noqa: E402
 
-from llara.retrieval.index import build_index, open_index  # noqa: E402
+from llara.retrieval.index import build_index  # noqa: E402
+from llara.retrieval.store import open_index  # noqa: E402
 from llara.retrieval.searcher import Searcher  # noqa: E402
 from llara.serve import create_app  # noqa: E402
 

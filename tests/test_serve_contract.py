@@ -5,6 +5,7 @@ finds no violation with all of its checks."""
 from __future__ import annotations
 
 import asyncio
+import logging
 import os
 import re
 import subprocess
@@ -18,8 +19,8 @@ httpx = pytest.importorskip("httpx", reason="the serve extra: pip install -e '.[
 pytest.importorskip("fastapi", reason="the serve extra: pip install -e '.[serve]'")
 from fastapi.testclient import TestClient  # noqa: E402
 
-from llara.retrieval.index import open_index  # noqa: E402
 from llara.retrieval.searcher import Hit, Searcher  # noqa: E402
+from llara.retrieval.store import open_index  # noqa: E402
 from llara.serve import create_app  # noqa: E402
 from llara.serve_limits import RequestGuard  # noqa: E402
 from llara.serve_schema import NON_BLANK  # noqa: E402
@@ -127,7 +128,7 @@ def test_503_with_retry_after_only_when_the_encoder_queue_is_full():
     assert sorted(r.status_code for r in responses) == [200] * 4 + [503] * 6
 
 
-def test_body_deadline_answers_408():
+def test_body_deadline_answers_408(caplog):
     async def app(scope, receive, send):  # never reached
         raise AssertionError
 
@@ -145,9 +146,12 @@ def test_body_deadline_answers_408():
                  "headers": [(b"content-type", b"application/json"), (b"content-length", b"50")]}
         await asyncio.wait_for(guard(scope, receive, send), 10)
 
+    caplog.set_level(logging.DEBUG, logger="llara")
     asyncio.run(go())
     assert sent[0]["status"] == 408 and (b"connection", b"close") in sent[0]["headers"]
     assert b"did not arrive within 0.2 s" in sent[1]["body"]
+    # per request, so DEBUG: at INFO a slow client would decide how fast the log grows
+    assert [r.levelno for r in caplog.records if "not received within" in r.getMessage()] == [logging.DEBUG]
 
 
 def test_schemathesis_finds_no_violation(index_dir, tmp_path):

@@ -1,5 +1,5 @@
 """Files and records every layer of llara shares: the data error, reading text and JSONL files with
-``file:line`` errors, the text of a corpus record, and atomic writes.
+``file:line`` errors, the text of a corpus record, atomic writes, and llara's cache folder.
 
 This module is the bottom layer: it imports nothing from llara. The layers above it, from the
 bottom up (a module may import only from its own layer or the layers below it; ``tests/test_layers.py``
@@ -39,6 +39,7 @@ __all__ = [
     "DataError",
     "atomic_dir",
     "atomic_path",
+    "cache_root",
     "iter_jsonl",
     "iter_lines",
     "json_line",
@@ -91,6 +92,12 @@ def passage_text(doc: dict) -> str:
     if title.strip():
         return f"{title} {text}" if text else title
     return text
+
+
+def cache_root() -> Path:
+    """llara's cache folder (converted models, runtimes, embeddings, precision probes):
+    ``$LLARA_CACHE``, else ``~/.cache/llara``."""
+    return Path(os.environ.get("LLARA_CACHE", Path.home() / ".cache" / "llara"))
 
 
 # --------------------------------------------------------------------------- reading

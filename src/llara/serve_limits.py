@@ -74,7 +74,7 @@ class RequestGuard:
         try:
             body = await asyncio.wait_for(self._read(receive), self.body_timeout)
         except asyncio.TimeoutError:
-            log.info("408: request body from %s not received within %g s", scope.get("client"), self.body_timeout)
+            log.debug("408: request body from %s not received within %g s", scope.get("client"), self.body_timeout)
             return await send_error(send, 408, f"the request body did not arrive within {self.body_timeout:g} s")
         except _TooLarge:
             return await send_error(send, 413, f"request body is over the limit of {self.max_bytes} bytes")
@@ -149,8 +149,8 @@ def head_deadline_protocol(head_timeout: float):
         def _head_expired(self, scope) -> None:
             # Still the same scope: no new request head was parsed since the deadline was armed.
             if self.scope is scope and not self.transport.is_closing():
-                log.info("closing a connection from %s: no complete request head within %g s", self.client,
-                         head_timeout)
+                log.debug("closing a connection from %s: no complete request head within %g s", self.client,
+                          head_timeout)
                 self.transport.close()
 
     return HeadDeadlineH11Protocol

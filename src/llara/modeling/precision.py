@@ -29,7 +29,7 @@ from pathlib import Path
 
 import torch
 
-from ..io import write_json
+from ..io import cache_root, write_json
 
 log = logging.getLogger(__name__)
 
@@ -99,8 +99,6 @@ def _cached_probe(key: str, probe) -> float:
     """``probe()`` once per key: memoised in the process and cached in ``$LLARA_CACHE/precision.json``."""
     if key in _speedups:
         return _speedups[key]
-    from .loading import cache_root
-
     path = cache_root() / CACHE_FILE
     try:
         cached = json.loads(path.read_text())

@@ -27,7 +27,7 @@ from pathlib import Path
 
 import torch
 
-from ..io import atomic_dir
+from ..io import atomic_dir, cache_root
 
 log = logging.getLogger(__name__)
 
@@ -168,8 +168,6 @@ def load_runtime(runtime: str, model, fingerprint: str | None, cache: "str | os.
             return OnnxInt8Forward(export_onnx_int8(model, tmp / "model"), vocab)  # the session holds the model
         finally:
             shutil.rmtree(tmp, ignore_errors=True)
-    from .loading import cache_root
-
     out = Path(cache or cache_root() / "runtimes") / f"onnx-int8-{runtime_key(fingerprint, vocab)}"
     path = out / MODEL_FILE
     if not path.is_file():

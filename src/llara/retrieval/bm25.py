@@ -80,7 +80,10 @@ class BM25Index:
             tokens += self.tokenize(batch)
         if not tokens:
             raise ValueError("no documents to index with BM25")
-        self.retriever.index(tokens, show_progress=False)
+        # bm25s numbers the vocabulary in set order, which changes with PYTHONHASHSEED: number it in
+        # sorted order, so one corpus gives the same files every time (scores are the same either way).
+        vocab = {term: i for i, term in enumerate(sorted({t for doc in tokens for t in doc}))}
+        self.retriever.index(([[vocab[t] for t in doc] for doc in tokens], vocab), show_progress=False)
         return self
 
     def tokenize(self, texts: list[str]) -> list[list[str]]:
@@ -113,7 +116,8 @@ class BM25Index:
             order = candidates[np.lexsort((candidates, -scores[candidates]))]
             out.append([(int(i), float(scores[i])) for i in order])
         if empty:
-            logger.info("%d of %d queries have no term in the BM25 vocabulary (empty results)", empty, len(out))
+            # per query, so DEBUG: at INFO a client would decide how fast the service's log grows
+            logger.debug("%d of %d queries have no term in the BM25 vocabulary (empty results)", empty, len(out))
         return out
 
     def settings(self) -> dict:

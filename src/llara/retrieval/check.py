@@ -14,7 +14,7 @@ import time
 from pathlib import Path
 
 from ..io import DataError
-from .index import _read_manifest, _verify_shard, sha256_file
+from .store import MANIFEST, read_manifest, sha256_file, verify_shard
 
 __all__ = ["check_index"]
 
@@ -23,10 +23,10 @@ def check_index(index_dir: "str | os.PathLike", *, full: bool = False) -> dict:
     """Check ``index_dir``; returns what was checked (shards, rows, files, bytes, bytes hashed, seconds)."""
     t0 = time.perf_counter()
     d = Path(index_dir)
-    manifest = _read_manifest(d)
+    manifest = read_manifest(d)
     shards = manifest.get("shards") or []
     for shard in shards:
-        _verify_shard(d, shard, manifest.get("dimension"), checksum=full)
+        verify_shard(d, shard, manifest.get("dimension"), checksum=full)
     files = [info for s in shards for info in s["files"].values()]
     hashed = sum(info["bytes"] for s in shards for role, info in s["files"].items() if full or role != "embeddings")
     faiss_info = manifest.get("faiss")
@@ -47,7 +47,7 @@ def check_index(index_dir: "str | os.PathLike", *, full: bool = False) -> dict:
         hashed += faiss_info["bytes"] if full else 0
     rows = sum(s["rows"] for s in shards)
     if rows != manifest.get("count", rows):
-        raise DataError(d / "manifest.json", None, f"the shards hold {rows} rows, the manifest's count is "
+        raise DataError(d / MANIFEST, None, f"the shards hold {rows} rows, the manifest's count is "
                                                    f"{manifest['count']}")
     return {
         "path": str(d),

@@ -1,18 +1,13 @@
-"""A persistent dense index: a folder you can read by hand, built shard by shard, resumable.
+"""Building a persistent dense index, shard by shard, resumable; merging the parts of a split build.
 
-Layout of an index directory::
-
-    manifest.json              model spec, template, lengths, dimension, shards with sha256, factory
-    shards/emb-00000.npy       float32 (rows, dim) embeddings, L2-normalised unless the template says not
-    shards/ids-00000.txt       one doc id per line: line i <-> row i of emb-00000.npy
-    shards/titles-00000.jsonl  one JSON string per line: the title of doc i ("" when none)
-    index.faiss                the FAISS index over all shards, rows in shard order
-
-No pickles: ``.npy`` holds plain arrays (loaded with ``allow_pickle=False``), the rest is text.
+The folder's format (manifest, shard files, checksums, readers, :func:`~llara.retrieval.store.open_index`)
+is :mod:`llara.retrieval.store`; ``docs/index-format.md`` describes it for a reader.
 
 The corpus is streamed: only one shard of passages is in memory at a time. Every file is written
 to a temporary name and moved into place with ``os.replace``, and the manifest is rewritten after
 each finished shard, so an interrupted run resumes (``resume=True``) after its last finished shard.
+Two builds of one corpus with one model write the same bytes, resumed or not: timings go to
+``build-log.jsonl``, which is no part of the index.
 
 ``shard=(i, n)`` encodes only the shards whose number ``s`` has ``s % n == i`` (round robin over
 the same global shards a single run writes), into a partial directory; :func:`merge_indexes` joins
@@ -24,10 +19,10 @@ import hashlib
 import json
 import logging
 import os
-import re
 import shutil
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
+from datetime import datetime, timezone
 from pathlib import Path
 from typing import Iterator, Sequence
 
@@ -35,58 +30,20 @@ import faiss
 import numpy as np
 
 from .. import __version__
-from ..io import DataError, atomic_path, iter_jsonl, json_line, passage_text, save_npy, write_json, write_text
+from ..io import DataError, atomic_path, passage_text, write_json
+from ..training.logging_utils import JsonlLog
+from .store import (BUILD_LOG, FAISS_FILE, FORMAT, FORMAT_VERSION, MANIFEST, SHARD_DIR, iter_corpus, load_embeddings,
+                    read_ids, read_manifest, setting_differences, sha256_file, verify_shard, write_shard)
 
 log = logging.getLogger(__name__)
 
-__all__ = ["build_index", "merge_indexes", "open_index", "DenseIndex", "iter_corpus", "parse_shard_spec"]
+__all__ = ["build_index", "merge_indexes", "new_faiss_index", "parse_shard_spec", "LocalEngine", "ShardJob",
+           "ShardResult"]
 
-MANIFEST = "manifest.json"
-FAISS_FILE = "index.faiss"
-SHARD_DIR = "shards"
-FORMAT = "llara-index"
-FORMAT_VERSION = 1
 DEFAULT_SHARD_SIZE = 10_000
 DEFAULT_TRAIN_SIZE = 200_000
 # Settings that must agree between an interrupted run and its resumption, or between merged parts.
 _SETTINGS = ("model", "shard_size", "factory", "corpus_documents")
-TEXT_ROLES = ("ids", "titles")  # one line per row
-
-
-# ----------------------------------------------------------------------------------------------
-# small file helpers
-# ----------------------------------------------------------------------------------------------
-def sha256_file(path: Path, chunk: int = 1 << 22) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as fh:
-        while block := fh.read(chunk):
-            h.update(block)
-    return h.hexdigest()
-
-
-def _read_manifest(index_dir: Path) -> dict:
-    path = index_dir / MANIFEST
-    if not path.is_file():
-        raise DataError(path, None, "not a llara index (no manifest.json)")
-    try:
-        manifest = json.loads(path.read_text(encoding="utf-8"))
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise DataError(path, None, f"invalid JSON: {e}") from None
-    if not isinstance(manifest, dict) or manifest.get("format") != FORMAT:
-        raise DataError(path, None, f"not a llara index manifest (format is not {FORMAT!r})")
-    if manifest.get("format_version", 0) > FORMAT_VERSION:
-        raise DataError(path, None, f"index format {manifest['format_version']} is newer than this llara "
-                                    f"reads ({FORMAT_VERSION}); upgrade llara")
-    return manifest
-
-
-def shard_files(number: int) -> dict[str, str]:
-    """Paths, relative to the index directory, of shard ``number``'s three files."""
-    return {
-        "embeddings": f"{SHARD_DIR}/emb-{number:05d}.npy",
-        "ids": f"{SHARD_DIR}/ids-{number:05d}.txt",
-        "titles": f"{SHARD_DIR}/titles-{number:05d}.jsonl",
-    }
 
 
 def parse_shard_spec(spec: "str | Sequence[int] | None") -> tuple[int, int] | None:
@@ -105,58 +62,6 @@ def parse_shard_spec(spec: "str | Sequence[int] | None") -> tuple[int, int] | No
     return i, n
 
 
-# ----------------------------------------------------------------------------------------------
-# streaming the corpus
-# ----------------------------------------------------------------------------------------------
-def _id_key(doc_id: str) -> int:
-    return int.from_bytes(hashlib.blake2b(doc_id.encode("utf-8", "surrogatepass"), digest_size=8).digest(), "little")
-
-
-def _first_line_of(path: Path, doc_id: str) -> int | None:
-    """Line where ``doc_id`` first occurs (only called to word an error; rescans the file)."""
-    for line_no, obj in iter_jsonl(path):
-        if obj.get("_id") == doc_id:
-            return line_no
-    return None
-
-
-def _field(path: Path, line_no: int, obj: dict, key: str, *, required: bool) -> str:
-    value = obj.get(key)
-    if value is None:
-        if required:
-            raise DataError(path, line_no, f"missing field '{key}'")
-        return ""
-    if not isinstance(value, str):
-        raise DataError(path, line_no, f"field '{key}' must be a string, got {type(value).__name__} ({value!r})")
-    return value
-
-
-def iter_corpus(path: "str | os.PathLike") -> Iterator[tuple[str, str, str]]:
-    """Stream ``corpus.jsonl`` as ``(doc_id, title, text)``, one line at a time.
-
-    Same rules as :func:`llara.data.beir.load_corpus` (``DataError`` naming file and line), plus:
-    an id may not contain a line break (id files hold one id per line). Duplicate ids are found
-    with a set of 64-bit hashes of the ids seen, not the ids themselves.
-    """
-    path = Path(path)
-    seen: set[int] = set()
-    for line_no, obj in iter_jsonl(path):
-        doc_id = _field(path, line_no, obj, "_id", required=True)
-        if not doc_id.strip():
-            raise DataError(path, line_no, "field '_id' is empty")
-        if "\n" in doc_id or "\r" in doc_id:
-            raise DataError(path, line_no, f"field '_id' {doc_id!r} contains a line break")
-        key = _id_key(doc_id)
-        if key in seen:
-            first = _first_line_of(path, doc_id)
-            if first is not None and first != line_no:
-                raise DataError(path, line_no, f"duplicate _id '{doc_id}' (first seen on line {first})")
-        seen.add(key)
-        text = _field(path, line_no, obj, "text", required=True)
-        title = _field(path, line_no, obj, "title", required=False)
-        yield doc_id, title, text
-
-
 def _iter_shards(path: Path, shard_size: int) -> Iterator[tuple[int, list[tuple[str, str, str]]]]:
     """Group the streamed corpus into numbered shards of ``shard_size`` documents (the last may be short)."""
     batch: list[tuple[str, str, str]] = []
@@ -171,98 +76,6 @@ def _iter_shards(path: Path, shard_size: int) -> Iterator[tuple[int, list[tuple[
         yield number, batch
 
 
-# ----------------------------------------------------------------------------------------------
-# shards on disk
-# ----------------------------------------------------------------------------------------------
-def _write_shard(index_dir: Path, number: int, emb: np.ndarray, ids: list[str], titles: list[str]) -> dict:
-    files = shard_files(number)
-    (index_dir / SHARD_DIR).mkdir(parents=True, exist_ok=True)
-    emb = np.ascontiguousarray(emb, dtype=np.float32)
-    save_npy(index_dir / files["embeddings"], emb)
-    write_text(index_dir / files["ids"], "".join(i + "\n" for i in ids))
-    write_text(index_dir / files["titles"], "".join(json.dumps(t, ensure_ascii=False) + "\n" for t in titles))
-    entry = {
-        "number": number,
-        "rows": len(ids),
-        "files": {
-            role: {"path": rel, "sha256": sha256_file(index_dir / rel), "bytes": (index_dir / rel).stat().st_size}
-            for role, rel in files.items()
-        },
-    }
-    for role in TEXT_ROLES:
-        entry["files"][role]["lines"] = len(ids)
-    return entry
-
-
-def _text_digest(path: Path, chunk: int = 1 << 22) -> tuple[str, int]:
-    """(sha256, number of lines) of a text file, in one read."""
-    h, lines = hashlib.sha256(), 0
-    with open(path, "rb") as fh:
-        while block := fh.read(chunk):
-            h.update(block)
-            lines += block.count(b"\n")
-    return h.hexdigest(), lines
-
-
-def _verify_shard(index_dir: Path, shard: dict, dimension: int | None, *, checksum: bool = True) -> None:
-    """Raise ``DataError`` naming the file when a shard file is missing, truncated or corrupt.
-
-    Sizes, line counts and the ``.npy`` header are always checked, and so is the sha256 of the id
-    and title files: they map rows to documents and are small next to the embeddings (about 1% of
-    an index's bytes), so a changed id file is never served silently. ``checksum`` also hashes the
-    embeddings."""
-    rebuild = "rebuild this shard (build_index with resume=True re-encodes it)"
-    for role, info in shard["files"].items():
-        path = index_dir / info["path"]
-        if not path.is_file():
-            raise DataError(path, None, f"shard {shard['number']} {role} file is missing")
-        size = path.stat().st_size
-        if size != info["bytes"]:
-            raise DataError(path, None, f"shard {shard['number']} {role} file has {size} bytes, the manifest "
-                                        f"says {info['bytes']} (truncated or overwritten); {rebuild}")
-        if role in TEXT_ROLES:
-            digest, lines = _text_digest(path)
-            want = info.get("lines", shard["rows"])  # indexes written before line counts were recorded
-            if lines != want:
-                raise DataError(path, None, f"shard {shard['number']} {role} file has {lines} lines, the manifest "
-                                            f"says {want} (changed after indexing); {rebuild}")
-        elif checksum:
-            digest = sha256_file(path)
-        else:
-            continue
-        if digest != info["sha256"]:
-            raise DataError(path, None, f"shard {shard['number']} {role} file: sha256 mismatch (changed after "
-                                        f"indexing or corrupt); {rebuild}")
-    if dimension is not None:
-        emb = np.load(index_dir / shard["files"]["embeddings"]["path"], mmap_mode="r", allow_pickle=False)
-        if emb.shape != (shard["rows"], dimension) or emb.dtype != np.float32:
-            raise DataError(index_dir / shard["files"]["embeddings"]["path"], None,
-                            f"expected float32 ({shard['rows']}, {dimension}), found {emb.dtype} {emb.shape}")
-
-
-def _read_lines(path: Path) -> list[str]:
-    data = path.read_bytes().decode("utf-8")
-    if data and not data.endswith("\n"):
-        raise DataError(path, None, "last line is not terminated (truncated file)")
-    return data.split("\n")[:-1]
-
-
-def _read_ids(path: Path) -> list[str]:
-    return _read_lines(path)
-
-
-def _read_titles(path: Path) -> list[str]:
-    return [json_line(path, n, line, str) for n, line in enumerate(_read_lines(path), start=1)]
-
-
-def _load_embeddings(index_dir: Path, shard: dict, mmap: bool = True) -> np.ndarray:
-    return np.load(index_dir / shard["files"]["embeddings"]["path"], mmap_mode="r" if mmap else None,
-                   allow_pickle=False)
-
-
-# ----------------------------------------------------------------------------------------------
-# building
-# ----------------------------------------------------------------------------------------------
 @dataclass
 class ShardJob:
     """A shard to encode: its number and its passages' texts (title and text joined)."""
@@ -314,15 +127,8 @@ def _model_settings(encoder, model_spec: str) -> dict:
     return settings
 
 
-def _differences(a, b, prefix: str) -> list[str]:
-    """Dotted paths where two JSON-like values differ, e.g. ``model.max_passage_length``."""
-    if isinstance(a, dict) and isinstance(b, dict):
-        return [d for key in sorted(set(a) | set(b)) for d in _differences(a.get(key), b.get(key), f"{prefix}.{key}")]
-    return [] if a == b else [f"{prefix} ({a!r} before, {b!r} now)"]
-
-
 def _check_resumable(manifest: dict, wanted: dict, manifest_path: Path) -> None:
-    diffs = [d for key, value in wanted.items() for d in _differences(manifest.get(key), value, key)]
+    diffs = [d for key, value in wanted.items() for d in setting_differences(manifest.get(key), value, key)]
     if diffs:
         raise DataError(manifest_path, None, f"cannot resume with other settings: {'; '.join(diffs)}; "
                                              "use the same settings or a new output directory")
@@ -376,11 +182,11 @@ def build_index(
     if manifest_path.exists():
         if not resume:
             raise DataError(out, None, "already holds an index; resume it (--resume) or choose a new directory")
-        manifest = _read_manifest(out)
+        manifest = read_manifest(out)
         _check_resumable(manifest, wanted, manifest_path)
         for s in manifest["shards"]:
             try:
-                _verify_shard(out, s, manifest.get("dimension"))
+                verify_shard(out, s, manifest.get("dimension"))
             except DataError as e:
                 log.warning("%s; encoding shard %d again", e, s["number"])
                 continue
@@ -409,6 +215,7 @@ def build_index(
     manifest.update(complete=False, faiss=None)
 
     t0 = time.perf_counter()
+    build_log = JsonlLog(out / BUILD_LOG)  # timings: they differ run to run, so not in the manifest
     total_docs = 0
     pending: dict[int, tuple[list[str], list[str]]] = {}  # shards being encoded: ids, titles
     ids_digest = hashlib.sha256()  # of every id in row order: ties the BM25 rows to the dense rows
@@ -424,7 +231,7 @@ def build_index(
             ids = [d[0] for d in docs]
             if number in done:
                 # The corpus must not have changed under a finished shard.
-                have = _read_ids(out / done[number]["files"]["ids"]["path"])
+                have = read_ids(out / done[number]["files"]["ids"]["path"])
                 if have != ids:
                     raise DataError(corpus_path, None, f"cannot resume: the documents of shard {number} differ "
                                                        f"from those already indexed in {out}; the corpus changed")
@@ -439,13 +246,14 @@ def build_index(
         elif emb.shape[1] != manifest["dimension"]:
             raise ValueError(f"encoder gives dimension {emb.shape[1]}, the index has {manifest['dimension']}")
         ids, titles = pending.pop(res.number)
-        entry = _write_shard(out, res.number, emb, ids, titles)
+        entry = write_shard(out, res.number, emb, ids, titles)
         entry["tokens"] = res.tokens
-        entry["seconds"] = round(res.seconds, 3)
         done[res.number] = entry
         manifest["shards"] = [done[k] for k in sorted(done)]
         manifest["count"] = sum(s["rows"] for s in manifest["shards"])
         write_json(manifest_path, manifest)
+        build_log.write({"shard": res.number, "rows": len(ids), "tokens": res.tokens, "seconds": round(res.seconds, 3),
+                         "time": datetime.now(timezone.utc).isoformat(timespec="seconds")})
         log.info("shard %d: %d passages in %.1f s (%.0f passages/s)", res.number, len(ids), res.seconds,
                  len(ids) / max(res.seconds, 1e-9))
 
@@ -507,7 +315,7 @@ def _sample_rows(manifest: dict, index_dir: Path, n: int, seed: int) -> np.ndarr
     for s in manifest["shards"]:
         sel = rows[(rows >= offset) & (rows < offset + s["rows"])] - offset
         if len(sel):
-            out[filled : filled + len(sel)] = _load_embeddings(index_dir, s)[sel]
+            out[filled : filled + len(sel)] = load_embeddings(index_dir, s)[sel]
             filled += len(sel)
         offset += s["rows"]
     return out
@@ -540,7 +348,7 @@ def _build_faiss(index_dir: Path, manifest: dict, *, train_size: int, seed: int)
         trained_on = len(sample)
         log.info("trained in %.1f s", time.perf_counter() - t)
     for s in manifest["shards"]:
-        index.add(np.ascontiguousarray(_load_embeddings(index_dir, s, mmap=False)))
+        index.add(np.ascontiguousarray(load_embeddings(index_dir, s, mmap=False)))
     path = index_dir / FAISS_FILE
     with atomic_path(path) as tmp:
         faiss.write_index(index, str(tmp))
@@ -570,7 +378,7 @@ def merge_indexes(
     out = Path(out_dir)
     if not part_dirs:
         raise ValueError("no part directories to merge")
-    manifests = [(Path(d), _read_manifest(Path(d))) for d in part_dirs]
+    manifests = [(Path(d), read_manifest(Path(d))) for d in part_dirs]
     first_dir, first = manifests[0]
     shards: dict[int, tuple[Path, dict]] = {}
     parts_seen: dict[int, Path] = {}
@@ -591,7 +399,7 @@ def merge_indexes(
             raise DataError(d / MANIFEST, None, f"part {part[0]}/{n_parts} given twice (also {parts_seen[part[0]]})")
         parts_seen[part[0]] = d
         for s in m["shards"]:
-            _verify_shard(d, s, m["dimension"])
+            verify_shard(d, s, m["dimension"])
             if s["number"] in shards:
                 raise DataError(d / MANIFEST, None, f"shard {s['number']} is also in {shards[s['number']][0]}")
             shards[s["number"]] = (d, s)
@@ -628,7 +436,7 @@ def merge_indexes(
     if bm25 and corpus.is_file():
         from .lexical import ids_sha256
 
-        ids = [i for s in entries for i in _read_ids(out / s["files"]["ids"]["path"])]
+        ids = [i for s in entries for i in read_ids(out / s["files"]["ids"]["path"])]
         _add_bm25(out, corpus, manifest, len(ids), ids_sha256(ids), fusion)
     elif bm25:
         log.warning("no BM25 index (the parts' corpus %s is gone): the merged index serves dense search only", corpus)
@@ -638,91 +446,3 @@ def merge_indexes(
     return out
 
 
-# ----------------------------------------------------------------------------------------------
-# opening
-# ----------------------------------------------------------------------------------------------
-@dataclass
-class DenseIndex:
-    """An opened index: the FAISS index plus row -> doc id and title."""
-
-    path: Path
-    manifest: dict
-    index: "faiss.Index"
-    ids: list[str]
-    titles: list[str] = field(repr=False)
-
-    @property
-    def dimension(self) -> int:
-        return int(self.manifest["dimension"])
-
-    def __len__(self) -> int:
-        return len(self.ids)
-
-    def set_params(self, params: str | None) -> None:
-        """FAISS run-time parameters, e.g. ``"nprobe=32"`` (IVF) or ``"efSearch=128"`` (HNSW)."""
-        if params:
-            try:
-                faiss.ParameterSpace().set_index_parameters(self.index, params)
-            except RuntimeError as e:
-                line = str(e).strip().splitlines()[-1]  # drop FAISS's C++ location
-                reason = re.sub(r"^Error in .*? at \S+:\d+: (Error: '.*?' failed: )?", "", line)
-                raise ValueError(f"invalid FAISS parameters {params!r} for a {self.manifest['factory']} "
-                                 f"index: {reason}") from None
-
-    def search(self, queries: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
-        """``(scores, rows)``, both ``(Q, k')`` with ``k' = min(k, len(self))``; rows may hold -1
-        where an approximate index finds fewer than ``k'`` neighbours."""
-        q = np.ascontiguousarray(queries, dtype=np.float32)
-        if q.ndim != 2 or q.shape[1] != self.dimension:
-            raise ValueError(f"queries must be (n, {self.dimension}), got {q.shape}")
-        if k < 1:
-            raise ValueError(f"k must be positive, got {k}")
-        return self.index.search(q, min(k, len(self)))
-
-    def embeddings(self) -> np.ndarray:
-        """All stored vectors, in row order (loads every shard)."""
-        return np.concatenate([_load_embeddings(self.path, s, mmap=False) for s in self.manifest["shards"]])
-
-
-def open_index(index_dir: "str | os.PathLike", *, verify: bool = True) -> DenseIndex:
-    """Open a finished index. ``verify`` checks every file's sha256; without it, sizes, line
-    counts, ``.npy`` headers and the id and title files' sha256 are still checked (see
-    :func:`llara.retrieval.check.check_index`).
-
-    A missing, truncated or corrupt file raises ``DataError`` naming it.
-    """
-    d = Path(index_dir)
-    manifest = _read_manifest(d)
-    if manifest.get("part"):
-        i, n = manifest["part"]
-        raise DataError(d, None, f"this is part {i}/{n} of an index; merge the parts first (llara merge)")
-    if not manifest.get("complete"):
-        raise DataError(d, None, "the index is unfinished; finish it with --resume")
-    if not manifest.get("faiss"):
-        raise DataError(d, None, "the index has no FAISS file (built for a vector database with --backend); "
-                                 "search it there, or build index.faiss with llara index --resume")
-    ids: list[str] = []
-    titles: list[str] = []
-    for s in manifest["shards"]:
-        _verify_shard(d, s, manifest["dimension"], checksum=verify)
-        shard_ids = _read_ids(d / s["files"]["ids"]["path"])
-        shard_titles = _read_titles(d / s["files"]["titles"]["path"])
-        if not len(shard_ids) == len(shard_titles) == s["rows"]:
-            raise DataError(d / s["files"]["ids"]["path"], None,
-                            f"{len(shard_ids)} ids and {len(shard_titles)} titles for {s['rows']} vectors")
-        ids += shard_ids
-        titles += shard_titles
-    info = manifest["faiss"]
-    path = d / info["path"]
-    if not path.is_file():
-        raise DataError(path, None, "FAISS index file is missing")
-    if path.stat().st_size != info["bytes"] or (verify and sha256_file(path) != info["sha256"]):
-        raise DataError(path, None, "FAISS index file does not match its checksum (truncated or corrupt)")
-    try:
-        index = faiss.read_index(str(path))
-    except RuntimeError as e:
-        raise DataError(path, None, f"cannot read FAISS index: {str(e).strip().splitlines()[-1]}") from None
-    if index.ntotal != len(ids) or index.d != manifest["dimension"]:
-        raise DataError(path, None, f"FAISS index holds {index.ntotal} x {index.d}, the manifest "
-                                    f"{len(ids)} x {manifest['dimension']}")
-    return DenseIndex(d, manifest, index, ids, titles)

@@ -2,7 +2,8 @@
 
 ``llara index`` writes, next to the dense shards::
 
-    bm25/                 the bm25s index of the same corpus (bm25s's own .npy/.json files, no pickles)
+    bm25/                 the bm25s index of the same corpus (bm25s's own .npy/.json files, no pickles;
+                          the vocabulary numbered in sorted order, so one corpus gives the same bytes)
 
 and records it in ``manifest.json`` under ``"bm25"``: every file with its sha256 and size (checked on
 open like the dense shards), the tokenisation and scoring settings (those of
@@ -23,7 +24,7 @@ from typing import Iterable, Sequence
 
 from ..io import DataError, atomic_dir, passage_text
 from .bm25 import BM25Index
-from .index import iter_corpus, sha256_file
+from .store import iter_corpus, sha256_file
 
 log = logging.getLogger(__name__)
 

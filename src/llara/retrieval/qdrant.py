@@ -1,5 +1,5 @@
 """Qdrant as an index backend: a finished llara index folder's shards exported into a collection, and
-searched through the same interface as :class:`~llara.retrieval.index.DenseIndex`.
+searched through the same interface as :class:`~llara.retrieval.store.DenseIndex`.
 
 ``uri`` is a directory (Qdrant's embedded "local" mode: ``QdrantClient(path=...)``, pure Python, one
 process at a time, exact search only), ``:memory:``, or a server URL ``http(s)://host:6333`` (API key,
@@ -24,15 +24,15 @@ from typing import Callable, Iterator
 import numpy as np
 
 from ..io import DataError
-from .index import (
+from .store import (
     FORMAT,
     FORMAT_VERSION,
-    _differences,
-    _load_embeddings,
-    _read_ids,
-    _read_manifest,
-    _read_titles,
-    _verify_shard,
+    load_embeddings,
+    read_ids,
+    read_manifest,
+    read_titles,
+    setting_differences,
+    verify_shard,
 )
 
 log = logging.getLogger(__name__)
@@ -112,7 +112,7 @@ def export_to_qdrant(
     from qdrant_client import models
 
     index_dir = Path(index_dir)
-    manifest = _read_manifest(index_dir)
+    manifest = read_manifest(index_dir)
     if manifest.get("part"):
         raise DataError(index_dir, None, "this is a part of an index; merge the parts first (llara merge)")
     if not manifest.get("complete"):
@@ -130,7 +130,7 @@ def export_to_qdrant(
             if meta is None:
                 raise DataError(where, None, "the collection exists and was not written by llara; choose another "
                                              "--collection")
-            diffs = [d for k in _SETTINGS for d in _differences(meta.get(k), wanted[k], k)]
+            diffs = [d for k in _SETTINGS for d in setting_differences(meta.get(k), wanted[k], k)]
             if diffs:
                 raise DataError(where, None, f"the collection holds another index: {'; '.join(diffs)}; choose "
                                              "another --collection or delete it")
@@ -156,10 +156,10 @@ def export_to_qdrant(
             sha = s["files"]["embeddings"]["sha256"]
             if exported.get(str(s["number"])) == sha:
                 continue
-            _verify_shard(index_dir, s, manifest["dimension"], checksum=verify)
-            emb = _load_embeddings(index_dir, s, mmap=False)
-            ids = _read_ids(index_dir / s["files"]["ids"]["path"])
-            titles = _read_titles(index_dir / s["files"]["titles"]["path"])
+            verify_shard(index_dir, s, manifest["dimension"], checksum=verify)
+            emb = load_embeddings(index_dir, s, mmap=False)
+            ids = read_ids(index_dir / s["files"]["ids"]["path"])
+            titles = read_titles(index_dir / s["files"]["titles"]["path"])
             for start in range(0, len(ids), batch_size):
                 stop = min(start + batch_size, len(ids))
                 client.upsert(collection, wait=True, points=models.Batch(

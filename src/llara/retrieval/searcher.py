@@ -14,7 +14,7 @@ from typing import Sequence
 
 from ..prompts import Template
 from .fusion import FusionConfig, fuse
-from .index import DenseIndex, open_index
+from .store import DenseIndex, open_index
 
 log = logging.getLogger(__name__)
 
