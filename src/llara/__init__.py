@@ -5,16 +5,18 @@ The public API, one import away::
     from llara import Encoder, Searcher, build_index, evaluate, pretrain, finetune, run_recipe
 
 Each name is the library object itself (:class:`llara.modeling.encoder.Encoder`, ...), imported on
-first use, so ``import llara`` (and ``llara --version``) stays cheap: nothing here imports torch.
+first use, so ``import llara`` stays cheap: nothing here imports torch.
 """
 from __future__ import annotations
 
 import importlib
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 __version__ = "0.1.0"
 
-# name -> (module, attribute): thin re-exports, resolved lazily (PEP 562)
+# name -> (module, attribute): thin re-exports, resolved by name on first use (PEP 562). The package root
+# sits in the bottom layer (every layer reads __version__ here; tests/test_layers.py), so it names the
+# layers above only as strings and imports them only when a user asks for one of these names.
 _EXPORTS: dict[str, tuple[str, str]] = {
     "Encoder": ("llara.modeling.encoder", "Encoder"),
     "Searcher": ("llara.retrieval.searcher", "Searcher"),
@@ -26,15 +28,6 @@ _EXPORTS: dict[str, tuple[str, str]] = {
 }
 
 __all__ = ["__version__", *_EXPORTS]
-
-if TYPE_CHECKING:  # for type checkers and IDEs; at run time __getattr__ imports on first use
-    from .evaluation.runner import evaluate_datasets as evaluate
-    from .modeling.encoder import Encoder
-    from .recipe import run_recipe
-    from .retrieval.index import build_index
-    from .retrieval.searcher import Searcher
-    from .training.finetune import finetune
-    from .training.pretrain import pretrain
 
 
 def __getattr__(name: str) -> Any:
