@@ -61,3 +61,16 @@ def test_quick_tour_runs_as_written(tmp_path):
             assert len(lines) >= 4 and lines[0].split()[1].isdigit()  # score, doc id, title of 3 hits; q @ d.T
     assert (work / "runs" / "tour" / "eval" / "summary.md").is_file()
 
+
+
+def test_llara_default_model_says_what_default_means(tmp_path, monkeypatch):
+    from llara.modeling.loading import resolve_model
+
+    model = Encoder(make_model(), make_tokenizer(), "eos", show_progress=False).save(tmp_path / "tiny")
+    monkeypatch.setenv("LLARA_DEFAULT_MODEL", str(model))
+    resolved = resolve_model("default")
+    assert resolved.path == str(model.resolve()) and resolved.template["name"] == "eos"
+    monkeypatch.setenv("LLARA_DEFAULT_MODEL", "default")  # not a loop: the embedded model's own spec
+    monkeypatch.setattr("llara.modeling.loading.embedded_gguf", lambda: tmp_path / "embedded.gguf")
+    monkeypatch.setattr("llara.modeling.loading.convert_gguf", lambda gguf: tmp_path / "converted")
+    assert resolve_model("default").model_id == "SmolLM2-135M-Instruct"
