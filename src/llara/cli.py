@@ -290,7 +290,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parser.parse_args(argv)
     if args.command == "demo" and args.template is None:
         args.template = ["mean", "eos", "llara"]  # mean and eos share one forward pass
-    setup_logging(args.verbose)
+    # third-party progress bars only on a terminal, and never under --no-progress (-v: everything shows)
+    setup_logging(args.verbose, progress=getattr(args, "progress", True) and sys.stderr.isatty())
     try:
         return args.func(args)
     except KeyboardInterrupt:

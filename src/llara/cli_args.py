@@ -4,6 +4,7 @@ themselves are in ``llara.cli``."""
 from __future__ import annotations
 
 import argparse
+import sys
 from pathlib import Path
 from typing import Callable, Mapping
 
@@ -55,6 +56,7 @@ def make_encoder(args, templates=None):
         batch_size=args.batch_size,
         cache_dir=cache,
         runtime=args.runtime,
+        show_progress=getattr(args, "verbose", False) or sys.stderr.isatty(),  # no bar in logs
         **lengths,
     )
 

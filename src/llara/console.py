@@ -2,10 +2,13 @@
 from __future__ import annotations
 
 import logging
+import os
 import sys
 
 
-def setup_logging(verbose: bool) -> None:
+def setup_logging(verbose: bool, progress: bool = True) -> None:
+    """llara's own log lines at INFO (every library's with ``verbose``). Without ``verbose`` the
+    libraries below llara are quiet (:func:`quiet_libraries`)."""
     from rich.logging import RichHandler
 
     logging.basicConfig(
@@ -15,8 +18,31 @@ def setup_logging(verbose: bool) -> None:
     )
     if not verbose:
         logging.getLogger("llara").setLevel(logging.INFO)
-    for noisy in ("transformers", "accelerate", "huggingface_hub", "bm25s"):
-        logging.getLogger(noisy).setLevel(logging.ERROR)
+        quiet_libraries(progress)
+
+
+def quiet_libraries(progress: bool) -> None:
+    """Hide what transformers, huggingface_hub, accelerate and bm25s print on their own: warnings and
+    reports such as transformers' "LOAD REPORT ... UNEXPECTED" (errors still show), and, unless
+    ``progress``, their progress bars ("Loading weights", "Writing model shards").
+
+    The environment variables reach the libraries when they are imported later (this process and its
+    children); the calls reach those already imported. A user's own setting of the variables wins."""
+    verbosity = os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+    if not progress:
+        os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")  # transformers' bars follow this too
+    for name in ("accelerate", "huggingface_hub", "bm25s"):
+        logging.getLogger(name).setLevel(logging.ERROR)
+    if "transformers" in sys.modules:
+        from transformers.utils import logging as hf_logging
+
+        hf_logging.set_verbosity(hf_logging.log_levels.get(verbosity, logging.ERROR))
+        if not progress:
+            hf_logging.disable_progress_bar()
+    if "huggingface_hub" in sys.modules and not progress:
+        from huggingface_hub.utils import disable_progress_bars
+
+        disable_progress_bars()
 
 
 def console(stderr: bool = False):

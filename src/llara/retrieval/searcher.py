@@ -44,9 +44,19 @@ class Request:
 class Searcher:
     """An encoder and an opened index that were built for each other.
 
-    >>> s = Searcher.from_index("runs/index")                     # doctest: +SKIP
-    >>> s.search("what is dense retrieval?", k=3)[0][0].doc_id     # doctest: +SKIP
-    >>> s.search("dense retrieval", k=3, mode="bm25")              # doctest: +SKIP
+    Examples:
+        ``index_dir`` is a folder written by ``llara index`` or ``llara.build_index`` (here: the
+        shipped MED abstracts indexed with a tiny random model):
+
+        >>> from llara import Searcher
+        >>> s = Searcher.from_index(index_dir)                        # loads the model the index names
+        >>> s.default_mode, s.modes                                   # the index holds BM25 too
+        ('hybrid', ('dense', 'bm25', 'hybrid'))
+        >>> hits = s.search("lung cancer in smokers", k=3)[0]        # one list of hits per query
+        >>> len(hits), type(hits[0].doc_id).__name__
+        (3, 'str')
+        >>> [h.doc_id for h in s.search("lung cancer in smokers", k=3, mode="bm25")[0]]   # BM25 needs no model
+        ['141', '774', '784']
     """
 
     def __init__(self, encoder, index: DenseIndex, bm25=None, fusion: FusionConfig | None = None):

@@ -136,6 +136,27 @@ def make_loss_fn(cfg: FinetuneConfig, grad_accum: int = 1):
 
 def finetune(model_spec: str, data_path: str, train_cfg: TrainConfig, cfg: FinetuneConfig | None = None,
              *, model=None, tokenizer=None) -> TrainResult:
+    """Contrastive fine-tuning (InfoNCE over 1 positive, ``group_size - 1`` hard negatives and the
+    batch's other passages) on ``{query, pos: [...], neg: [...]}`` lines, e.g. from ``llara mine``.
+
+    Examples:
+        Two LoRA steps with ``llara finetune``'s defaults (``model_dir``: a tiny random
+        checkpoint here; ``tmp``: a scratch directory):
+
+        >>> import json
+        >>> from llara import finetune
+        >>> from llara.training.finetune import FinetuneConfig, finetune_train_config
+        >>> lines = [{"query": "fish gills", "pos": ["Fish take oxygen from water through gills."],
+        ...           "neg": ["Paris is the capital of France."]},
+        ...          {"query": "capital of france", "pos": ["Paris is the capital of France."],
+        ...           "neg": ["Fish take oxygen from water through gills."]}]
+        >>> _ = (tmp / "train.jsonl").write_text("".join(json.dumps(x) + "\\n" for x in lines))
+        >>> cfg = finetune_train_config(output_dir=str(tmp / "ft"), max_steps=2, batch_size=2, cpu=True,
+        ...                             progress=False)
+        >>> result = finetune(model_dir, str(tmp / "train.jsonl"), cfg, FinetuneConfig(group_size=2))
+        >>> result.step, cfg.lora, cfg.lr                          # the authors' LoRA recipe: r 64, lr 3e-4
+        (2, True, 0.0003)
+    """
     cfg = cfg or FinetuneConfig()
     groups = load_groups(data_path, cfg.group_size)  # bad data fails before the model loads
     checkpoint_template = None

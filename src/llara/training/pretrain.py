@@ -66,7 +66,23 @@ def pretrain(model_spec: str, data_paths: Sequence[str], train_cfg: TrainConfig,
     """Adapt ``model_spec`` (or the given model/tokenizer) on unlabelled text; returns the loop's result.
 
     The exported model (``train_cfg.final_dir``) carries the template in ``llara.json``, so
-    ``llara evaluate --model DIR`` encodes with the trained slots."""
+    ``llara evaluate --model DIR`` encodes with the trained slots.
+
+    Examples:
+        Two adaptation steps on the shipped MED abstracts (``model_dir``: a tiny random
+        checkpoint here; ``tmp``: a scratch directory):
+
+        >>> from llara import Encoder, pretrain
+        >>> from llara.data.pretrain import PretrainDataConfig
+        >>> from llara.training.config import TrainConfig
+        >>> cfg = TrainConfig(output_dir=str(tmp / "adapt"), max_steps=2, batch_size=2, cpu=True, progress=False)
+        >>> result = pretrain(model_dir, [med / "corpus.jsonl"], cfg, PretrainDataConfig(chunk_tokens=32))
+        >>> result.step, result.export_dir.name, (result.export_dir / "llara.json").is_file()
+        (2, 'final', True)
+        >>> adapted = Encoder.from_pretrained(str(result.export_dir), show_progress=False)
+        >>> adapted.template.name
+        'llara'
+    """
     data_cfg = data_cfg or PretrainDataConfig()
     loss_cfg = loss_cfg or PretrainLossConfig()
     if model is None:
