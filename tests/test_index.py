@@ -230,3 +230,19 @@ def test_cli_parts_resume_and_merge(setup, tmp_path, capsys):
     with pytest.raises(SystemExit):
         main(["index", *base, "--output", str(tmp_path / "y"), "--shard", "2/2"])
     assert "0 <= i < n" in capsys.readouterr().err
+
+
+def test_cli_index_with_a_token_budget_gives_the_same_vectors(setup, tmp_path, capsys):
+    """--max-batch-tokens alone (no row limit) batches by padded tokens; the vectors are the same."""
+    out = tmp_path / "budget"
+    assert main(["index", "--model", str(setup["model"]), "--corpus", str(setup["corpus"]), "--shard-size", "5",
+                 "--output", str(out), "--max-batch-tokens", "300", "--no-bm25"]) == 0
+    ref = open_index(setup["ref"])
+    got = open_index(out)
+    assert got.ids == ref.ids
+    for a, b in zip(sorted((out / "shards").glob("emb-*.npy")), sorted((setup["ref"] / "shards").glob("emb-*.npy"))):
+        np.testing.assert_allclose(np.load(a), np.load(b), atol=1e-5)
+    capsys.readouterr()
+    assert main(["index", "--model", str(setup["model"]), "--corpus", str(setup["corpus"]),
+                 "--output", str(tmp_path / "small"), "--max-batch-tokens", "8"]) == 2
+    assert "max_batch_tokens=8 is below one passage of max length" in capsys.readouterr().err

@@ -94,7 +94,8 @@ def cmd_index(args) -> int:
             from .retrieval.ray_engine import RayEngine
 
             engine = RayEngine.from_encoder(encoder, args.model, workers=args.workers, address=args.ray_address,
-                                            batch_size=args.batch_size, device=args.device, dtype=args.dtype)
+                                            batch_size=encoder.batch_size, max_batch_tokens=encoder.max_batch_tokens,
+                                            device=args.device, dtype=args.dtype)
         out = build_index(encoder, args.corpus, args.output, model_spec=args.model, shard_size=args.shard_size,
                           factory=args.factory, resume=args.resume, shard=args.shard, batch_size=args.batch_size,
                           train_size=args.train_size, faiss_index=args.backend == "faiss", engine=engine,

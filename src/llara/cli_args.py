@@ -28,7 +28,11 @@ def add_encoder_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--max-passage-length", type=int, default=None,
                    help="tokens per passage, prompt included "
                         f"(default: the checkpoint's, else {DEFAULT_MAX_PASSAGE_LENGTH})")
-    p.add_argument("--batch-size", type=int, default=32)
+    p.add_argument("--batch-size", type=int, default=None,
+                   help="texts per batch (default: 32; with --max-batch-tokens alone, no limit on texts)")
+    p.add_argument("--max-batch-tokens", type=int, default=None,
+                   help="padded tokens per batch, as text-embeddings-inference's: texts sorted by length fill each "
+                        "batch up to it (at least one text of the max length; with --batch-size, both limits apply)")
     p.add_argument("--device", default=None, help="cpu, cuda, cuda:1 ... (default: cuda if available)")
     p.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"],
                    help="auto: bfloat16 on GPUs and on CPUs whose bf16 matmul is measured faster than fp32 "
@@ -45,6 +49,7 @@ def make_encoder(args, templates=None):
     from .modeling.encoder import Encoder
     from .modeling.loading import cache_root
 
+    budget = getattr(args, "max_batch_tokens", None)
     cache = None if args.no_cache else (args.cache_dir or cache_root() / "embeddings")
     lengths = {k: v for k, v in (("max_query_length", args.max_query_length),
                                  ("max_passage_length", args.max_passage_length)) if v is not None}
@@ -53,7 +58,8 @@ def make_encoder(args, templates=None):
         template=templates[0] if templates else None,
         device=args.device,
         dtype=args.dtype,
-        batch_size=args.batch_size,
+        batch_size=args.batch_size if args.batch_size is not None or budget else 32,
+        max_batch_tokens=budget,
         cache_dir=cache,
         runtime=args.runtime,
         show_progress=getattr(args, "verbose", False) or sys.stderr.isatty(),  # no bar in logs

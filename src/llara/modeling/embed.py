@@ -2,7 +2,8 @@
 
 1. ``tokenize``: the text without special tokens, cut to what the prompt leaves of ``max_length``,
    wrapped in the template side's prefix / suffix / EOS (``EncodedSide.build``);
-2. ``pack``: a right-padded batch (``pad_right``, to a multiple) with the pooling weights of one or
+2. ``plan_batches`` / ``pack``: length-sorted batches of at most ``batch_size`` rows and
+   ``max_batch_tokens`` padded tokens; each a right-padded batch (``pad_right``, to a multiple) with the pooling weights of one or
    more template sides (``pooling_weights``: slots, last token or mean, each row summing to 1);
 3. ``hidden_states``: the stock Hugging Face model (its base, without LM head) over input ids and
    the 2-D padding mask; nothing here touches model code;
@@ -20,6 +21,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Sequence
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import Tensor
@@ -37,6 +39,7 @@ __all__ = [
     "pack",
     "pad_right",
     "pad_token_id",
+    "plan_batches",
     "pool",
     "pooling_weights",
     "tokenize",
@@ -121,10 +124,47 @@ class Packed:
     attention_mask: Tensor
     pool: Tensor
 
+    def pin_memory(self) -> "Packed":
+        """The same batch in page-locked host memory (CUDA copies from it can be non-blocking)."""
+        return Packed(self.input_ids.pin_memory(), self.attention_mask.pin_memory(), self.pool.pin_memory())
+
+    def to(self, device: "torch.device | str", non_blocking: bool = False) -> "Packed":
+        return Packed(*(t.to(device, non_blocking=non_blocking) for t in (self.input_ids, self.attention_mask, self.pool)))
+
     def side_batch(self, template: Template, p: int = 0) -> dict[str, Tensor]:
         """The dict ``embed`` takes, for side ``p`` pooled and normalised as ``template`` says."""
         return {"input_ids": self.input_ids, "attention_mask": self.attention_mask, "pool": self.pool[p],
                 "normalize": torch.full((self.input_ids.size(0),), bool(template.normalize))}
+
+
+def plan_batches(lengths: Sequence[int], batch_size: int | None = None, max_batch_tokens: int | None = None,
+                 multiple: int | None = 1) -> list[np.ndarray]:
+    """Rows of each batch, longest text first (a stable sort by length, descending).
+
+    A batch holds at most ``batch_size`` rows and at most ``max_batch_tokens`` padded tokens: rows x
+    its longest length rounded up to ``multiple`` (what ``pad_right`` builds), as text-embeddings-
+    inference's ``--max-batch-tokens``. None lifts a limit; one of the two must be given."""
+    if batch_size is None and max_batch_tokens is None:
+        raise ValueError("give batch_size, max_batch_tokens or both")
+    if batch_size is not None and batch_size < 1:
+        raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+    lengths = np.asarray(lengths, dtype=np.int64)
+    order = np.argsort(-lengths, kind="stable")
+    m = multiple if multiple and multiple > 1 else 1
+    padded = -(-lengths[order] // m) * m  # each row's padded length if it were the longest of its batch
+    rows_cap = batch_size or len(order)
+    batches, i = [], 0
+    while i < len(order):
+        n = rows_cap
+        if max_batch_tokens is not None:
+            width = max(int(padded[i]), 1)
+            if width > max_batch_tokens:
+                raise ValueError(f"a text of {lengths[order[i]]} tokens (padded to {width}) exceeds "
+                                 f"max_batch_tokens={max_batch_tokens}")
+            n = min(n, max_batch_tokens // width)  # rows after i are no longer: they pad to this width
+        batches.append(order[i : i + n])
+        i += n
+    return batches
 
 
 def pack(built: Sequence[Built], sides: Sequence[EncodedSide], pad_id: int, multiple: int | None = 1) -> Packed:

@@ -4,6 +4,15 @@ template says).
 Implements the BEIR/MTEB protocol (``encode_queries``, ``encode_corpus``). Texts are sorted by
 token length and batched so that padding stays small; tokenising, padding, the forward pass and
 pooling are :mod:`llara.modeling.embed`'s, the same path training takes.
+
+The pipeline of ``encode``: texts are sorted by characters (free), tokenised a window at a time
+(``WINDOW_TEXTS``), sorted exactly by tokens inside the window and cut into batches of at most
+``batch_size`` rows and ``max_batch_tokens`` padded tokens (``embed.plan_batches``). A background
+thread (``prefetch`` batches ahead; the tokenizer releases the GIL) tokenises and pads batch i+1
+while the model runs batch i; on CUDA the batches are pinned and copied with ``non_blocking=True``,
+and the pooled vectors come back by non-blocking copies into pinned memory, read once their CUDA
+event has passed: no host synchronisation per batch. Vectors are returned in the input order and
+a text's vector does not depend on its batch (the invariance tests), so the plan changes speed only.
 """
 from __future__ import annotations
 
@@ -11,7 +20,11 @@ import hashlib
 import json
 import logging
 import os
+import queue
+import threading
 import time
+from collections import deque
+from contextlib import nullcontext
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterable, Iterator, Sequence
@@ -22,7 +35,7 @@ from tqdm.auto import tqdm
 
 from ..io import passage_text, save_npy
 from ..prompts import EncodedSide, PromptSide, Template, encode_side, get_template
-from .embed import Packed, base_model, hidden_states, normalize, pack, pad_token_id, pool, tokenize
+from .embed import Packed, base_model, hidden_states, normalize, pack, pad_token_id, plan_batches, pool, tokenize
 from .loading import ensure_slot_tokens, load_model, write_llara_config
 from .runtime import load_runtime
 
@@ -30,6 +43,9 @@ log = logging.getLogger(__name__)
 
 DEFAULT_MAX_QUERY_LENGTH = 64
 DEFAULT_MAX_PASSAGE_LENGTH = 256
+# Texts tokenised at once (then sorted exactly by tokens and batched): the first window is the wait
+# before the first forward pass; a larger one pads a little less at the window edges.
+WINDOW_TEXTS = 512
 
 
 @dataclass
@@ -74,7 +90,9 @@ class Encoder:
         *,
         max_query_length: int = DEFAULT_MAX_QUERY_LENGTH,
         max_passage_length: int = DEFAULT_MAX_PASSAGE_LENGTH,
-        batch_size: int = 32,
+        batch_size: int | None = 32,
+        max_batch_tokens: int | None = None,
+        prefetch: int = 2,
         show_progress: bool = True,
         pad_to_multiple_of: int | None = None,
         model_id: str | None = None,
@@ -86,7 +104,12 @@ class Encoder:
         self.tokenizer = tokenizer
         self.template = get_template(template)
         self.max_length = {"query": int(max_query_length), "passage": int(max_passage_length)}
-        self.batch_size = int(batch_size)
+        # Rows per batch and padded tokens per batch (either may be None, not both; see plan_batches).
+        self.batch_size = None if batch_size is None else int(batch_size)
+        self.max_batch_tokens = None if max_batch_tokens is None else int(max_batch_tokens)
+        if self.batch_size is None and self.max_batch_tokens is None:
+            raise ValueError("give batch_size, max_batch_tokens or both")
+        self.prefetch = int(prefetch)  # batches prepared ahead by a background thread; 0: none, all inline
         self.show_progress = show_progress
         self.device = next(model.parameters()).device
         # Multiples of 8 help tensor cores; on a CPU they only add padding.
@@ -154,11 +177,16 @@ class Encoder:
         docs = corpus.values() if isinstance(corpus, dict) else corpus
         return self.encode([passage_text(d) for d in docs], "passage", batch_size=batch_size)
 
-    def encode(self, texts: Sequence[str], side: str, batch_size: int | None = None) -> np.ndarray:
-        return self.encode_multi(texts, side, [self.template], batch_size=batch_size)[self.template.name]
+    def encode(self, texts: Sequence[str], side: str, batch_size: int | None = None, *,
+               max_batch_tokens: int | None = None) -> np.ndarray:
+        """(len(texts), H) float32 vectors in the input order. ``batch_size`` / ``max_batch_tokens``
+        override the encoder's limits for this call (rows / padded tokens per batch)."""
+        return self.encode_multi(texts, side, [self.template], batch_size=batch_size,
+                                 max_batch_tokens=max_batch_tokens)[self.template.name]
 
     def encode_multi(
-        self, texts: Sequence[str], side: str, templates: Iterable["str | Template"], batch_size: int | None = None
+        self, texts: Sequence[str], side: str, templates: Iterable["str | Template"], batch_size: int | None = None,
+        *, max_batch_tokens: int | None = None,
     ) -> dict[str, np.ndarray]:
         """Encode with several templates; templates whose inputs are identical (e.g. ``eos`` and
         ``mean``) share one forward pass and differ only in pooling."""
@@ -177,7 +205,7 @@ class Encoder:
             else:
                 groups.setdefault((t.casing, t.side(side).input_signature()), []).append(t)
         for (casing, _), group in groups.items():
-            arrays = self._encode_group(prepared[casing], side, group, batch_size)
+            arrays = self._encode_group(prepared[casing], side, group, batch_size, max_batch_tokens)
             for t, arr in zip(group, arrays):
                 self._cache_save(self.cache_key(prepared[casing], side, t), arr)
                 out[t.name] = arr
@@ -192,10 +220,27 @@ class Encoder:
             self._encoded[key] = encode_side(self.tokenizer, prompt)
         return self._encoded[key]
 
-    def batches(self, texts: Sequence[str], side: str, batch_size: int | None = None) -> Iterator[tuple[np.ndarray, Packed]]:
-        """The batches ``encode(texts, side)`` runs, in its order (longest first): (rows of ``texts``,
-        right-padded batch) pairs; with ``forward`` they time the forward pass alone."""
-        return self._batches(self.template.prepare(texts), side, [self.encoded_side(side)], batch_size)[1]
+    def batches(self, texts: Sequence[str], side: str, batch_size: int | None = None,
+                max_batch_tokens: int | None = None) -> Iterator[tuple[np.ndarray, Packed]]:
+        """The batches ``encode(texts, side)`` runs, in its order: (rows of ``texts``, right-padded
+        batch) pairs, built here in this thread; with ``forward`` they time the forward pass alone."""
+        sides = [self.encoded_side(side)]
+        for b in self._plan(self.template.prepare(texts), side, sides, batch_size, max_batch_tokens, pin=False):
+            yield b.rows, b.packed
+
+    def limits(self, side: str, batch_size: int | None = None, max_batch_tokens: int | None = None
+               ) -> tuple[int | None, int | None]:
+        """(rows, padded tokens) per batch for ``side``: the arguments, else the encoder's. A token
+        budget must hold one text of the side's max length (padded), as TEI's ``--max-batch-tokens``."""
+        rows = batch_size or self.batch_size
+        budget = max_batch_tokens or self.max_batch_tokens
+        if budget is not None:
+            m = self.pad_to_multiple_of if self.pad_to_multiple_of > 1 else 1
+            need = -(-self.max_length[side] // m) * m
+            if budget < need:
+                raise ValueError(f"max_batch_tokens={budget} is below one {side} of max length "
+                                 f"{self.max_length[side]} (padded to {need}); raise it to at least {need}")
+        return rows, budget
 
     @torch.inference_mode()
     def forward(self, batch: Packed) -> torch.Tensor:
@@ -217,40 +262,57 @@ class Encoder:
         if getattr(self, "_forward", None) is not None and self.model.get_input_embeddings().weight.shape[0] != before:
             self._forward = load_runtime(self.runtime, base_model(self.model), self.fingerprint)  # new vocabulary
 
-    def _batches(self, texts: Sequence[str], side: str, sides: Sequence[EncodedSide], batch_size: int | None):
-        """(stats, lazy batches) of prepared texts sorted by length; ``sides`` share their input ids."""
-        built, truncated = tokenize(self.tokenizer, sides[0], texts, self.max_length[side])
-        lengths = np.array([len(ids) for ids, _, _ in built])
-        order = np.argsort(-lengths, kind="stable")
-        bs = batch_size or self.batch_size
+    def _plan(self, texts: Sequence[str], side: str, sides: Sequence[EncodedSide], batch_size: int | None,
+              max_batch_tokens: int | None, pin: bool) -> Iterator["_Batch"]:
+        """The batches of prepared ``texts``, lazily: sorted by characters, tokenised a window at a
+        time, each window sorted by tokens and cut by ``plan_batches``; ``sides`` share input ids."""
+        rows_cap, budget = self.limits(side, batch_size, max_batch_tokens)
         pad_id = pad_token_id(self.tokenizer)
-        stats = EncodeStats(texts=len(texts), truncated=truncated, tokens=int(lengths.sum()))
-        batches = ((order[i : i + bs], pack([built[j] for j in order[i : i + bs]], sides, pad_id, self.pad_to_multiple_of))
-                   for i in range(0, len(order), bs))
-        return stats, batches
+        order = np.argsort([-len(t) for t in texts], kind="stable")
+        for w in range(0, len(order), WINDOW_TEXTS):
+            window = order[w : w + WINDOW_TEXTS]
+            built, truncated = tokenize(self.tokenizer, sides[0], [texts[i] for i in window], self.max_length[side])
+            lengths = [len(ids) for ids, _, _ in built]
+            for k, part in enumerate(plan_batches(lengths, rows_cap, budget, self.pad_to_multiple_of)):
+                packed = pack([built[j] for j in part], sides, pad_id, self.pad_to_multiple_of)
+                yield _Batch(window[part], packed.pin_memory() if pin else packed,
+                             sum(lengths[j] for j in part), truncated if k == 0 else 0)
 
     def _encode_group(
-        self, texts: Sequence[str], side: str, templates: Sequence[Template], batch_size: int | None
+        self, texts: Sequence[str], side: str, templates: Sequence[Template], batch_size: int | None,
+        max_batch_tokens: int | None = None,
     ) -> list[np.ndarray]:
         t0 = time.perf_counter()
-        stats, batches = self._batches(texts, side, [self.encoded_side(t.side(side)) for t in templates], batch_size)
+        cuda = self.device.type == "cuda"
+        sides = [self.encoded_side(t.side(side)) for t in templates]
+        plan = self._plan(texts, side, sides, batch_size, max_batch_tokens, pin=cuda)
+        stats = EncodeStats(texts=len(texts))
         dim = self.model.config.hidden_size
         outs = [np.zeros((len(texts), dim), dtype=np.float32) for _ in templates]
-        bar = tqdm(total=len(texts), desc="encode queries" if side == "query" else "encode passages", unit="text", disable=not self.show_progress, leave=False)
-        done = 0
-        for idx, batch in batches:
-            stats.padded_tokens += batch.input_ids.numel()
-            tm = time.perf_counter()
-            with torch.inference_mode():
-                pooled = pool(batch.pool, self.forward(batch))
-                for p, t in enumerate(templates):
-                    outs[p][idx] = normalize(pooled[p], t.normalize).cpu().numpy()
-            stats.model_seconds += time.perf_counter() - tm
-            done += len(idx)
-            bar.update(len(idx))
-            el = time.perf_counter() - t0
-            bar.set_postfix(tok_s=f"{stats.tokens * done / max(len(texts), 1) / el:.0f}")
+        sink, clock = _ToHost(outs, cuda), _Clock(cuda)
+        bar = tqdm(total=len(texts), desc="encode queries" if side == "query" else "encode passages", unit="text",
+                   disable=not self.show_progress, leave=False)
+        # One batch (a service's micro-batch, a query) has nothing to overlap: no thread for it.
+        rows_cap, _ = self.limits(side, batch_size, max_batch_tokens)
+        ahead = (_Background(plan, self.prefetch) if self.prefetch > 0 and len(texts) > (rows_cap or 1)
+                 else nullcontext(plan))
+        # the CUDA events and copies go to the model's device, whichever device is current
+        on_device = torch.cuda.device(self.device) if cuda else nullcontext()
+        with on_device, ahead as batches, torch.inference_mode():
+            for b in batches:
+                stats.padded_tokens += b.packed.input_ids.numel()
+                stats.tokens += b.tokens
+                stats.truncated += b.truncated
+                batch = b.packed.to(self.device, non_blocking=True) if self._forward is None else b.packed
+                with clock:
+                    pooled = pool(batch.pool, self.forward(batch))  # (P, B, H) float32
+                    vecs = torch.stack([normalize(pooled[p], t.normalize) for p, t in enumerate(templates)])
+                sink.add(b.rows, vecs)
+                bar.update(len(b.rows))
+                bar.set_postfix(tok_s=f"{stats.tokens / (time.perf_counter() - t0):.0f}", refresh=False)
+            sink.finish()
         bar.close()
+        stats.model_seconds = clock.seconds(self.device)
         stats.seconds = time.perf_counter() - t0
         self.last_stats = stats
         return outs
@@ -283,3 +345,127 @@ class Encoder:
         if key is None:
             return
         save_npy(self.cache_dir / f"{key}.npy", arr)
+
+
+# ----------------------------------------------------------------------------------------------
+# the pipeline's parts
+# ----------------------------------------------------------------------------------------------
+@dataclass
+class _Batch:
+    rows: np.ndarray  # rows of the texts, in the batch's order
+    packed: Packed
+    tokens: int  # real (unpadded) tokens
+    truncated: int  # texts cut to max_length (the window's count, on its first batch)
+
+
+class _Background:
+    """Iterates ``items`` in a daemon thread, up to ``depth`` items ahead of the consumer.
+
+    An exception raised by ``items`` is raised again in the consumer (with its traceback); leaving
+    the ``with`` block early (an error in the consumer, a break) stops the thread after its current
+    item, so nothing waits forever on a full queue."""
+
+    def __init__(self, items: Iterator, depth: int):
+        self._queue: queue.Queue = queue.Queue(maxsize=max(depth, 1))
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, args=(items,), name="llara-encode-prefetch", daemon=True)
+
+    def __enter__(self) -> Iterator:
+        self._thread.start()
+        return self._consume()
+
+    def __exit__(self, *exc) -> None:
+        self._stop.set()
+        self._thread.join()
+
+    def _run(self, items: Iterator) -> None:
+        try:
+            for item in items:
+                if not self._put((True, item)):
+                    return
+        except BaseException as e:  # noqa: BLE001 -- handed to the consumer, raised there
+            self._put((False, e))
+            return
+        self._put((False, None))
+
+    def _put(self, entry) -> bool:
+        while not self._stop.is_set():
+            try:
+                self._queue.put(entry, timeout=0.1)
+                return True
+            except queue.Full:
+                continue
+        return False
+
+    def _consume(self) -> Iterator:
+        while True:
+            ok, item = self._queue.get()
+            if ok:
+                yield item
+            elif item is None:
+                return
+            else:
+                raise item
+
+
+class _ToHost:
+    """Writes each batch's (P, B, H) vectors into ``outs[p][rows]``. On CUDA without a host sync per
+    batch: a non-blocking copy into pinned memory and an event, read back once the event has passed
+    (``pending`` batches at most in flight; the rest at ``finish``)."""
+
+    def __init__(self, outs: list[np.ndarray], cuda: bool, pending: int = 8):
+        self.outs, self.cuda, self.max_pending = outs, cuda, pending
+        self.pending: deque = deque()
+
+    def add(self, rows: np.ndarray, vecs: torch.Tensor) -> None:
+        if not self.cuda:
+            self._write(rows, vecs.cpu())
+            return
+        host = torch.empty(vecs.shape, dtype=vecs.dtype, pin_memory=True)
+        host.copy_(vecs, non_blocking=True)
+        done = torch.cuda.Event()
+        done.record()
+        self.pending.append((rows, host, done))
+        while self.pending and (len(self.pending) > self.max_pending or self.pending[0][2].query()):
+            self._pop()
+
+    def finish(self) -> None:
+        while self.pending:
+            self._pop()
+
+    def _pop(self) -> None:
+        rows, host, done = self.pending.popleft()
+        done.synchronize()
+        self._write(rows, host)
+
+    def _write(self, rows: np.ndarray, vecs: torch.Tensor) -> None:
+        arr = vecs.numpy()
+        for p, out in enumerate(self.outs):
+            out[rows] = arr[p]
+
+
+class _Clock:
+    """Seconds spent in the model (``with clock:`` around each batch): the host clock on a CPU, CUDA
+    events on a GPU (read once, at the end, when every batch has run)."""
+
+    def __init__(self, cuda: bool):
+        self.cuda, self.total, self.events = cuda, 0.0, []
+
+    def __enter__(self):
+        if self.cuda:
+            self.events.append((torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)))
+            self.events[-1][0].record()
+        else:
+            self._t = time.perf_counter()
+
+    def __exit__(self, *exc) -> None:
+        if self.cuda:
+            self.events[-1][1].record()
+        else:
+            self.total += time.perf_counter() - self._t
+
+    def seconds(self, device: torch.device) -> float:
+        if self.cuda:
+            torch.cuda.synchronize(device)
+            return sum(a.elapsed_time(b) for a, b in self.events) / 1000
+        return self.total

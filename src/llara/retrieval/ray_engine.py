@@ -32,7 +32,8 @@ class _ShardEncoder:
     """A Ray Data actor: one Encoder, built once; each call encodes a batch of whole shards."""
 
     def __init__(self, model_spec: str, template: dict, max_query_length: int, max_passage_length: int,
-                 batch_size: int, device: str | None, dtype: str | None, threads: int | None):
+                 batch_size: int | None, device: str | None, dtype: str | None, threads: int | None,
+                 max_batch_tokens: int | None = None):
         import torch
 
         from ..modeling.encoder import Encoder
@@ -43,7 +44,7 @@ class _ShardEncoder:
         self.encoder = Encoder.from_pretrained(
             model_spec, template=Template.from_dict(template, source="ray engine"), device=device, dtype=dtype,
             max_query_length=max_query_length, max_passage_length=max_passage_length, batch_size=batch_size,
-            show_progress=False,
+            max_batch_tokens=max_batch_tokens, show_progress=False,
         )
 
     def __call__(self, batch: dict) -> dict:
@@ -63,13 +64,14 @@ class RayEngine:
     """``engine(jobs) -> results`` for :func:`build_index`, run by Ray Data actors."""
 
     def __init__(self, model_spec: str, template: dict, max_query_length: int, max_passage_length: int, *,
-                 workers: int = 2, address: str | None = None, batch_size: int = 32, device: str | None = None,
-                 dtype: str | None = None, cpus_per_worker: int = 1):
+                 workers: int = 2, address: str | None = None, batch_size: int | None = 32, device: str | None = None,
+                 dtype: str | None = None, cpus_per_worker: int = 1, max_batch_tokens: int | None = None):
         if workers < 1:
             raise ValueError(f"workers must be >= 1, got {workers}")
         self.model_spec, self.template = model_spec, template
         self.lengths = (max_query_length, max_passage_length)
         self.workers, self.address, self.batch_size = workers, address, batch_size
+        self.max_batch_tokens = max_batch_tokens
         self.device, self.dtype, self.cpus_per_worker = device, dtype, cpus_per_worker
 
     @classmethod
@@ -111,7 +113,8 @@ class RayEngine:
             num_cpus=0 if gpus else self.cpus_per_worker,
             fn_constructor_kwargs=dict(model_spec=self.model_spec, template=self.template,
                                        max_query_length=self.lengths[0], max_passage_length=self.lengths[1],
-                                       batch_size=self.batch_size, device=device, dtype=self.dtype,
+                                       batch_size=self.batch_size, max_batch_tokens=self.max_batch_tokens,
+                                       device=device, dtype=self.dtype,
                                        threads=None if gpus else self.cpus_per_worker),
         )
         for row in out.iter_rows():
