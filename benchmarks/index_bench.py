@@ -150,12 +150,12 @@ def serving(index_dir: Path, threads: int, serve_args: Sequence[str] = ()):
 
 
 def run_load(url: str, pid: int, requests: int, concurrency: int, queries: Path | None, threads: int) -> dict:
-    """One ``llara.loadtest`` run from its own process; adds the encoder calls the server made."""
+    """One ``llara.serve.loadtest`` run from its own process; adds the encoder calls the server made."""
     import httpx
 
     env = {**os.environ, "OMP_NUM_THREADS": str(threads), "HF_HUB_OFFLINE": "1"}
     before = httpx.get(f"{url}/info").json()
-    cmd = [sys.executable, "-m", "llara.loadtest", "--url", url, "--requests", str(requests),
+    cmd = [sys.executable, "-m", "llara.serve.loadtest", "--url", url, "--requests", str(requests),
            "--concurrency", str(concurrency), "--pid", str(pid)]
     if queries:
         cmd += ["--queries", str(queries)]

@@ -8,7 +8,7 @@ Builds an adi index with the embedded SmolLM2-135M (template `llara`) once per r
 int8 ONNX Runtime), then, per runtime, starts two `llara serve` processes on that index: the default
 micro-batching and `--max-batch 1` (one request at a time). For each number of concurrent clients
 both servers get the same load one right after the other (same run, same machine load), from
-`python -m llara.loadtest` in a third process: adi's 35 queries cycled, k=10. `--requests`
+`python -m llara.serve.loadtest` in a third process: adi's 35 queries cycled, k=10. `--requests`
 requests at the concurrency the target is about (16) and `--curve-requests` at the others.
 A tuning stage runs other `--max-batch:--max-wait-ms:clients` (default: the old 5 ms wait at 16 clients). Also measured: what one query
 costs inside `Searcher.search` beside the model (tokenisation, tensors, pooling, FAISS).
@@ -175,7 +175,7 @@ def report(data: dict) -> None:
              f"at the start), torch {data['machine']['torch']}. Commands: " + "; ".join(f"`{c}`" for c in data.get("commands", {}).values()) + ". Each ran under `benchmarks/freeze.sh` (the other, niced jobs of the machine stopped meanwhile).", "",
              f"Index: adi (82 passages), SmolLM2-135M-Instruct (embedded), template `llara`, Flat; built with the "
              f"same runtime it is served with. One server process, {data['settings']['threads']} threads; load from "
-             f"`python -m llara.loadtest` in another process on the same 2 cores (adi's 35 queries cycled, k=10, "
+             f"`python -m llara.serve.loadtest` in another process on the same 2 cores (adi's 35 queries cycled, k=10, "
              f"keep-alive connections). Server defaults: max_batch {data['defaults']['max_batch']}, max_wait_ms "
              f"{data['defaults']['max_wait_ms']}. For each concurrency both servers get the same load, one right after "
              "the other.", "",
@@ -234,7 +234,7 @@ def main(argv=None) -> None:
                    help="max_batch:max_wait_ms:clients runs for the tuning stage, beside the defaults in the curve")
     p.add_argument("--overhead-queries", type=int, default=20)
     args = p.parse_args(argv)
-    from llara.serve import create_app
+    from llara.serve.app import create_app
     import inspect
 
     sig = inspect.signature(create_app).parameters

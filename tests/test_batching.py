@@ -7,7 +7,7 @@ import time
 
 import pytest
 
-from llara.serve import MicroBatcher
+from llara.serve.batching import MicroBatcher
 
 
 class FixedCostSearcher:

@@ -168,7 +168,7 @@ def test_finetune_rejects_a_group_without_negatives_before_loading_the_model(tmp
 
 
 def test_unexpected_errors_are_one_line(monkeypatch, tmp_path, capsys):
-    import llara.cli as cli
+    import llara.cli.commands as cli
 
     def boom(args):
         raise RuntimeError(f"bug with {MARKUP}")

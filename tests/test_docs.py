@@ -19,6 +19,6 @@ def test_mkdocs_build_strict(tmp_path):
     api = (tmp_path / "site" / "api" / "index.html").read_text(encoding="utf-8")
     # the API page is rendered from the docstrings, examples included
     assert all(f'id="llara.{path}"' in api for path in ("modeling.encoder.Encoder", "retrieval.index.build_index",
-                                                         "recipe.run_recipe")), "API objects missing"
+                                                         "pipelines.recipe.run_recipe")), "API objects missing"
     text = html.unescape(re.sub(r"<[^>]+>", "", api))  # the code blocks are split into highlighting spans
     assert "s = Searcher.from_index(index_dir)" in text and "(1033, True, 'Flat', True)" in text

@@ -234,7 +234,7 @@ pytest.importorskip("fastapi", reason="the serve extra: pip install -e '.[serve]
 def client(built):
     from fastapi.testclient import TestClient
 
-    from llara.serve import create_app
+    from llara.serve.app import create_app
 
     searcher = Searcher.from_index(built["index"])
     with TestClient(create_app(searcher, max_batch=8)) as c:
@@ -289,7 +289,7 @@ def test_serve_bad_modes_and_params_get_422(client, body, message):
 def test_serve_old_index_dense_and_hybrid_is_422(built, tmp_path):
     from fastapi.testclient import TestClient
 
-    from llara.serve import create_app
+    from llara.serve.app import create_app
 
     s = Searcher(built["encoder"], open_index(built["index"]))  # no BM25 given: dense only
     with TestClient(create_app(s)) as c:
@@ -300,7 +300,7 @@ def test_serve_old_index_dense_and_hybrid_is_422(built, tmp_path):
 
 
 def test_concurrent_hybrid_requests_share_encoder_calls(built):
-    from llara.serve import create_app
+    from llara.serve.app import create_app
 
     s = Searcher.from_index(built["index"])
     encodes = []

@@ -25,8 +25,9 @@ LAYERS: list[tuple[str, ...]] = [
     ("llara.retrieval",),
     ("llara.evaluation",),
     ("llara.interop",),
-    ("llara.serve", "llara.serve_limits", "llara.serve_schema", "llara.demo", "llara.recipe", "llara.loadtest",
-     "llara.console", "llara.cli_args", "llara.cli"),
+    ("llara.pipelines",),
+    ("llara.serve",),
+    ("llara.cli",),
 ]
 
 
@@ -135,6 +136,12 @@ def render(g: dict[str, set[str]]) -> str:
 def test_every_module_has_a_layer():
     for m in modules():
         layer(m)
+
+
+def test_the_package_root_holds_only_what_every_layer_uses():
+    """Each room is a folder; the root keeps the front door (``__init__``), ``io`` and ``prompts``."""
+    root = sorted(m for m in modules() if m.count(".") == 1 and not (SRC / m.replace(".", "/")).is_dir())
+    assert root == ["llara.io", "llara.losses", "llara.prompts"]
 
 
 def test_no_module_imports_from_a_layer_above_it():

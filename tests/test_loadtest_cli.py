@@ -1,4 +1,4 @@
-"""`llara loadtest`: the same flags and JSON line as `python -m llara.loadtest`."""
+"""`llara loadtest`: the same flags and JSON line as `python -m llara.serve.loadtest`."""
 import json
 import socket
 

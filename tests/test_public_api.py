@@ -18,7 +18,7 @@ MED = Path(llara.__file__).parent / "data" / "demo" / "med"
 def test_the_public_names_are_the_library_objects():
     from llara.evaluation.runner import evaluate_datasets
     from llara.modeling.encoder import Encoder
-    from llara.recipe import run_recipe
+    from llara.pipelines.recipe import run_recipe
     from llara.retrieval.index import build_index
     from llara.retrieval.searcher import Searcher
     from llara.training.finetune import finetune

@@ -68,7 +68,7 @@ def test_search_equals_faiss_flat(setup, params):
 def test_searcher_and_serve_through_qdrant(setup):
     from fastapi.testclient import TestClient
 
-    from llara.serve import create_app
+    from llara.serve.app import create_app
 
     want = Searcher(make_encoder(), open_index(setup["index"])).search(QUERIES, k=10)
     index = open_qdrant(setup["uri"])

@@ -20,7 +20,7 @@ from fastapi.testclient import TestClient  # noqa: E402
 from llara.retrieval.index import build_index  # noqa: E402
 from llara.retrieval.store import open_index  # noqa: E402
 from llara.retrieval.searcher import Searcher  # noqa: E402
-from llara.serve import create_app  # noqa: E402
+from llara.serve.app import create_app  # noqa: E402
 
 LOAD_REQUESTS = 500  # bounded for the test suite; the 2,000-request run is in benchmarks/index_bench.py
 
@@ -156,7 +156,7 @@ def test_load_from_a_second_process(index_dir, tmp_path):
                 pass
             assert time.monotonic() < deadline, "server did not start in 60 s"
             time.sleep(0.2)
-        out = subprocess.run([sys.executable, "-m", "llara.loadtest", "--url", url, "--requests",
+        out = subprocess.run([sys.executable, "-m", "llara.serve.loadtest", "--url", url, "--requests",
                               str(LOAD_REQUESTS), "--concurrency", "16", "--pid", str(server.pid)],
                              env=env, capture_output=True, text=True, timeout=120)
         result = json.loads(out.stdout)

@@ -21,9 +21,9 @@ from fastapi.testclient import TestClient  # noqa: E402
 
 from llara.retrieval.searcher import Hit, Searcher  # noqa: E402
 from llara.retrieval.store import open_index  # noqa: E402
-from llara.serve import create_app  # noqa: E402
-from llara.serve_limits import RequestGuard  # noqa: E402
-from llara.serve_schema import NON_BLANK  # noqa: E402
+from llara.serve.app import create_app  # noqa: E402
+from llara.serve.limits import RequestGuard  # noqa: E402
+from llara.serve.schema import NON_BLANK  # noqa: E402
 
 ERROR_REF = {"$ref": "#/components/schemas/ErrorBody"}
 SCHEMATHESIS_EXAMPLES = 60  # per operation and phase; the whole run takes ~10 s here

@@ -32,7 +32,7 @@ _EXPORTS: dict[str, tuple[str, str]] = {
     "evaluate": ("llara.evaluation.runner", "evaluate_datasets"),
     "pretrain": ("llara.training.pretrain", "pretrain"),
     "finetune": ("llara.training.finetune", "finetune"),
-    "run_recipe": ("llara.recipe", "run_recipe"),
+    "run_recipe": ("llara.pipelines.recipe", "run_recipe"),
 }
 
 __all__ = ["__version__", *_EXPORTS]

@@ -14,9 +14,10 @@ checks this)::
     5  llara.retrieval                     index, search, fusion, ranking, hard-negative mining
     6  llara.evaluation                    metrics, evaluation runs, result tables
     7  llara.interop                       sentence-transformers, MTEB, PEFT exports
-    8  llara.serve*, llara.demo,           entry points: the HTTP service, the demo, the end-to-end
-       llara.recipe, llara.loadtest,       recipe, the load test, the command line (llara.cli parses
-       llara.cli*, llara.console           flags and calls one library function per command)
+    8  llara.pipelines                     the stages composed: the end-to-end recipe, the demo
+    9  llara.serve                         the HTTP service, its micro-batching, the load test
+   10  llara.cli                           the command line: parses flags, calls one library function
+                                           per command
 
 Atomic writes: every file llara writes goes through :func:`atomic_path` (a unique temporary file in
 the target's folder, fsync, ``os.replace``; the temporary file is removed if the write fails), so a

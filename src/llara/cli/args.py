@@ -1,6 +1,6 @@
 """The flags of the ``llara`` commands (:func:`build_parser`), the argument groups they share, and the
 objects those are turned into (an encoder, a fusion config, a training config). The commands
-themselves are in ``llara.cli``."""
+themselves are in ``llara.cli.commands``."""
 from __future__ import annotations
 
 import argparse
@@ -8,13 +8,13 @@ import sys
 from pathlib import Path
 from typing import Callable, Mapping
 
-from .data.shipped import SHIPPED_PAIRS
+from ..data.shipped import SHIPPED_PAIRS
 
-DEMO_DIR = Path(__file__).parent / "data" / "demo"
+DEMO_DIR = Path(__file__).parents[1] / "data" / "demo"
 
 
 def add_encoder_args(p: argparse.ArgumentParser) -> None:
-    from .modeling.encoder import DEFAULT_MAX_PASSAGE_LENGTH, DEFAULT_MAX_QUERY_LENGTH
+    from ..modeling.encoder import DEFAULT_MAX_PASSAGE_LENGTH, DEFAULT_MAX_QUERY_LENGTH
 
     p.add_argument("--model", default="default",
                    help="'default' (embedded SmolLM2-135M-Instruct), a .gguf file, a llara checkpoint, "
@@ -46,8 +46,8 @@ def add_encoder_args(p: argparse.ArgumentParser) -> None:
 
 
 def make_encoder(args, templates=None):
-    from .modeling.encoder import Encoder
-    from .modeling.loading import cache_root
+    from ..modeling.encoder import Encoder
+    from ..modeling.loading import cache_root
 
     budget = getattr(args, "max_batch_tokens", None)
     cache = None if args.no_cache else (args.cache_dir or cache_root() / "embeddings")
@@ -70,7 +70,7 @@ def make_encoder(args, templates=None):
 def add_fusion_args(p: argparse.ArgumentParser, *, overrides: bool = False) -> None:
     """--fusion, --alpha, --rrf-k, --depth, --normalization. With ``overrides`` the defaults are None
     (the index's settings apply)."""
-    from .retrieval.fusion import DEFAULT_ALPHA, DEFAULT_DEPTH, DEFAULT_RRF_K, FUSIONS, NORMALIZATIONS
+    from ..retrieval.fusion import DEFAULT_ALPHA, DEFAULT_DEPTH, DEFAULT_RRF_K, FUSIONS, NORMALIZATIONS
 
     d = (lambda v: None) if overrides else (lambda v: v)
     src = "the index's" if overrides else "%(default)s"
@@ -89,7 +89,7 @@ def add_fusion_args(p: argparse.ArgumentParser, *, overrides: bool = False) -> N
 
 def fusion_config(args, base=None):
     """A FusionConfig from the fusion flags (unset ones from ``base``); ValueError when invalid."""
-    from .retrieval.fusion import FusionConfig
+    from ..retrieval.fusion import FusionConfig
 
     given = {"method": args.fusion, "alpha": args.alpha, "normalization": args.normalization,
              "rrf_k": args.rrf_k, "depth": args.depth}
@@ -97,7 +97,7 @@ def fusion_config(args, base=None):
 
 
 def shard_arg(value: str):
-    from .retrieval.index import parse_shard_spec
+    from ..retrieval.index import parse_shard_spec
 
     try:
         return parse_shard_spec(value)
@@ -133,8 +133,8 @@ def add_backend_args(p: argparse.ArgumentParser) -> None:
 
 
 def train_config(args):
-    from .training.checkpoint import list_checkpoints
-    from .training.config import TrainConfig, config_from_args
+    from ..training.checkpoint import list_checkpoints
+    from ..training.config import TrainConfig, config_from_args
 
     if not args.resume and list_checkpoints(args.output):
         raise FileExistsError(f"{args.output} holds checkpoints of an earlier run: continue it with --resume, "
@@ -146,7 +146,7 @@ def train_config(args):
 
 
 def add_training_args(p: argparse.ArgumentParser, *extra_configs) -> None:
-    from .training.config import TrainConfig, add_config_arguments
+    from ..training.config import TrainConfig, add_config_arguments
 
     p.add_argument("--model", default="default", help="model to train (same forms as for evaluate)")
     p.add_argument("--output", required=True, help="run directory: checkpoints, train_log.jsonl, loss.png, final/")
@@ -161,8 +161,8 @@ NO_VERIFY_HELP = ("open without hashing the embeddings and FAISS file: only the 
 
 def build_parser(commands: Mapping[str, Callable]) -> argparse.ArgumentParser:
     """The ``llara`` parser; ``commands`` maps each command name to the function that runs it."""
-    from . import __version__
-    from . import loadtest
+    from .. import __version__
+    from ..serve import loadtest
 
     parser = argparse.ArgumentParser(prog="llara", description="LLaRA dense retrieval with decoder-only LLMs")
     parser.add_argument("--version", action="version", version=f"llara {__version__}")
@@ -200,11 +200,11 @@ def build_parser(commands: Mapping[str, Callable]) -> argparse.ArgumentParser:
     add_encoder_args(p)
     p.set_defaults(func=commands["mine"])
 
-    from .data.pretrain import PretrainDataConfig
-    from .recipe import RecipeConfig
-    from .training.config import add_config_arguments
-    from .training.finetune import FINETUNE_TRAIN_DEFAULTS, FinetuneConfig
-    from .training.pretrain import PretrainLossConfig
+    from ..data.pretrain import PretrainDataConfig
+    from ..pipelines.recipe import RecipeConfig
+    from ..training.config import add_config_arguments
+    from ..training.finetune import FINETUNE_TRAIN_DEFAULTS, FinetuneConfig
+    from ..training.pretrain import PretrainLossConfig
 
     p = sub.add_parser("pretrain", help="LLaRA unsupervised adaptation (EBAE + EBAR) on unlabelled text")
     p.add_argument("--data", action="append", required=True,

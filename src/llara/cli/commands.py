@@ -1,26 +1,21 @@
-"""The ``llara`` command line. Each command parses its flags and calls the library."""
+"""What each ``llara`` command does: read its parsed flags, call one library function, print the outcome.
+The parser and ``main()`` are in :mod:`llara.cli`."""
 from __future__ import annotations
 
 import argparse
-import logging
-import os
 import sys
 import time
 from pathlib import Path
-from typing import Sequence
 
-from . import cli_args
-from .cli_args import fusion_config, index_location, make_encoder, train_config
-from .data.shipped import shipped_pairs
-from .console import ConsoleReport, console, fail, print_hits, print_side_by_side, print_table, setup_logging, styled
-
-log = logging.getLogger("llara")
+from ..data.shipped import shipped_pairs
+from .args import fusion_config, index_location, make_encoder, train_config
+from .console import ConsoleReport, console, fail, print_hits, print_side_by_side, print_table, styled
 
 
 
 def cmd_evaluate(args) -> int:
     """Evaluate BM25, dense templates and/or hybrid runs on BEIR-format datasets (evaluation.runner)."""
-    from .evaluation.runner import evaluate_datasets
+    from ..evaluation.runner import evaluate_datasets
 
     out = Path(args.output)
     try:
@@ -37,7 +32,7 @@ def cmd_evaluate(args) -> int:
 
 
 def cmd_export(args) -> int:
-    from .interop.convert import export_checkpoint
+    from ..interop.convert import export_checkpoint
 
     out = export_checkpoint(args.source, args.output, template=args.template, dtype=args.dtype,
                             max_query_length=args.max_query_length, max_passage_length=args.max_passage_length)
@@ -46,8 +41,8 @@ def cmd_export(args) -> int:
 
 
 def cmd_demo(args) -> int:
-    """The README's main job (llara.demo): evaluate, adapt with LLaRA, evaluate again."""
-    from .demo import DemoConfig, run_demo
+    """The README's main job (llara.pipelines.demo): evaluate, adapt with LLaRA, evaluate again."""
+    from ..pipelines.demo import DemoConfig, run_demo
 
     t0 = time.perf_counter()
     cfg = DemoConfig(dataset=args.dataset, output=args.output, model=args.model, templates=args.template,
@@ -79,7 +74,7 @@ def cmd_demo(args) -> int:
 
 def cmd_index(args) -> int:
     """Encode a corpus.jsonl into a persistent, resumable index directory (and export it to a vector database)."""
-    from .retrieval.index import build_index
+    from ..retrieval.index import build_index
 
     if args.template and len(args.template) > 1:
         return fail(ValueError("an index has one template; give --template once"))
@@ -91,7 +86,7 @@ def cmd_index(args) -> int:
         encoder = make_encoder(args, args.template)
         engine = None
         if args.engine == "ray":
-            from .retrieval.ray_engine import RayEngine
+            from ..retrieval.ray_engine import RayEngine
 
             engine = RayEngine.from_encoder(encoder, args.model, workers=args.workers, address=args.ray_address,
                                             batch_size=encoder.batch_size, max_batch_tokens=encoder.max_batch_tokens,
@@ -101,7 +96,7 @@ def cmd_index(args) -> int:
                           train_size=args.train_size, faiss_index=args.backend == "faiss", engine=engine,
                           bm25=args.bm25, fusion=fusion_config(args))
         if args.backend == "qdrant":
-            from .retrieval.qdrant import export_to_qdrant
+            from ..retrieval.qdrant import export_to_qdrant
 
             meta = export_to_qdrant(out, args.uri, args.collection)
     except ValueError as e:  # DataError and TemplateError included
@@ -121,7 +116,7 @@ def cmd_index(args) -> int:
 
 def cmd_merge(args) -> int:
     """Join the parts of an index built with --shard i/n."""
-    from .retrieval.index import merge_indexes
+    from ..retrieval.index import merge_indexes
 
     try:
         out = merge_indexes(args.parts, args.output, factory=args.factory, train_size=args.train_size,
@@ -136,7 +131,7 @@ def cmd_search(args) -> int:
     """Search an index from the command line (loads the model recorded in the index)."""
     import json
 
-    from .retrieval.searcher import Searcher
+    from ..retrieval.searcher import Searcher
 
     try:
         searcher = Searcher.from_index(index_location(args), device=args.device, params=args.faiss_params,
@@ -163,7 +158,7 @@ def cmd_check_index(args) -> int:
     """Check an index against its manifest without reading it into memory."""
     import json
 
-    from .retrieval.check import check_index
+    from ..retrieval.check import check_index
 
     try:
         r = check_index(args.index, full=args.full)
@@ -180,7 +175,7 @@ def cmd_check_index(args) -> int:
 
 def cmd_serve(args) -> int:
     """HTTP search service (loopback by default)."""
-    from .serve import run
+    from ..serve.app import run
 
     try:
         run(index_location(args), backend=args.backend, collection=args.collection,
@@ -196,7 +191,7 @@ def cmd_serve(args) -> int:
 
 def cmd_mine(args) -> int:
     """Hard negatives for contrastive fine-tuning, from BM25 or a dense model."""
-    from .retrieval import mining
+    from ..retrieval import mining
 
     if args.pairs:
         if args.corpus or args.queries or args.qrels or args.train:
@@ -217,9 +212,9 @@ def cmd_mine(args) -> int:
 
 def cmd_pretrain(args) -> int:
     """LLaRA adaptation (EBAE + EBAR) on unlabelled text."""
-    from .data.pretrain import PretrainDataConfig
-    from .training.config import config_from_args
-    from .training.pretrain import PretrainLossConfig, pretrain
+    from ..data.pretrain import PretrainDataConfig
+    from ..training.config import config_from_args
+    from ..training.pretrain import PretrainLossConfig, pretrain
 
     train_cfg = train_config(args)
     data_cfg = config_from_args(argparse.Namespace(**{**vars(args), "seed": args.seed}), PretrainDataConfig)
@@ -231,8 +226,8 @@ def cmd_pretrain(args) -> int:
 
 def cmd_finetune(args) -> int:
     """Contrastive fine-tuning on {query, pos, neg} lines (e.g. from `llara mine`)."""
-    from .training.config import config_from_args
-    from .training.finetune import FinetuneConfig, finetune
+    from ..training.config import config_from_args
+    from ..training.finetune import FinetuneConfig, finetune
 
     train_cfg = train_config(args)
     result = finetune(args.model, args.data, train_cfg, config_from_args(args, FinetuneConfig))
@@ -241,10 +236,10 @@ def cmd_finetune(args) -> int:
 
 
 def cmd_recipe(args) -> int:
-    """Adapt, mine, fine-tune and index a corpus of the user's (llara.recipe), resumable."""
-    from .modeling.encoder import Encoder
-    from .recipe import RecipeConfig, run_recipe
-    from .training.config import config_from_args
+    """Adapt, mine, fine-tune and index a corpus of the user's (llara.pipelines.recipe), resumable."""
+    from ..modeling.encoder import Encoder
+    from ..pipelines.recipe import RecipeConfig, run_recipe
+    from ..training.config import config_from_args
 
     t0 = time.perf_counter()
     try:
@@ -261,51 +256,7 @@ def cmd_recipe(args) -> int:
 
 
 def cmd_loadtest(args) -> int:
-    """Load-test a running service (llara.loadtest)."""
-    from .loadtest import run
+    """Load-test a running service (llara.serve.loadtest)."""
+    from ..serve.loadtest import run
 
     return run(args)
-
-
-def build_parser() -> argparse.ArgumentParser:
-    return cli_args.build_parser({
-        "evaluate": cmd_evaluate,
-        "mine": cmd_mine,
-        "pretrain": cmd_pretrain,
-        "finetune": cmd_finetune,
-        "recipe": cmd_recipe,
-        "export": cmd_export,
-        "demo": cmd_demo,
-        "index": cmd_index,
-        "merge": cmd_merge,
-        "search": cmd_search,
-        "check-index": cmd_check_index,
-        "serve": cmd_serve,
-        "loadtest": cmd_loadtest,
-    })
-
-
-def main(argv: Sequence[str] | None = None) -> int:
-    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-    parser = build_parser()
-    args = parser.parse_args(argv)
-    if args.command == "demo" and args.template is None:
-        args.template = ["mean", "eos", "llara"]  # mean and eos share one forward pass
-    # third-party progress bars only on a terminal, and never under --no-progress (-v: everything shows)
-    setup_logging(args.verbose, progress=getattr(args, "progress", True) and sys.stderr.isatty())
-    try:
-        return args.func(args)
-    except KeyboardInterrupt:
-        return fail("interrupted", 130)
-    except (ValueError, OSError) as e:  # bad input: DataError, TemplateError, missing/existing files ...
-        if args.verbose:
-            log.exception("%s", e)
-        return fail(e)
-    except Exception as e:  # a bug: one line, the traceback with -v
-        if args.verbose:
-            log.exception("unexpected error")
-        return fail(f"unexpected {type(e).__name__}: {e} (rerun with -v for the traceback)", 1)
-
-
-if __name__ == "__main__":
-    sys.exit(main())

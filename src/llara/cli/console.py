@@ -64,7 +64,7 @@ def styled(*parts) -> "object":
 def print_table(results, title: str) -> None:
     from rich.table import Table
 
-    from .evaluation.runner import REPORTED
+    from ..evaluation.runner import REPORTED
 
     table = Table(title=title)
     for col in ("dataset", "method", *REPORTED, "queries", "docs", "s"):
@@ -78,7 +78,7 @@ def print_table(results, title: str) -> None:
 def print_side_by_side(results, title: str) -> None:
     from rich.table import Table
 
-    from .evaluation.runner import side_by_side
+    from ..evaluation.runner import side_by_side
 
     head, rows = side_by_side(results)
     if len(head) <= 2:

@@ -13,12 +13,12 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Protocol, Sequence
 
-from .data.beir import load_beir
-from .data.pretrain import PretrainDataConfig
-from .evaluation.runner import Result, evaluate_datasets, evaluate_hybrid, markdown_table, save_result, write_summary
-from .retrieval.fusion import FusionConfig
-from .training.config import TrainConfig
-from .training.pretrain import pretrain
+from ..data.beir import load_beir
+from ..data.pretrain import PretrainDataConfig
+from ..evaluation.runner import Result, evaluate_datasets, evaluate_hybrid, markdown_table, save_result, write_summary
+from ..retrieval.fusion import FusionConfig
+from ..training.config import TrainConfig
+from ..training.pretrain import pretrain
 
 METRICS = ("ndcg@10", "recall@100", "mrr@10")
 

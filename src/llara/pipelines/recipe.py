@@ -21,14 +21,14 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Callable
 
-from .data.pretrain import PretrainDataConfig
-from .data.shipped import SHIPPED_PAIRS, shipped_pairs
-from .io import write_json
-from .retrieval.index import build_index
-from .retrieval.mining import MiningConfig, mine
-from .training.finetune import FINETUNE_TRAIN_DEFAULTS, FinetuneConfig, finetune, finetune_train_config
-from .training.config import TrainConfig
-from .training.pretrain import pretrain
+from ..data.pretrain import PretrainDataConfig
+from ..data.shipped import SHIPPED_PAIRS, shipped_pairs
+from ..io import write_json
+from ..retrieval.index import build_index
+from ..retrieval.mining import MiningConfig, mine
+from ..training.finetune import FINETUNE_TRAIN_DEFAULTS, FinetuneConfig, finetune, finetune_train_config
+from ..training.config import TrainConfig
+from ..training.pretrain import pretrain
 
 STAGES = ("adapt", "mine", "finetune", "index")
 
@@ -110,7 +110,7 @@ def run_recipe(cfg: RecipeConfig, make_encoder: Callable[[str], Any], say: Calla
         steps (``pairs``: ``{query, pos, neg}`` lines; by default the shipped SQuAD pairs are mined):
 
         >>> from llara import Encoder, Searcher, run_recipe
-        >>> from llara.recipe import RecipeConfig
+        >>> from llara.pipelines.recipe import RecipeConfig
         >>> cfg = RecipeConfig(corpus=str(med / "corpus.jsonl"), output=str(tmp / "recipe"), model=model_dir,
         ...                    pairs=str(pairs), adapt_steps=2, adapt_batch_size=2, chunk_tokens=32,
         ...                    finetune_steps=2, batch_size=2, cpu=True, progress=False)

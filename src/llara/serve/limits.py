@@ -17,7 +17,7 @@ So the service keeps uvicorn and adds two small pieces:
   than its Content-Length). Other requests pass untouched: the router answers 404 or 405.
 
 Admission control (503 with ``Retry-After`` when the encoder's queue is full) lives with the
-micro-batcher in :mod:`llara.serve`: it counts queries waiting for the encoder, never sockets.
+micro-batcher in :mod:`llara.serve.batching`: it counts queries waiting for the encoder, never sockets.
 Every error body here has the service's one error shape, ``{"error": "<message>"}``.
 """
 from __future__ import annotations

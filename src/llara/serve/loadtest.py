@@ -1,7 +1,7 @@
 """A bounded load test for ``llara serve``, meant to run in its own process.
 
     llara loadtest --url http://127.0.0.1:8000 --requests 2000 --concurrency 16 --pid SERVER_PID
-    python -m llara.loadtest ...    (the same, without the CLI's logging set-up)
+    python -m llara.serve.loadtest ...  (the same, without the CLI's logging set-up)
 
 Sends ``--requests`` POST /search requests from ``--concurrency`` concurrent clients, cycling
 through the queries given (a BEIR queries.jsonl, a text file with one query per line, or a small
@@ -138,7 +138,7 @@ def run(args: argparse.Namespace) -> int:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="python -m llara.loadtest", description=__doc__.splitlines()[0])
+    p = argparse.ArgumentParser(prog="python -m llara.serve.loadtest", description=__doc__.splitlines()[0])
     add_arguments(p)
     return run(p.parse_args(argv))
 

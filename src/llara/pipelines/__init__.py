@@ -1,0 +1,8 @@
+"""Pipelines: the stages (training, retrieval, evaluation) composed into one job each.
+
+- ``recipe.py``: ``llara recipe``, adapt on a corpus, mine and fine-tune, index; resumable;
+- ``demo.py``: ``llara demo``, evaluate the embedded model, adapt it, evaluate again.
+
+They sit above every stage they compose and below the entry points (``llara.serve``, ``llara.cli``);
+they neither parse flags nor print (progress goes through a callback or a report object).
+"""
