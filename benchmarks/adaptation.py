@@ -35,7 +35,7 @@ from llara.data.beir import load_beir
 from llara.io import write_json
 from llara.evaluation.runner import evaluate_bm25, evaluate_datasets, markdown_table
 from llara.modeling.encoder import Encoder
-from llara.modeling.loading import cache_root
+from llara.io import cache_root
 
 RUNS = ROOT / "runs" / "bench" / "adapt"
 DATASETS = ("scifact", "cranfield", "med", "cisi")
@@ -146,7 +146,8 @@ def _time(fn, repeats: int) -> float:
 def joint_cost(args) -> None:
     """Forward time of the joint SELF + NEXT pass against one single-prompt pass and two separate ones,
     on real (chunk, next chunk) batches, at training shape (batch 8, chunks of --chunk-tokens)."""
-    from llara.data.pretrain import PretrainCollator, PretrainDataset, joint_batch
+    from llara.data.collator import PretrainCollator, joint_batch
+    from llara.data.pretrain import PretrainDataset
     from llara.modeling.arch import joint_forward_kwargs, single_forward_kwargs
     from llara.modeling.loading import ensure_slot_tokens, load_model
     from llara.modeling.masks import build_single_batch

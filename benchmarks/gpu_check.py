@@ -98,11 +98,11 @@ def _pairs(tokenizer, n: int, chunk_tokens: int) -> list[tuple[list[int], list[i
 # --------------------------------------------------------------------------- 1. joint pass
 @torch.no_grad()
 def check_joint_pass(args, device: torch.device) -> dict:
-    from llara.data.pretrain import PretrainCollator, joint_batch
+    from llara.data.collator import PretrainCollator, joint_batch
     from llara.modeling.arch import joint_forward_kwargs, single_forward_kwargs
-    from llara.modeling.encoder import base_model
+    from llara.modeling.embed import base_model, gather_positions
     from llara.modeling.loading import ensure_slot_tokens, load_model
-    from llara.modeling.masks import build_single_batch, gather_positions
+    from llara.modeling.masks import build_single_batch
     from llara.prompts import get_template
 
     out = {}
@@ -286,7 +286,7 @@ def _profile_step(args, device, model, tok) -> dict:
 
     from torch.profiler import ProfilerActivity, profile
 
-    from llara.data.pretrain import PretrainCollator
+    from llara.data.collator import PretrainCollator
     from llara.training.pretrain import PretrainLossConfig, make_loss_fn
     from llara.training.setup import build_optimizer
     from llara.training.config import TrainConfig

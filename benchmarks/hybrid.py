@@ -37,7 +37,7 @@ from zero_shot import RESULTS, ROOT, machine
 from llara.evaluation.metrics import evaluate_run, read_trec_run, write_trec_run
 from llara.evaluation.runner import evaluate_bm25, evaluate_dense
 from llara.modeling.encoder import Encoder
-from llara.modeling.loading import cache_root
+from llara.io import cache_root
 from llara.retrieval.fusion import DEFAULT_ALPHA, FusionConfig, fuse
 
 RUNS = ROOT / "runs" / "bench" / "hybrid"

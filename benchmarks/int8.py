@@ -28,7 +28,7 @@ from zero_shot import DATA, RESULTS, SUBSAMPLED, machine
 from llara.io import passage_text
 from llara.evaluation.runner import evaluate_dense
 from llara.modeling.encoder import Encoder
-from llara.modeling.loading import cache_root
+from llara.io import cache_root
 
 RUNTIMES = {"bf16": {"dtype": "bfloat16"}, "int8": {"runtime": "onnx-int8"}}  # label: from_pretrained kwargs
 OUT_JSON = RESULTS / "int8.json"

@@ -32,7 +32,8 @@ import torch
 from zero_shot import RESULTS, machine
 
 from llara.modeling import runtime as rt
-from llara.modeling.encoder import Encoder, base_model
+from llara.modeling.embed import base_model
+from llara.modeling.encoder import Encoder
 
 SHAPES = [(32, 96), (16, 40), (1, 40)]
 

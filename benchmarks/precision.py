@@ -46,7 +46,7 @@ from llara.data.beir import load_beir
 from llara.io import passage_text, write_text
 from llara.evaluation.runner import evaluate_dense
 from llara.modeling.encoder import Encoder
-from llara.modeling.loading import cache_root
+from llara.io import cache_root
 from llara.modeling.precision import cpu_bf16_speedup, training_kernels
 
 OUT = RESULTS / "precision.json"
@@ -182,7 +182,8 @@ def _adaptation_step_setup(args):
 
     from torch.utils.data import DataLoader
 
-    from llara.data.pretrain import PretrainCollator, PretrainDataConfig, PretrainDataset
+    from llara.data.collator import PretrainCollator
+    from llara.data.pretrain import PretrainDataConfig, PretrainDataset
     from llara.modeling.loading import ensure_slot_tokens, load_model
     from llara.prompts import get_template
     from llara.training.pretrain import PretrainLossConfig, make_loss_fn

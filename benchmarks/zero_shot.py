@@ -23,10 +23,11 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from llara.data.beir import load_beir, passage_text
+from llara.data.beir import load_beir
+from llara.io import passage_text
 from llara.evaluation.runner import evaluate_bm25, evaluate_dense
 from llara.modeling.encoder import Encoder
-from llara.modeling.loading import cache_root
+from llara.io import cache_root
 
 ROOT = Path(__file__).resolve().parents[1]
 DATA = ROOT.parent / "shared" / "data"

@@ -17,7 +17,7 @@ import torch  # noqa: E402
 
 from tiny import SLOTS, make_model, make_tokenizer  # noqa: E402
 
-from llara.data.pretrain import PretrainCollator  # noqa: E402
+from llara.data.collator import PretrainCollator  # noqa: E402
 from llara.training.loop import LossModule  # noqa: E402
 from llara.training.pretrain import PretrainLossConfig, make_loss_fn  # noqa: E402
 

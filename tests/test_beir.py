@@ -7,15 +7,8 @@ from pathlib import Path
 
 import pytest
 
-from llara.data.beir import (
-    BeirDataset,
-    DataError,
-    load_beir,
-    load_corpus,
-    load_qrels,
-    load_queries,
-    passage_text,
-)
+from llara.data.beir import BeirDataset, load_beir, load_corpus, load_qrels, load_queries
+from llara.io import DataError, passage_text
 
 SHARED_DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data"
 ADI = SHARED_DATA / "adi"

@@ -9,7 +9,7 @@ import pytest
 from tiny_index import index_setup
 
 from llara.cli import main
-from llara.data.beir import DataError
+from llara.io import DataError
 from llara.retrieval.check import check_index
 from llara.retrieval.store import open_index
 

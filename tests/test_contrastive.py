@@ -10,12 +10,12 @@ from tiny import make_model, make_tokenizer
 
 from llara.modeling.loading import ensure_slot_tokens
 from llara.prompts import get_template
+from llara.modeling.embed import embed
 from llara.training.contrastive import (
     ContrastiveCollator,
     Group,
     UniquePositiveBatches,
     contrastive_loss,
-    embed,
     grad_cache_step,
     load_groups,
 )
@@ -171,7 +171,7 @@ def test_two_processes_equal_one_process_with_doubled_batch(tmp_path, grad_cache
 def test_load_groups_errors(tmp_path):
     p = tmp_path / "train.jsonl"
     p.write_text('{"query": "a", "pos": ["x"], "neg": ["y"]}\n{"query": "b", "pos": []}\n')
-    from llara.data.beir import DataError
+    from llara.io import DataError
 
     with pytest.raises(DataError, match="train.jsonl:2"):
         load_groups(p)

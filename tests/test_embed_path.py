@@ -13,7 +13,8 @@ from llara.modeling.embed import normalize, pack, pad_right, pool, tokenize
 from llara.modeling.encoder import Encoder
 from llara.modeling.loading import load_model
 from llara.prompts import encode_side, get_template
-from llara.training.contrastive import ContrastiveCollator, Group, contrastive_loss, embed
+from llara.modeling.embed import embed
+from llara.training.contrastive import ContrastiveCollator, Group, contrastive_loss
 
 TEXT_WORDS = [w for w in WORDS if w.isalpha()]
 # queries: prompt + EOS state; passages: mean of the text states; no L2 normalisation

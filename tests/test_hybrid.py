@@ -13,7 +13,8 @@ from tiny_index import index_setup
 
 import llara.retrieval.bm25 as bm25_module
 from llara.cli import main
-from llara.data.beir import DataError, load_beir, load_corpus
+from llara.data.beir import load_beir, load_corpus
+from llara.io import DataError
 from llara.evaluation.metrics import evaluate_run, read_trec_run
 from llara.evaluation.runner import evaluate_datasets
 from llara.modeling.encoder import Encoder

@@ -18,7 +18,8 @@ import pytest
 from tiny import WORDS, make_model
 
 from llara.cli import main
-from llara.modeling.encoder import Encoder, base_model
+from llara.modeling.embed import base_model
+from llara.modeling.encoder import Encoder
 from llara.prompts import get_template
 
 spm = pytest.importorskip("sentencepiece")

@@ -8,7 +8,8 @@ from conftest import SHARED_DATA
 from tiny import make_corpus_tokenizer, make_model
 
 from llara.cli import main
-from llara.data.beir import load_beir, passage_text
+from llara.data.beir import load_beir
+from llara.io import passage_text
 from llara.modeling.encoder import Encoder
 
 ADI = SHARED_DATA / "adi"

@@ -8,13 +8,8 @@ import pytest
 import torch
 
 from llara.modeling.arch import get_arch, joint_forward_kwargs, single_forward_kwargs
-from llara.modeling.masks import (
-    additive_mask,
-    build_joint_batch,
-    build_single_batch,
-    gather_positions,
-    sliding_window_blocked,
-)
+from llara.modeling.embed import gather_positions
+from llara.modeling.masks import additive_mask, build_joint_batch, build_single_batch, sliding_window_blocked
 from tiny import make_model, make_tokenizer
 
 ATOL = 1e-5

@@ -1,6 +1,7 @@
 """The layers of src/llara point one way: no module imports from a layer above its own, no two
-modules import each other (directly or round a longer circle), and no module imports another
-file's private (``_``) names.
+modules import each other (directly or round a longer circle), no module imports another
+file's private (``_``) names, and every import (in src/, tests/ and benchmarks/) names the module
+that defines the name: no module passes on names it only imported.
 
 The import graph is read with ``ast`` from the source (every import, those inside functions too),
 so the test needs nothing installed. The layer order is documented in ``llara/io.py``; print the
@@ -21,7 +22,7 @@ LAYERS: list[tuple[str, ...]] = [
     ("llara.prompts",),
     ("llara.modeling",),
     ("llara.data",),
-    ("llara.losses", "llara.training"),
+    ("llara.training",),
     ("llara.retrieval",),
     ("llara.evaluation",),
     ("llara.interop",),
@@ -106,6 +107,52 @@ def private_imports(module: str, path: Path, known: set[str]) -> list[str]:
     return found
 
 
+def _top_level(tree: ast.Module):
+    """The statements run when the module is imported (those under a module-level if/try too)."""
+    for node in tree.body:
+        if isinstance(node, (ast.If, ast.Try)):
+            yield from (n for n in ast.walk(node) if isinstance(n, ast.stmt))
+        else:
+            yield node
+
+
+def defined_names(path: Path) -> set[str]:
+    """The names a module defines itself: functions, classes and assigned names (imports excluded)."""
+    names = set()
+    for node in _top_level(ast.parse(path.read_text(encoding="utf-8"), str(path))):
+        if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef, ast.ClassDef)):
+            names.add(node.name)
+        elif isinstance(node, (ast.Assign, ast.AnnAssign, ast.AugAssign)):
+            targets = node.targets if isinstance(node, ast.Assign) else [node.target]
+            names.update(x.id for t in targets for x in ast.walk(t) if isinstance(x, ast.Name))
+    return names
+
+
+def passed_on_names(path: Path, module: str, mods: dict[str, Path]) -> list[str]:
+    """``file:line`` of each ``from llara.x import name`` where ``llara.x`` neither defines ``name``
+    nor has a submodule of that name (the package root's lazy public names excepted), and each
+    ``__all__`` entry of a module that it does not define."""
+    found = []
+    tree = ast.parse(path.read_text(encoding="utf-8"), str(path))
+    for node in ast.walk(tree):
+        if not isinstance(node, ast.ImportFrom):
+            continue
+        source = _source(module, node, path) if node.level else (node.module or "")
+        if source not in mods or source == "llara":
+            continue
+        own = defined_names(mods[source])
+        found += [f"{path}:{node.lineno} imports {a.name} from {source}, which does not define it"
+                  for a in node.names if a.name not in own and f"{source}.{a.name}" not in mods]
+    if module in mods:
+        own = defined_names(path)
+        for node in _top_level(tree):
+            if (isinstance(node, ast.Assign) and any(isinstance(t, ast.Name) and t.id == "__all__" for t in node.targets)
+                    and isinstance(node.value, (ast.List, ast.Tuple)) and module != "llara"):
+                found += [f"{path}:{node.lineno} lists {e.value} in __all__ without defining it"
+                          for e in node.value.elts if isinstance(e, ast.Constant) and e.value not in own]
+    return found
+
+
 def graph() -> dict[str, set[str]]:
     mods = modules()
     return {m: imports(m, p, set(mods)) for m, p in mods.items()}
@@ -141,7 +188,7 @@ def test_every_module_has_a_layer():
 def test_the_package_root_holds_only_what_every_layer_uses():
     """Each room is a folder; the root keeps the front door (``__init__``), ``io`` and ``prompts``."""
     root = sorted(m for m in modules() if m.count(".") == 1 and not (SRC / m.replace(".", "/")).is_dir())
-    assert root == ["llara.io", "llara.losses", "llara.prompts"]
+    assert root == ["llara.io", "llara.prompts"]
 
 
 def test_no_module_imports_from_a_layer_above_it():
@@ -155,6 +202,33 @@ def test_no_import_circles():
 def test_no_module_imports_another_files_private_names():
     mods = modules()
     assert [hit for m, p in mods.items() for hit in private_imports(m, p, set(mods))] == []
+
+
+def test_every_import_names_the_module_that_defines_the_name():
+    mods = modules()
+    root = SRC.parent
+    files = {p: m for m, p in mods.items()}
+    files.update({p: "" for d in ("tests", "benchmarks") for p in sorted((root / d).glob("*.py"))})
+    assert [hit for p, m in files.items() for hit in passed_on_names(p, m, mods)] == []
+
+
+def test_the_check_sees_names_passed_on(tmp_path):
+    pkg = tmp_path / "llara"
+    (pkg / "data").mkdir(parents=True)
+    (pkg / "__init__.py").write_text("")
+    (pkg / "io.py").write_text("def passage_text(): pass\n")
+    (pkg / "data" / "__init__.py").write_text("")
+    (pkg / "data" / "beir.py").write_text("from ..io import passage_text\nif True:\n    X = 1\n"
+                                          "__all__ = ['passage_text', 'X', 'load']\ndef load(): pass\n")
+    user = tmp_path / "user.py"
+    user.write_text("from llara.data.beir import X, load, passage_text\nfrom llara.io import passage_text\n"
+                    "from llara.data import beir\n")
+    mods = modules(tmp_path)
+    assert passed_on_names(user, "", mods) == [
+        f"{user}:1 imports passage_text from llara.data.beir, which does not define it"]
+    beir = mods["llara.data.beir"]
+    assert passed_on_names(beir, "llara.data.beir", mods) == [
+        f"{beir}:4 lists passage_text in __all__ without defining it"]
 
 
 def test_the_check_sees_relative_lazy_and_submodule_imports(tmp_path):

@@ -9,16 +9,15 @@ import torch.nn.functional as F
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 from transformers import PreTrainedTokenizerFast
 
-from llara.losses import (
+from llara.data.targets import bow_targets, target_filter
+from llara.modeling.embed import gather_positions
+from llara.training.losses import (
     bow_loss_authors,
     bow_loss_paper,
-    bow_targets,
     causal_lm_loss,
-    gather_states,
     info_nce,
     llara_pretrain_loss,
     slot_logits,
-    target_filter,
 )
 from tiny import make_tokenizer
 
@@ -99,7 +98,7 @@ def test_slot_logits_and_gather():
     hidden = torch.randn(B, L, H)
     weight, bias = torch.randn(V, H), torch.randn(V)
     pos = torch.tensor([[1, 4, 6], [0, 2, 3]])
-    states = gather_states(hidden, pos)
+    states = gather_positions(hidden, pos)
     assert torch.equal(states[1, 2], hidden[1, 3])
     out = slot_logits(states, weight, bias, softcap=2.0)
     assert out.shape == (B, K, V)
@@ -277,8 +276,8 @@ def pretrain_inputs(B=3, L=30, H=8, V=40, K=8):
 def test_llara_pretrain_loss_combines_components():
     kw = pretrain_inputs()
     h, w = kw["hidden"], kw["lm_head_weight"]
-    ebae = bow_loss_authors(slot_logits(gather_states(h, kw["self_positions"]), w), kw["self_targets"], kw["self_target_mask"])
-    ebar = bow_loss_authors(slot_logits(gather_states(h, kw["next_positions"]), w), kw["next_targets"], kw["next_target_mask"])
+    ebae = bow_loss_authors(slot_logits(gather_positions(h, kw["self_positions"]), w), kw["self_targets"], kw["self_target_mask"])
+    ebar = bow_loss_authors(slot_logits(gather_positions(h, kw["next_positions"]), w), kw["next_targets"], kw["next_target_mask"])
     lm = reference_lm(h, w, kw["input_ids"], kw["text_mask"])
 
     out = llara_pretrain_loss(**kw, chunk_size=5)

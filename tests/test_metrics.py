@@ -6,8 +6,9 @@ import random
 
 import pytest
 
-from llara.data.beir import DataError
-from llara.evaluation.metrics import evaluate_run, rank_docs, read_trec_run, write_trec_run
+from llara.io import DataError
+from llara.evaluation.metrics import evaluate_run, read_trec_run, write_trec_run
+from llara.retrieval.ranking import rank_docs
 
 
 # --------------------------------------------------------------------------- brute force

@@ -5,7 +5,7 @@ import pytest
 from tiny import make_model, make_tokenizer
 
 from llara.cli import main
-from llara.data.beir import DataError
+from llara.io import DataError
 from llara.modeling.encoder import Encoder
 from llara.retrieval.mining import MiningConfig, positives_from_train_jsonl, sample_negatives
 

@@ -6,7 +6,7 @@ import torch
 
 from llara.modeling import precision
 from llara.training.config import TrainConfig
-from llara.training.loop import resolve_precision
+from llara.training.setup import resolve_precision
 
 
 @pytest.fixture

@@ -14,22 +14,13 @@ import pytest
 import torch
 from torch.utils.data import DataLoader
 
-from llara.data.beir import DataError
-from llara.data.pretrain import (
-    Chunker,
-    PretrainCollator,
-    PretrainDataset,
-    PretrainExample,
-    chunk_pairs,
-    detect_format,
-    iter_documents,
-    joint_batch,
-    load_stopwords,
-    sentence_chunks,
-    split_sentences,
-    token_chunks,
-)
-from llara.losses import llara_pretrain_loss
+from llara.data.chunking import Chunker, PretrainExample, chunk_pairs, sentence_chunks, split_sentences, token_chunks
+from llara.data.collator import PretrainCollator, joint_batch
+from llara.data.pretrain import PretrainDataset
+from llara.data.readers import detect_format, iter_documents
+from llara.data.targets import load_stopwords
+from llara.io import DataError
+from llara.training.losses import llara_pretrain_loss
 from llara.modeling.arch import joint_forward_kwargs
 from llara.prompts import NEXT_SLOTS, SELF_SLOTS
 from tiny import make_model, make_tokenizer

@@ -14,7 +14,7 @@ from tiny_index import make_encoder, save_model, write_corpus
 
 pytest.importorskip("qdrant_client", reason="the qdrant extra: pip install -e '.[qdrant]'")
 
-from llara.data.beir import DataError  # noqa: E402
+from llara.io import DataError  # noqa: E402
 from llara.retrieval.index import build_index  # noqa: E402
 from llara.retrieval.store import open_index  # noqa: E402
 from llara.retrieval.qdrant import connect, export_to_qdrant, open_qdrant, point_id  # noqa: E402

@@ -14,7 +14,8 @@ pytest.importorskip("onnxruntime", reason="the int8 extra: pip install -e '.[int
 
 from llara.cli import main  # noqa: E402
 from llara.modeling import runtime as rt  # noqa: E402
-from llara.modeling.encoder import Encoder, base_model  # noqa: E402
+from llara.modeling.embed import base_model  # noqa: E402
+from llara.modeling.encoder import Encoder  # noqa: E402
 from llara.retrieval.searcher import Searcher  # noqa: E402
 
 TEXTS = [

@@ -133,7 +133,7 @@ def test_one_device_read_per_step_whatever_the_micro_batches(tmp_path, monkeypat
 def _frozen_weight_casts(device_type: str, **cfg) -> int:
     """Casts of frozen parameters in one bf16 LoRA forward + backward, with the model prepared for
     ``device_type`` (the policy; the step itself runs on this CPU under bf16 autocast)."""
-    from llara.data.pretrain import PretrainCollator
+    from llara.data.collator import PretrainCollator
     from llara.training.pretrain import PretrainLossConfig, make_loss_fn
     from llara.training.setup import prepare_model
 

@@ -220,7 +220,7 @@ def test_lora_base_is_bf16_only_on_gpus(tmp_path, lora_dtype):
     """Under bf16, LoRA's frozen base is cast to bf16 on a GPU (memory) and kept fp32 on a CPU
     (quality: a bf16 residual stream cost 0.027 nDCG@10 there). The trainable tensors follow the
     base on a GPU (one dtype in the step: no casts) unless fp32 is asked; on a CPU they are fp32."""
-    from llara.training.loop import prepare_model
+    from llara.training.setup import prepare_model
 
     for device_type, base in (("cuda", torch.bfloat16), ("cpu", torch.float32)):
         model, tok, slots = tiny_setup()

@@ -10,7 +10,7 @@ checks this)::
     2  llara.modeling                      loading a stock model, masks, pooling, the Encoder
     3  llara.data                          BEIR collections, unlabelled-text readers, chunks, collators,
                                            bag-of-words targets
-    4  llara.losses, llara.training        losses, pretraining and fine-tuning
+    4  llara.training                    losses, pretraining and fine-tuning
     5  llara.retrieval                     index, search, fusion, ranking, hard-negative mining
     6  llara.evaluation                    metrics, evaluation runs, result tables
     7  llara.interop                       sentence-transformers, MTEB, PEFT exports

@@ -47,7 +47,7 @@ def add_encoder_args(p: argparse.ArgumentParser) -> None:
 
 def make_encoder(args, templates=None):
     from ..modeling.encoder import Encoder
-    from ..modeling.loading import cache_root
+    from ..io import cache_root
 
     budget = getattr(args, "max_batch_tokens", None)
     cache = None if args.no_cache else (args.cache_dir or cache_root() / "embeddings")

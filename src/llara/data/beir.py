@@ -27,18 +27,16 @@ import os
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from ..io import DataError, iter_jsonl, iter_lines, passage_text  # re-exported: public names of this module
+from ..io import DataError, iter_jsonl, iter_lines
 
 logger = logging.getLogger(__name__)
 
 __all__ = [
-    "DataError",
     "BeirDataset",
     "load_corpus",
     "load_queries",
     "load_qrels",
     "load_beir",
-    "passage_text",
 ]
 
 _QRELS_HEADER_FIRST = {"query-id", "query_id", "queryid", "qid", "query"}

@@ -1,6 +1,6 @@
 """Unlabelled text for LLaRA's adaptation stage: readers, (chunk, next chunk) pairs, a streaming
 dataset (the joint-pass collator is in :mod:`llara.data.collator`, the targets in
-:mod:`llara.data.targets`; both re-exported here).
+:mod:`llara.data.targets`).
 
 Pipeline::
 
@@ -46,41 +46,12 @@ from typing import Any, Callable, Iterable, Iterator, Sequence
 import torch
 from torch.utils.data import IterableDataset, get_worker_info
 
-from .chunking import (
-    CHUNKINGS,
-    SINGLE_CHUNK,
-    Chunker,
-    PretrainExample,
-    chunk_pairs,
-    sentence_chunks,
-    sentence_spans,
-    split_sentences,
-    token_chunks,
-)
-from .collator import PretrainCollator, joint_batch  # re-exported: public names of this module
-from .readers import FORMATS, TXT_MODES, detect_format, iter_documents
-from .targets import load_stopwords  # re-exported
+from .chunking import CHUNKINGS, SINGLE_CHUNK, Chunker, PretrainExample, chunk_pairs
+from .readers import FORMATS, TXT_MODES, iter_documents
 
 logger = logging.getLogger(__name__)
 
-__all__ = [
-    "FORMATS",
-    "Chunker",
-    "PretrainCollator",
-    "PretrainDataConfig",
-    "PretrainDataset",
-    "PretrainExample",
-    "chunk_pairs",
-    "detect_format",
-    "iter_documents",
-    "joint_batch",
-    "load_stopwords",
-    "sentence_chunks",
-    "sentence_spans",
-    "shuffle_buffer",
-    "split_sentences",
-    "token_chunks",
-]
+__all__ = ["PretrainDataConfig", "PretrainDataset", "shuffle_buffer"]
 
 
 # --------------------------------------------------------------------------- dataset

@@ -1,7 +1,7 @@
 """Bag-of-words targets of LLaRA's adaptation: which token ids may be targets (``target_filter``,
 with a stopword list from ``load_stopwords``) and the padded target tensors of a batch
 (``bow_targets``). EBAE's targets are a text's own tokens, EBAR's the next passage's; the losses that
-read them are in :mod:`llara.losses`.
+read them are in :mod:`llara.training.losses`.
 """
 from __future__ import annotations
 

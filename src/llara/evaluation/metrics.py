@@ -30,7 +30,7 @@ from ..retrieval.ranking import rank_docs
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["evaluate_run", "rank_docs", "write_trec_run", "read_trec_run"]
+__all__ = ["evaluate_run", "write_trec_run", "read_trec_run"]
 
 
 def _as_ks(value: int | Iterable[int] | None, name: str) -> list[int]:

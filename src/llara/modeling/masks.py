@@ -2,8 +2,8 @@
 
 Pure tensor functions: no model, no tokenizer. The collator builds these once per batch; a stock
 Hugging Face causal LM consumes them (see ``llara.modeling.arch`` for what each architecture needs).
-Right padding and reading states at positions are :mod:`llara.modeling.embed`'s (``pad_right``,
-``gather_positions``, re-exported here).
+Right padding (``pad_right``) and reading states at positions (``gather_positions``) are
+:mod:`llara.modeling.embed`'s.
 
 Layout of one joint sequence (right padding)::
 
@@ -23,7 +23,7 @@ from typing import Sequence
 import torch
 from torch import Tensor
 
-from .embed import gather_positions, pad_right
+from .embed import pad_right
 
 __all__ = [
     "JointBatch",
@@ -32,7 +32,6 @@ __all__ = [
     "allowed_keys",
     "build_joint_batch",
     "build_single_batch",
-    "gather_positions",
     "lm_positions",
     "sliding_window_blocked",
 ]

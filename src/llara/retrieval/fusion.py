@@ -24,7 +24,7 @@ from typing import Mapping
 
 from .ranking import top
 
-__all__ = ["FusionConfig", "fuse", "linear", "normalize", "rrf", "top", "FUSIONS", "NORMALIZATIONS",
+__all__ = ["FusionConfig", "fuse", "linear", "normalize", "rrf", "FUSIONS", "NORMALIZATIONS",
            "DEFAULT_ALPHA", "DEFAULT_DEPTH", "DEFAULT_RRF_K"]
 
 Run = Mapping[str, Mapping[str, float]]

@@ -18,7 +18,7 @@ import torch.distributed as dist
 from torch import Tensor
 
 from ..io import DataError, iter_jsonl
-from ..losses import info_nce
+from .losses import info_nce
 from ..modeling.embed import embed, pack, pad_token_id, tokenize
 from ..prompts import encode_side, get_template
 

@@ -12,10 +12,11 @@ from dataclasses import asdict, dataclass, field, replace
 import torch
 
 
+from ..modeling.embed import embed
 from ..modeling.loading import ensure_slot_tokens, load_model
 from ..prompts import get_template
 from .config import TrainConfig
-from .contrastive import ContrastiveCollator, UniquePositiveBatches, contrastive_loss, embed, grad_cache_step, load_groups
+from .contrastive import ContrastiveCollator, UniquePositiveBatches, contrastive_loss, grad_cache_step, load_groups
 from .loop import TrainResult, train
 
 log = logging.getLogger(__name__)

@@ -75,12 +75,6 @@ __all__ = [
     "LossFn",
     "LossModule",
     "TrainResult",
-    "build_optimizer",
-    "build_scheduler",
-    "make_accelerator",
-    "prepare_model",
-    "resolve_precision",
-    "total_steps",
     "train",
 ]
 

@@ -1,8 +1,8 @@
 """LLaRA losses: EBAE/EBAR bag-of-words losses, the causal LM loss and InfoNCE.
 
 Everything here is a pure function (tensors in, tensors out) so it can be tested without a model.
-The bag-of-words targets themselves (:func:`bow_targets`, :func:`target_filter`) are built with the
-pretraining data, in :mod:`llara.data.targets`; they are re-exported here.
+The bag-of-words targets themselves (:func:`llara.data.targets.bow_targets`,
+:func:`llara.data.targets.target_filter`) are built with the pretraining data.
 Shapes: B batch, K slot positions per prompt (8 in the authors' form), H hidden size, V vocabulary,
 T padded number of target ids per row, L sequence length, G passages per query.
 
@@ -17,21 +17,15 @@ import torch.nn.functional as F
 from torch import Tensor
 from torch.utils.checkpoint import checkpoint
 
-from .data.targets import bow_targets, target_filter  # re-exported: public names of this module
-from .modeling.embed import gather_positions
-
-gather_states = gather_positions  # (B, L, H) states at (B, K) positions, as modeling.embed reads them
+from ..modeling.embed import gather_positions
 
 __all__ = [
-    "bow_targets",
     "slot_logits",
-    "gather_states",
     "bow_loss_authors",
     "bow_loss_paper",
     "causal_lm_loss",
     "llara_pretrain_loss",
     "info_nce",
-    "target_filter",
 ]
 
 

@@ -12,13 +12,14 @@ from typing import Sequence
 import torch
 from torch.utils.data import DataLoader
 
-from ..data.pretrain import PretrainCollator, PretrainDataConfig, PretrainDataset, joint_batch
-from ..losses import llara_pretrain_loss
+from ..data.collator import PretrainCollator, joint_batch
+from ..data.pretrain import PretrainDataConfig, PretrainDataset
 from ..modeling.arch import joint_forward_kwargs
 from ..modeling.embed import base_model
 from ..modeling.loading import ensure_slot_tokens, load_model
 from ..prompts import get_template
 from .config import TrainConfig
+from .losses import llara_pretrain_loss
 from .loop import TrainResult, train
 from .setup import resolve_precision
 
