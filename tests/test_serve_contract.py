@@ -99,8 +99,8 @@ class _BlockedSearcher:
     def search_requests(self, requests):
         return [self.search(r.queries, r.k) for r in requests]
 
-    def check_mode(self, mode):
-        return mode or "dense"
+    def plan(self, mode, **fusion):
+        return mode or "dense", None
 
 
 def test_503_with_retry_after_only_when_the_encoder_queue_is_full():

@@ -1,8 +1,9 @@
 """The ``llara`` command line: :func:`main` parses the flags and runs one command.
 
 - ``commands.py``: what each command does (read its flags, call one library function, print the outcome);
-- ``args.py``: the flags of every command and the objects they are turned into (an encoder, a fusion
-  config, a training config);
+- ``configs.py``: one config dataclass per command; its fields are the flags, its ``__post_init__``
+  checks the input before any work;
+- ``args.py``: the parser, generated from the configs;
 - ``console.py``: logging, tables, styled lines and one-line errors.
 """
 from __future__ import annotations
@@ -15,6 +16,7 @@ from typing import Sequence
 
 from . import args as cli_args
 from . import commands
+from ..training.config import config_from_args
 from .console import fail, setup_logging
 
 log = logging.getLogger("llara")
@@ -22,20 +24,19 @@ log = logging.getLogger("llara")
 
 def build_parser() -> argparse.ArgumentParser:
     """The ``llara`` parser, each command bound to its ``commands.cmd_<name>`` function."""
-    return cli_args.build_parser({name: getattr(commands, "cmd_" + name.replace("-", "_")) for name in (
-        "evaluate", "mine", "pretrain", "finetune", "recipe", "export", "demo", "index", "merge", "search",
-        "check-index", "serve", "loadtest")})
+    return cli_args.build_parser({name: getattr(commands, "cmd_" + name.replace("-", "_"))
+                                  for name in cli_args.COMMANDS})
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     parser = build_parser()
     args = parser.parse_args(argv)
-    if args.command == "demo" and args.template is None:
-        args.template = ["mean", "eos", "llara"]  # mean and eos share one forward pass
     # third-party progress bars only on a terminal, and never under --no-progress (-v: everything shows)
     setup_logging(args.verbose, progress=getattr(args, "progress", True) and sys.stderr.isatty())
     try:
+        if args.config_class is not None:  # checks the input, before any model loads or any file is written
+            args.config = config_from_args(args, args.config_class)
         return args.func(args)
     except KeyboardInterrupt:
         return fail("interrupted", 130)

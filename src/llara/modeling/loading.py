@@ -133,7 +133,47 @@ def resolve_model(spec: str) -> ResolvedModel:
         return ResolvedModel(str(p.resolve()), cfg, p.resolve().name)
     if p.exists():
         raise ValueError(f"{p}: expected a model directory, a .gguf file, a hub id or 'default'")
+    _check_hub_id(spec)
     return ResolvedModel(spec, None, spec)
+
+
+def _check_hub_id(spec: str) -> None:
+    """ValueError ``no such model: SPEC`` unless ``spec`` (not a local path) is a Hugging Face hub id
+    that can be loaded: well formed and, offline, in the local Hugging Face cache."""
+    from huggingface_hub import constants, try_to_load_from_cache
+    from huggingface_hub.utils import HFValidationError, validate_repo_id
+
+    try:
+        validate_repo_id(spec)
+    except HFValidationError:
+        raise ValueError(f"no such model: {spec} (not a file or directory here, nor a Hugging Face hub id)") from None
+    offline = constants.is_offline_mode() or os.environ.get("HF_HUB_OFFLINE", "").upper() in ("1", "ON", "YES", "TRUE")
+    if offline and not isinstance(try_to_load_from_cache(spec, "config.json"), str):
+        raise ValueError(f"no such model: {spec} (not a file or directory here, and not in the Hugging Face cache; "
+                         "HF_HUB_OFFLINE is set, so it is not downloaded)")
+
+
+def check_model(spec: str) -> None:
+    """Check that ``spec`` names a model llara can load here, without loading, converting or downloading
+    anything: ValueError (in the user's terms) when it cannot. For the input checks of a command."""
+    if spec == DEFAULT_MODEL:
+        other = os.environ.get(DEFAULT_MODEL_ENV, DEFAULT_MODEL)
+        if other != DEFAULT_MODEL:
+            check_model(other)
+        else:
+            embedded_gguf()  # raises when the embedded model is not installed, saying how to install it
+        return
+    p = Path(spec)
+    if p.suffix == ".gguf":
+        if not p.is_file():
+            raise ValueError(f"no such model: {spec} (GGUF file not found)")
+    elif p.is_dir():
+        if not ((p / "config.json").is_file() or (p / ADAPTER_CONFIG).is_file()):
+            raise ValueError(f"{p}: not a model directory (no config.json)")
+    elif p.exists():
+        raise ValueError(f"{p}: expected a model directory, a .gguf file, a hub id or 'default'")
+    else:
+        _check_hub_id(spec)
 
 
 def default_device() -> torch.device:

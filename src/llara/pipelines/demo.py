@@ -48,6 +48,17 @@ class DemoConfig:
     max_query_length: int = 64  # shown in the first line; the encoder factory applies them
     max_passage_length: int = 112
 
+    def __post_init__(self):
+        for name in ("adapt_batch_size", "adapt_chunk_tokens", "k", "max_query_length", "max_passage_length"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+        if self.adapt_steps < 0:
+            raise ValueError(f"adapt_steps must be >= 0 (0: zero-shot only), got {self.adapt_steps}")
+        if not self.adapt_lr > 0:
+            raise ValueError(f"adapt_lr must be > 0, got {self.adapt_lr}")
+        if not self.templates:
+            raise ValueError("templates is empty: give at least one")
+
 
 @dataclass
 class DemoResult:

@@ -91,6 +91,22 @@ class Searcher:
                              "search or with --no-bm25; add it with llara index --resume); use mode 'dense'")
         return mode
 
+    def plan(self, mode: str | None = None, **fusion) -> tuple[str, FusionConfig | None]:
+        """The mode of one search (None: the default; :meth:`check_mode`) and its fusion settings: None
+        when no setting is given (the searcher's apply), else the searcher's with those given (not None)
+        replaced; ``fusion=`` names the method, the other keys are :class:`FusionConfig` fields.
+
+        The rule lives here, for the command line and the service alike: fusion settings are only for
+        hybrid search; given with another mode they are a ValueError that names them."""
+        mode = self.check_mode(mode)
+        given = {k: v for k, v in fusion.items() if v is not None}
+        if not given:
+            return mode, None
+        if mode != "hybrid":
+            raise ValueError(f"{', '.join(given)}: only for mode 'hybrid' (this search's mode is {mode!r})")
+        return mode, FusionConfig(**{**self.fusion.to_dict(),
+                                     **{("method" if k == "fusion" else k): v for k, v in given.items()}})
+
     @classmethod
     def from_index(
         cls,

@@ -45,20 +45,6 @@ DEFAULT_BODY_TIMEOUT = 10.0  # seconds for a whole request body (from its head)
 DEFAULT_KEEP_ALIVE = 5  # seconds an idle keep-alive connection stays open after a response
 
 
-def _mode_and_fusion(searcher, req):
-    """The request's mode (checked against the index) and fusion settings (the index's, overridden)."""
-    mode = searcher.check_mode(req.mode)
-    given = {k: v for k, v in (("method", req.fusion), ("alpha", req.alpha), ("rrf_k", req.rrf_k)) if v is not None}
-    if given and mode != "hybrid":
-        names = ", ".join("fusion" if k == "method" else k for k in given)
-        raise ValueError(f"{names}: only for mode 'hybrid' (this request's mode is {mode!r})")
-    if not given:
-        return mode, None
-    from ..retrieval.fusion import FusionConfig
-
-    return mode, FusionConfig(**{**searcher.fusion.to_dict(), **given})
-
-
 def _describe(errors) -> str:
     """One line naming each offending field, e.g. ``k: Input should be less than or equal to 100``."""
     parts = []
@@ -151,8 +137,8 @@ def create_app(
         t0 = time.perf_counter()
         queries = [req.query] if req.query is not None else req.queries
         try:
-            mode, fusion = _mode_and_fusion(searcher, req)
-        except ValueError as e:  # the request model already rejects what the index cannot do
+            mode, fusion = searcher.plan(req.mode, fusion=req.fusion, alpha=req.alpha, rrf_k=req.rrf_k)
+        except ValueError as e:  # fusion settings for another mode than hybrid
             return error(422, str(e))
         try:
             hits = await batcher.search(queries, req.k, mode, fusion)

@@ -155,10 +155,6 @@ def request_model(max_query_chars: int, max_k: int, max_queries: int, default_k:
         def _one_of(self):
             if (self.query is None) == (self.queries is None):
                 raise ValueError("give exactly one of 'query' (a string) or 'queries' (a list of strings)")
-            given = [f for f in FUSION_FIELDS if getattr(self, f) is not None]
-            if given and (self.mode or default_mode) != "hybrid":
-                raise ValueError(f"{', '.join(given)}: only for mode 'hybrid' (this request's mode is "
-                                 f"{self.mode or default_mode!r})")
             return self
 
     return SearchRequest

@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import Any
 
 
-__all__ = ["TrainConfig", "PRECISIONS", "TRAINABLE_TOKEN_MODES", "add_config_arguments", "config_from_args"]
+__all__ = ["TrainConfig", "PRECISIONS", "TRAINABLE_TOKEN_MODES", "add_config_arguments", "config_from_args", "option"]
 
 PRECISIONS = ("auto", "fp32", "bf16")
 TRAINABLE_TOKEN_MODES = ("indices", "embedding")
@@ -188,27 +188,72 @@ def _base_type(tp) -> tuple[type, bool]:
     return tp, False
 
 
-def add_config_arguments(parser: argparse.ArgumentParser, cls=TrainConfig, skip: tuple[str, ...] = ()) -> None:
-    """Add one ``--name`` flag per dataclass field, with its help text and default."""
+def option(default: Any = dataclasses.MISSING, help: str = "", **argparse_kw) -> Any:
+    """A dataclass field that :func:`add_config_arguments` turns into a flag: ``help`` and, where the
+    field's type is not enough, argparse's own keywords (``choices``, ``nargs``, ``metavar``, ``type``,
+    ``action="append"``) plus ``flags`` (the option strings, e.g. ``("-k",)``; ``()``: positional)."""
+    metadata = {"help": help, **argparse_kw}
+    if isinstance(default, list):
+        return field(default_factory=lambda: list(default), metadata=metadata)
+    return field(default=default, metadata=metadata)
+
+
+def add_config_arguments(parser: argparse.ArgumentParser, cls=TrainConfig, skip: tuple[str, ...] = (),
+                         title: str | None = None) -> None:
+    """Add one flag per dataclass field (``--field-name``), with its help text, default and the argparse
+    keywords of its metadata (see :func:`option`); a field without a default is a required flag."""
     hints = typing.get_type_hints(cls)
-    group = parser.add_argument_group(cls.__name__)
-    for f in dataclasses.fields(cls):
-        if f.name in skip:
+    owner = {f.name: next(k for k in cls.__mro__ if f.name in getattr(k, "__annotations__", {}))
+             for f in dataclasses.fields(cls)}
+    groups: dict[type, Any] = {}
+    # the class's own fields first, then those of each class it inherits from, each in a group of its own
+    for f in sorted(dataclasses.fields(cls), key=lambda f: cls.__mro__.index(owner[f.name])):
+        if f.name in skip or not f.init:
             continue
+        if owner[f.name] not in groups:
+            k = owner[f.name]
+            doc = (k.__doc__ or "").strip().split("\n")[0] if k is not cls else ""
+            groups[k] = parser.add_argument_group(doc.rstrip(".") if doc and not doc.startswith(k.__name__ + "(")
+                                                  else (title if k is cls and title else k.__name__))
+        group = groups[owner[f.name]]
         tp, is_list = _base_type(hints[f.name])
-        flag = "--" + f.name.replace("_", "-")
-        default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
-        help_text = f.metadata.get("help", "").replace("%", "%%") + " (default: %(default)s)"  # argparse formats help
+        meta = {k: v for k, v in f.metadata.items() if k != "help"}
+        flags = meta.pop("flags", None)
+        if flags is None:
+            flags = ["--" + f.name.replace("_", "-")]
+        if f.default is not dataclasses.MISSING:
+            default = f.default
+        elif f.default_factory is not dataclasses.MISSING:
+            default = f.default_factory()
+        else:
+            default = None
+        required = f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING
+        help_text = f.metadata.get("help", "").replace("%", "%%")  # argparse formats help
+        if default is not None and not required:
+            help_text += " (default: %(default)s)"
+        kw: dict[str, Any] = {"help": help_text}
+        if flags:
+            kw.update(dest=f.name, default=default)
+            if required:
+                kw["required"] = True
         hinted = [a for a in typing.get_args(hints[f.name]) if a is not type(None)]
         if bool in hinted and str in hinted:  # e.g. resume: bare flag = True, or a value (a path)
-            group.add_argument(flag, dest=f.name, nargs="?", const=True, default=default, help=help_text)
+            kw.update(nargs="?", const=True)
         elif tp is bool:
-            group.add_argument(flag, dest=f.name, action=argparse.BooleanOptionalAction, default=default, help=help_text)
+            kw.update(action=argparse.BooleanOptionalAction)
+        elif meta.get("action") == "append":
+            kw.update(type=tp)
         else:
-            group.add_argument(flag, dest=f.name, type=tp, nargs="+" if is_list else None, default=default,
-                               help=help_text)
+            kw.update(type=tp, nargs="+" if is_list else None)
+        kw.update(meta)
+        if not flags:
+            kw.pop("dest", None)
+            group.add_argument(f.name, **{k: v for k, v in kw.items() if v is not None})
+        else:
+            group.add_argument(*flags, **{k: v for k, v in kw.items() if v is not None or k == "default"})
 
 
-def config_from_args(args: argparse.Namespace, cls=TrainConfig):
-    names = {f.name for f in dataclasses.fields(cls)}
-    return cls(**{k: v for k, v in vars(args).items() if k in names})
+def config_from_args(args: argparse.Namespace, cls=TrainConfig, **extra):
+    """``cls`` from the parsed flags of its fields (and ``extra`` values for fields that are not flags)."""
+    names = {f.name for f in dataclasses.fields(cls) if f.init}
+    return cls(**{k: v for k, v in vars(args).items() if k in names and k not in extra}, **extra)
