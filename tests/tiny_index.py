@@ -44,6 +44,16 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+def _die_with_parent() -> None:
+    """In the child: on Linux, get SIGTERM when the test process dies, so that no server outlives a
+    killed test run."""
+    if sys.platform.startswith("linux"):
+        import ctypes
+        import signal
+
+        ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGTERM)  # 1 = PR_SET_PDEATHSIG
+
+
 def start_server(index_dir: "Path | None", log_path: Path, *extra: str, startup_s: float = 120,
                  env: dict | None = None) -> tuple[subprocess.Popen, str]:
     """``llara serve`` on a free loopback port in its own process (``index_dir`` None: give ``--model``
@@ -56,7 +66,7 @@ def start_server(index_dir: "Path | None", log_path: Path, *extra: str, startup_
     where = ["--index", str(index_dir)] if index_dir is not None else []
     with open(log_path, "wb") as log:
         server = subprocess.Popen([sys.executable, "-m", "llara.cli", "serve", *where, "--port", str(port), *extra],
-                                  env=env, stdout=log, stderr=subprocess.STDOUT)
+                                  env=env, stdout=log, stderr=subprocess.STDOUT, preexec_fn=_die_with_parent)
     url = f"http://127.0.0.1:{port}"
     deadline = time.monotonic() + startup_s
     while True:
