@@ -183,6 +183,9 @@ def cmd_serve(args) -> int:
 
     try:
         embeddings_only = args.model and not args.index and args.backend == "faiss"
+        if not (args.index or args.model or args.backend != "faiss"):
+            return fail(ValueError("give --index DIR (search and embeddings), --model to serve embeddings only, "
+                                   "or --backend qdrant --uri URI"))
         run(None if embeddings_only else index_location(args), backend=args.backend, collection=args.collection,
             host=args.host, port=args.port, device=args.device, params=args.faiss_params, runtime=args.runtime,
             max_batch=args.max_batch, max_wait_ms=args.max_wait_ms, max_k=args.max_k,

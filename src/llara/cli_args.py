@@ -313,7 +313,8 @@ def build_parser(commands: Mapping[str, Callable]) -> argparse.ArgumentParser:
                    help="FAISS run-time parameters, e.g. nprobe=32; Qdrant: exact=1 or hnsw_ef=128")
     p.add_argument("--runtime", default=None, choices=["torch", "onnx-int8"],
                    help="forward pass for the queries (default: the one the index was built with)")
-    p.add_argument("--max-batch", type=int, default=32, help="queries per encoder call (default: %(default)s)")
+    p.add_argument("--max-batch", type=int, default=32,
+                   help="texts (search queries and embedding inputs) per micro-batch (default: %(default)s)")
     p.add_argument("--max-wait-ms", type=float, default=50.0,
                    help="how long a free encoder may wait for the clients it expects back (those answered by "
                         "its last batch) before it runs a batch; one client never waits (default: %(default)s)")

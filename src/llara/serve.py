@@ -637,8 +637,8 @@ class Service:
             self.app = self.build(self.load())
             self.metrics.ready.set(1)
             log.info("ready after %.1f s", time.perf_counter() - t0)
-        except BaseException as e:  # reported by run(), which stops the server
-            log.error("loading failed: %s", e)
+        except BaseException as e:  # reported by run() once the server has stopped
+            log.debug("loading failed", exc_info=True)
             self.error = e
             self.on_error()
         finally:
