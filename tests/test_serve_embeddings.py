@@ -218,7 +218,8 @@ def test_metrics_count_requests_batches_and_encoder_time(searcher):
     assert m[(req, (("method", "GET"), ("route", "other"), ("status", "404")))] == 1
     assert m[("llara_http_request_duration_seconds_count", (("method", "POST"), ("route", "/v1/embeddings")))] == 4
     assert m[("llara_batch_texts_count", ())] == 4 and m[("llara_batch_texts_sum", ())] == 3 * 3 + 1
-    tokens = sum(token_counts(searcher.encoder, QUERIES, "query")) * 3 + token_counts(searcher.encoder, ["fish"], "query")[0]
+    enc = searcher.encoder
+    tokens = sum(token_counts(enc, QUERIES, "query")) * 3 + token_counts(enc, ["fish"], "query")[0]
     assert m[("llara_batch_tokens_sum", ())] == tokens
     assert m[("llara_encoder_duration_seconds_count", ())] == 4 and m[("llara_encoder_duration_seconds_sum", ())] > 0
     assert m[("llara_queue_depth", ())] == 0 and m[("llara_queue_limit", ())] == 256 and m[("llara_ready", ())] == 1
@@ -234,17 +235,21 @@ def test_api_key(searcher):
     app = create_app(searcher, model_name=MODEL, api_key="s3cret", max_body_bytes=100)
     ok = {"Authorization": "Bearer s3cret"}
     with TestClient(app) as c:
-        for headers in ({}, {"Authorization": "Bearer wrong"}, {"Authorization": "Basic s3cret"}, {"Authorization": "s3cret"}):
+        for auth in (None, "Bearer wrong", "Basic s3cret", "s3cret", "Bearer s3cret2", "Bearer  "):
+            headers = {"Authorization": auth} if auth else {}
             for r in (c.post("/v1/embeddings", json={"model": MODEL, "input": "a"}, headers=headers),
                       c.post("/search", json={"query": "a"}, headers=headers), c.get("/info", headers=headers),
                       c.get("/v1/models", headers=headers)):
                 assert r.status_code == 401 and r.headers["www-authenticate"] == "Bearer", r.text
-        assert c.post("/v1/embeddings", json={"model": MODEL, "input": "a"}).json()["error"]["code"] == "invalid_api_key"
-        assert c.post("/search", json={"query": "a"}).json() == {"error": "missing API key: send Authorization: Bearer <key>"}
+        r = c.post("/v1/embeddings", json={"model": MODEL, "input": "a"})
+        assert r.json()["error"]["code"] == "invalid_api_key"
+        r = c.post("/search", json={"query": "a"})
+        assert r.json() == {"error": "missing API key: send Authorization: Bearer <key>"}
         # the key is checked before the body is read: no 413 for an oversized body without it
         assert c.post("/search", content=b"x" * 1000, headers={"content-type": "application/json"}).status_code == 401
         assert c.post("/v1/embeddings", json={"model": MODEL, "input": "a"}, headers=ok).status_code == 200
         assert c.post("/search", json={"query": "a"}, headers=ok).status_code == 200
+        assert c.get("/info", headers={"Authorization": "bearer s3cret"}).status_code == 200  # scheme: any case
         assert c.get("/v1/models", headers=ok).status_code == 200
         for path in ("/health", "/ready", "/metrics", "/openapi.json"):
             assert c.get(path).status_code == 200, path

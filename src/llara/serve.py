@@ -425,9 +425,9 @@ def create_app(
     from . import __version__
     from .serve_limits import BearerAuth, RequestGuard
     from .serve_metrics import CONTENT_TYPE_LATEST, Metrics, MetricsMiddleware
-    from .serve_schema import (DEFAULT_INPUT_TYPE, SEARCH_RESPONSE, EmbeddingsResponse, Health, Info,
-                               ModelCard, ModelList, OpenAIErrorBody, Ready, embeddings_request_model, error_json, error_responses,
-                               input_type_doc, is_openai_path, request_model)
+    from .serve_schema import (DEFAULT_INPUT_TYPE, SEARCH_RESPONSE, EmbeddingsResponse, Health, Info, ModelCard,
+                               ModelList, OpenAIErrorBody, Ready, embeddings_request_model, error_json,
+                               error_responses, input_type_doc, is_openai_path, request_model)
 
     if searcher is None and encoder is None:
         raise ValueError("give a searcher, an encoder, or both")
