@@ -60,6 +60,30 @@ def test_schema_declares_errors_with_their_real_body(client):
         assert set(r.json()) == {"error"} and r.headers["content-type"] == "application/json", r.text
 
 
+def test_every_error_declares_its_routes_body(client):
+    """Errors under /v1 are OpenAI's shape, the others llara's; the schema says which."""
+    spec = client.get("/openapi.json").json()
+    openai_ref = {"$ref": "#/components/schemas/OpenAIErrorBody"}
+    for path, ops in spec["paths"].items():
+        for method, op in ops.items():
+            for code, resp in op["responses"].items():
+                if code.startswith(("4", "5")):
+                    want = openai_ref if path.startswith("/v1/") else ERROR_REF
+                    assert resp["content"]["application/json"]["schema"] == want, (method, path, code)
+    emb = spec["paths"]["/v1/embeddings"]["post"]["responses"]
+    assert {"404", "422", "429", "503"} <= set(emb) and "Retry-After" in emb["429"]["headers"]
+    assert set(spec["paths"]["/ready"]["get"]["responses"]) == {"200", "503"}
+    assert "text/plain" in spec["paths"]["/metrics"]["get"]["responses"]["200"]["content"]
+    req = spec["components"]["schemas"]["EmbeddingsRequest"]
+    assert req["additionalProperties"] is False and req["required"] == ["input", "model"]
+    assert req["properties"]["input_type"]["default"] == "passage"
+    assert "vectors stored under the wrong side" in req["properties"]["input_type"]["description"]
+    for r in (client.post("/v1/embeddings", content=b"{", headers={"content-type": "application/json"}),
+              client.post("/v1/embeddings", json={"model": "m"}), client.get("/v1/embeddings"),
+              client.get("/v1/models/nope")):
+        assert set(r.json()["error"]) == {"message", "type", "param", "code"}, r.text
+
+
 def test_schema_states_the_request_constraints(client):
     spec = client.get("/openapi.json").json()
     req = spec["components"]["schemas"]["SearchRequest"]
