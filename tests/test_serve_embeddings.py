@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import json
 import threading
 
 import numpy as np
@@ -19,6 +20,7 @@ pytest.importorskip("prometheus_client", reason="the serve extra: pip install -e
 from fastapi.testclient import TestClient  # noqa: E402
 from prometheus_client.parser import text_string_to_metric_families  # noqa: E402
 
+from llara.io import passage_text  # noqa: E402
 from llara.modeling.encoder import Encoder  # noqa: E402
 from llara.retrieval.index import build_index, open_index  # noqa: E402
 from llara.retrieval.searcher import Hit, Searcher  # noqa: E402
@@ -41,7 +43,9 @@ def searcher(tmp_path_factory):
     corpus = write_corpus(root / "corpus.jsonl", n=20)
     index = build_index(llara_encoder(), corpus, root / "index", model_spec=str(save_model(root / "model")),
                         shard_size=8)
-    return Searcher(llara_encoder(), open_index(index))
+    searcher = Searcher(llara_encoder(), open_index(index))
+    searcher.corpus_path = corpus  # for the tests' own reference
+    return searcher
 
 
 @pytest.fixture(scope="module")
@@ -98,6 +102,12 @@ def test_search_scores_with_the_same_query_vectors(client, searcher):
     stored = searcher.index.embeddings()
     for h in hits:
         assert h["score"] == pytest.approx(float(stored[rows[h["doc_id"]]] @ q), abs=1e-5)
+
+
+def test_a_document_gets_the_vector_stored_in_the_index(client, searcher):
+    corpus = [json.loads(line) for line in open(searcher.corpus_path, encoding="utf-8")]
+    got = vectors(embed(client, [passage_text(d) for d in corpus[:5]], input_type="passage"))
+    np.testing.assert_allclose(got, searcher.index.embeddings()[:5], atol=1e-5)
 
 
 def test_usage_counts_the_tokens_the_model_runs(client, searcher):
