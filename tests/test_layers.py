@@ -25,8 +25,8 @@ LAYERS: list[tuple[str, ...]] = [
     ("llara.retrieval",),
     ("llara.evaluation",),
     ("llara.interop",),
-    ("llara.serve", "llara.serve_limits", "llara.serve_schema", "llara.demo", "llara.recipe", "llara.loadtest",
-     "llara.console", "llara.cli_args", "llara.cli"),
+    ("llara.serve", "llara.serve_limits", "llara.serve_metrics", "llara.serve_schema", "llara.demo", "llara.recipe",
+     "llara.loadtest", "llara.console", "llara.cli_args", "llara.cli"),
 ]
 
 

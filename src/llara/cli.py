@@ -183,12 +183,17 @@ def cmd_serve(args) -> int:
     from .serve import run
 
     try:
-        run(index_location(args), backend=args.backend, collection=args.collection,
+        embeddings_only = args.model and not args.index and args.backend == "faiss"
+        if not (args.index or args.model or args.backend != "faiss"):
+            return fail(ValueError("give --index DIR (search and embeddings), --model to serve embeddings only, "
+                                   "or --backend qdrant --uri URI"))
+        run(None if embeddings_only else index_location(args), backend=args.backend, collection=args.collection,
             host=args.host, port=args.port, device=args.device, params=args.faiss_params, runtime=args.runtime,
             max_batch=args.max_batch, max_wait_ms=args.max_wait_ms, max_k=args.max_k,
             max_query_chars=args.max_query_chars, max_body_bytes=args.max_body_bytes, verify=args.verify,
             max_pending=args.max_pending, head_timeout=args.head_timeout, body_timeout=args.body_timeout,
-            keep_alive=args.keep_alive)
+            keep_alive=args.keep_alive, model=args.model, max_inputs=args.max_inputs, model_name=args.model_name,
+            default_input_type=args.default_input_type, api_key=args.api_key)
     except ValueError as e:
         return fail(e)
     return 0

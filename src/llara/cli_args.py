@@ -307,8 +307,12 @@ def build_parser(commands: Mapping[str, Callable]) -> argparse.ArgumentParser:
     p.add_argument("--json", action="store_true", help="print what was checked as one JSON object")
     p.set_defaults(func=commands["check-index"])
 
-    p = sub.add_parser("serve", help="HTTP search service over an index (POST /search, GET /health, GET /info)")
+    p = sub.add_parser("serve", help="HTTP search and OpenAI-compatible embedding service over an index (POST "
+                                      "/search, POST /v1/embeddings, GET /v1/models, /health, /ready, /metrics, /info)")
     p.add_argument("--index", help="index directory (FAISS backend)")
+    p.add_argument("--model", default=None,
+                   help="the model to load (default: the one the index's manifest names); without an index: "
+                        "serve embeddings only (POST /v1/embeddings), no /search")
     add_backend_args(p)
     p.add_argument("--host", default="127.0.0.1", help="bind address (default: loopback only)")
     p.add_argument("--port", type=port_arg, default=8000)
@@ -317,7 +321,8 @@ def build_parser(commands: Mapping[str, Callable]) -> argparse.ArgumentParser:
                    help="FAISS run-time parameters, e.g. nprobe=32; Qdrant: exact=1 or hnsw_ef=128")
     p.add_argument("--runtime", default=None, choices=["torch", "onnx-int8"],
                    help="forward pass for the queries (default: the one the index was built with)")
-    p.add_argument("--max-batch", type=int, default=32, help="queries per encoder call (default: %(default)s)")
+    p.add_argument("--max-batch", type=int, default=32,
+                   help="texts (search queries and embedding inputs) per micro-batch (default: %(default)s)")
     p.add_argument("--max-wait-ms", type=float, default=50.0,
                    help="how long a free encoder may wait for the clients it expects back (those answered by "
                         "its last batch) before it runs a batch; one client never waits (default: %(default)s)")
@@ -325,8 +330,20 @@ def build_parser(commands: Mapping[str, Callable]) -> argparse.ArgumentParser:
     p.add_argument("--max-query-chars", type=int, default=2048)
     p.add_argument("--max-body-bytes", type=int, default=1 << 20)
     p.add_argument("--max-pending", type=int, default=None,
-                   help="queries waiting for the encoder before new requests get 503 + Retry-After "
+                   help="queries and texts waiting for the encoder before new requests get 429 + Retry-After "
                         "(default: 8 x --max-batch)")
+    p.add_argument("--max-inputs", type=int, default=None,
+                   help="texts per POST /v1/embeddings request (default: --max-pending)")
+    p.add_argument("--model-name", default=None,
+                   help="the model name /v1/embeddings expects and /v1/models lists (default: the model's id, "
+                        "e.g. its directory name)")
+    p.add_argument("--default-input-type", choices=["query", "passage"], default=None,
+                   help="the side /v1/embeddings embeds when a request has no input_type (default: passage, "
+                        "what clients unaware of the field usually send: documents to index)")
+    p.add_argument("--api-key", default=None,
+                   help="require 'Authorization: Bearer KEY' on every route but /health, /ready, /metrics and "
+                        "the schema (default: $LLARA_API_KEY; none: no authentication). Prefer the environment "
+                        "variable: a flag shows in the process list")
     p.add_argument("--head-timeout", type=float, default=10.0,
                    help="seconds a connection has to send a complete request head (default: %(default)s)")
     p.add_argument("--body-timeout", type=float, default=10.0,
