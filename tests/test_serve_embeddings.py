@@ -22,7 +22,8 @@ from prometheus_client.parser import text_string_to_metric_families  # noqa: E40
 
 from llara.io import passage_text  # noqa: E402
 from llara.modeling.encoder import Encoder  # noqa: E402
-from llara.retrieval.index import build_index, open_index  # noqa: E402
+from llara.retrieval.index import build_index  # noqa: E402
+from llara.retrieval.store import open_index  # noqa: E402
 from llara.retrieval.searcher import Hit, Searcher  # noqa: E402
 from llara.serve import ROUTES, Service, create_app, route_of, token_counts  # noqa: E402
 from llara.serve_metrics import Metrics, MetricsMiddleware  # noqa: E402
