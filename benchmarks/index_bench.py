@@ -136,7 +136,7 @@ def serving(index_dir: Path, threads: int, serve_args: Sequence[str] = ()):
             if server.poll() is not None:
                 raise RuntimeError(f"server exited with {server.returncode}")
             try:
-                if httpx.get(f"{url}/health", timeout=1).status_code == 200:
+                if httpx.get(f"{url}/ready", timeout=1).status_code == 200:
                     break
             except httpx.HTTPError:
                 pass

@@ -33,7 +33,7 @@ from zero_shot import DATA, RESULTS, ROOT
 RUNS = ROOT / "runs" / "bench" / "serve"
 QUERIES = DATA / "adi" / "queries.jsonl"
 RUNTIMES = ("bf16", "int8")
-# one-by-one gets the queue that batching has by default (8 x 32), so that neither answers 503 under load
+# one-by-one gets the queue that batching has by default (8 x 32), so that neither answers 429 under load
 POLICIES = {"batching": [], "one-by-one": ["--max-batch", "1", "--max-pending", "256"]}
 OUT_JSON = RESULTS / "serve_curve.json"
 

@@ -55,7 +55,9 @@ def test_quick_tour_runs_as_written(tmp_path):
             out = r.stdout
             assert "nDCG@10, side by side" in out and "indexed 1033 passages" in out
             assert "lung cancer in smokers" in out  # the search's table title
-            assert out.rstrip().endswith("}") and '"hits"' in out.splitlines()[-1]  # the service answered
+            lines = out.rstrip().splitlines()
+            assert lines[-2].endswith("}") and '"hits"' in lines[-2]  # the service answered /search
+            assert lines[-1].startswith('{"object":"list"') and '"embedding":' in lines[-1]  # and /v1/embeddings
         else:
             lines = r.stdout.splitlines()
             assert len(lines) >= 4 and lines[0].split()[1].isdigit()  # score, doc id, title of 3 hits; q @ d.T

@@ -150,7 +150,7 @@ def test_load_from_a_second_process(index_dir, tmp_path):
         while True:
             assert server.poll() is None, (tmp_path / "server.log").read_text()
             try:
-                if httpx.get(f"{url}/health", timeout=1).status_code == 200:
+                if httpx.get(f"{url}/ready", timeout=1).status_code == 200:
                     break
             except httpx.HTTPError:
                 pass

@@ -1,7 +1,7 @@
 """The service's OpenAPI schema is its contract: declared errors with their real body, request
-constraints in the schema, 405 for wrong methods, 503 + Retry-After only when the encoder is
-saturated; and schemathesis, driven from the schema against a real uvicorn server on loopback,
-finds no violation with all of its checks."""
+constraints in the schema, 405 for wrong methods, 429 + Retry-After only when the encoder is
+saturated (503 means not ready); and schemathesis, driven from the schema against a real uvicorn
+server on loopback, finds no violation with all of its checks, on every route."""
 from __future__ import annotations
 
 import asyncio
@@ -44,10 +44,11 @@ def client(index_dir):
 def test_schema_declares_errors_with_their_real_body(client):
     spec = client.get("/openapi.json").json()
     search = spec["paths"]["/search"]["post"]["responses"]
-    assert set(search) == {"200", "400", "408", "413", "415", "422", "500", "503"}
+    assert set(search) == {"200", "400", "408", "413", "415", "422", "429", "500", "503"}
     for code, resp in search.items():
         if code != "200":
             assert resp["content"]["application/json"]["schema"] == ERROR_REF, code
+    assert search["429"]["headers"]["Retry-After"]["schema"]["type"] == "integer"
     assert search["503"]["headers"]["Retry-After"]["schema"]["type"] == "integer"
     assert {r["$ref"].rsplit("/", 1)[1] for r in search["200"]["content"]["application/json"]["schema"]["anyOf"]} \
         == {"SearchResponse", "BatchSearchResponse"}
@@ -58,6 +59,30 @@ def test_schema_declares_errors_with_their_real_body(client):
               client.post("/search", json={"k": 3}), client.post("/search", content=b"x"),
               client.post("/health"), client.get("/nope"), client.delete("/search")):
         assert set(r.json()) == {"error"} and r.headers["content-type"] == "application/json", r.text
+
+
+def test_every_error_declares_its_routes_body(client):
+    """Errors under /v1 are OpenAI's shape, the others llara's; the schema says which."""
+    spec = client.get("/openapi.json").json()
+    openai_ref = {"$ref": "#/components/schemas/OpenAIErrorBody"}
+    for path, ops in spec["paths"].items():
+        for method, op in ops.items():
+            for code, resp in op["responses"].items():
+                if code.startswith(("4", "5")):
+                    want = openai_ref if path.startswith("/v1/") else ERROR_REF
+                    assert resp["content"]["application/json"]["schema"] == want, (method, path, code)
+    emb = spec["paths"]["/v1/embeddings"]["post"]["responses"]
+    assert {"404", "422", "429", "503"} <= set(emb) and "Retry-After" in emb["429"]["headers"]
+    assert set(spec["paths"]["/ready"]["get"]["responses"]) == {"200", "503"}
+    assert "text/plain" in spec["paths"]["/metrics"]["get"]["responses"]["200"]["content"]
+    req = spec["components"]["schemas"]["EmbeddingsRequest"]
+    assert req["additionalProperties"] is False and req["required"] == ["input", "model"]
+    assert req["properties"]["input_type"]["default"] == "passage"
+    assert "vectors stored under the wrong side" in req["properties"]["input_type"]["description"]
+    for r in (client.post("/v1/embeddings", content=b"{", headers={"content-type": "application/json"}),
+              client.post("/v1/embeddings", json={"model": "m"}), client.get("/v1/embeddings"),
+              client.get("/v1/models/nope")):
+        assert set(r.json()["error"]) == {"message", "type", "param", "code"}, r.text
 
 
 def test_schema_states_the_request_constraints(client):
@@ -103,7 +128,7 @@ class _BlockedSearcher:
         return mode or "dense", None
 
 
-def test_503_with_retry_after_only_when_the_encoder_queue_is_full():
+def test_429_with_retry_after_only_when_the_encoder_queue_is_full():
     searcher = _BlockedSearcher()
     app = create_app(searcher, max_batch=2, max_pending=4, max_wait_ms=0)
 
@@ -123,9 +148,9 @@ def test_503_with_retry_after_only_when_the_encoder_queue_is_full():
 
     rejected, responses, info = asyncio.run(go())
     assert len(rejected) == 6 and info["limits"]["max_pending"] == 4
-    assert all(r.status_code == 503 and int(r.headers["retry-after"]) >= 1 and "saturated" in r.json()["error"]
+    assert all(r.status_code == 429 and int(r.headers["retry-after"]) >= 1 and "saturated" in r.json()["error"]
                for r in rejected)
-    assert sorted(r.status_code for r in responses) == [200] * 4 + [503] * 6
+    assert sorted(r.status_code for r in responses) == [200] * 4 + [429] * 6
 
 
 def test_body_deadline_answers_408(caplog):
@@ -169,6 +194,6 @@ def test_schemathesis_finds_no_violation(index_dir, tmp_path):
         server.wait(timeout=10)
     report = out.stdout + out.stderr
     assert out.returncode == 0, report
-    assert "3 selected / 3 total" in report and "No issues found" in report, report
+    assert "8 selected / 8 total" in report and "No issues found" in report, report
     generated = re.search(r"(\d+) generated, \1 passed", report)
     assert generated and int(generated.group(1)) >= SCHEMATHESIS_EXAMPLES, report

@@ -44,26 +44,42 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def start_server(index_dir: Path, log_path: Path, *extra: str, startup_s: float = 120) -> tuple[subprocess.Popen, str]:
-    """``llara serve`` on a free loopback port in its own process; returns (process, base url) once
-    /health answers. The caller terminates it."""
+def _die_with_parent() -> None:
+    """In the child: on Linux, get SIGTERM when the test process dies, so that no server outlives a
+    killed test run."""
+    if sys.platform.startswith("linux"):
+        import ctypes
+        import signal
+
+        ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGTERM)  # 1 = PR_SET_PDEATHSIG
+
+
+def start_server(index_dir: "Path | None", log_path: Path, *extra: str, startup_s: float = 120,
+                 env: dict | None = None) -> tuple[subprocess.Popen, str]:
+    """``llara serve`` on a free loopback port in its own process (``index_dir`` None: give ``--model``
+    in ``extra``); returns (process, base url) once /ready answers 200. The caller terminates it.
+    ``env``: more environment variables for the server."""
     import httpx
 
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1", **(env or {})}
     port = free_port()
+    where = ["--index", str(index_dir)] if index_dir is not None else []
     with open(log_path, "wb") as log:
-        server = subprocess.Popen([sys.executable, "-m", "llara.cli", "serve", "--index", str(index_dir),
-                                   "--port", str(port), *extra], env=env, stdout=log, stderr=subprocess.STDOUT)
+        server = subprocess.Popen([sys.executable, "-m", "llara.cli", "serve", *where, "--port", str(port), *extra],
+                                  env=env, stdout=log, stderr=subprocess.STDOUT, preexec_fn=_die_with_parent)
     url = f"http://127.0.0.1:{port}"
     deadline = time.monotonic() + startup_s
     while True:
         assert server.poll() is None, Path(log_path).read_text()
         try:
-            if httpx.get(f"{url}/health", timeout=1).status_code == 200:
+            if httpx.get(f"{url}/ready", timeout=1).status_code == 200:
                 return server, url
         except httpx.HTTPError:
             pass
-        assert time.monotonic() < deadline, f"server did not start in {startup_s} s"
+        if time.monotonic() > deadline:
+            server.terminate()
+            server.wait(timeout=10)
+            raise AssertionError(f"server did not start in {startup_s} s: {Path(log_path).read_text()}")
         time.sleep(0.2)
 
 

@@ -34,7 +34,8 @@ COMMANDS: dict[str, tuple] = {
     "search": ("search an index with the model recorded in it", c.SearchConfig),
     "check-index": ("check an index against its manifest: sizes, line counts, .npy headers and the id/title files' "
                     "sha256 (--full: every file's sha256)", c.CheckIndexConfig),
-    "serve": ("HTTP search service over an index (POST /search, GET /health, GET /info)", c.ServeConfig),
+    "serve": ("HTTP search and OpenAI-compatible embedding service over an index (POST /search, POST /v1/embeddings, "
+              "GET /v1/models, /health, /ready, /metrics, /info)", c.ServeConfig),
     "loadtest": ("bounded load test of a running 'llara serve': statuses, requests/s, latency percentiles, server "
                  "memory (one JSON line on stdout)", None),
 }

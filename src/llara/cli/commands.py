@@ -148,7 +148,9 @@ def cmd_serve(args) -> int:
         device=cfg.device, params=cfg.faiss_params, runtime=cfg.runtime, max_batch=cfg.max_batch,
         max_wait_ms=cfg.max_wait_ms, max_k=cfg.max_k, max_query_chars=cfg.max_query_chars,
         max_body_bytes=cfg.max_body_bytes, verify=cfg.verify, max_pending=cfg.max_pending,
-        head_timeout=cfg.head_timeout, body_timeout=cfg.body_timeout, keep_alive=cfg.keep_alive)
+        head_timeout=cfg.head_timeout, body_timeout=cfg.body_timeout, keep_alive=cfg.keep_alive, model=cfg.model,
+        max_inputs=cfg.max_inputs, model_name=cfg.model_name, default_input_type=cfg.default_input_type,
+        api_key=cfg.api_key)
     return 0
 
 

@@ -214,18 +214,24 @@ class IndexLocation(BackendOptions):
     """The index searched."""
 
     index: str | None = option(None, "index directory (FAISS backend)")
+    no_index = "give --index DIR (or --backend qdrant --uri URI)"  # the error without one (not a flag)
 
     def __post_init__(self) -> None:
         super().__post_init__()
-        if self.backend == "faiss":
-            if not self.index:
-                raise ValueError("give --index DIR (or --backend qdrant --uri URI)")
+        if self.backend != "faiss":
+            if not self.uri:
+                raise ValueError(f"--backend {self.backend} needs --uri (a server URL or a local directory)")
+        elif self.index:
             check_index_dir(self.index)
-        elif not self.uri:
-            raise ValueError(f"--backend {self.backend} needs --uri (a server URL or a local directory)")
+        elif self.needs_index:
+            raise ValueError(self.no_index)
 
     @property
-    def location(self) -> str:
+    def needs_index(self) -> bool:
+        return True
+
+    @property
+    def location(self) -> str | None:
         return self.index if self.backend == "faiss" else self.uri
 
 
@@ -373,8 +379,12 @@ class CheckIndexConfig(Checked):
 
 @dataclass(kw_only=True)
 class ServeConfig(IndexLocation):
-    """``llara serve``: the HTTP search service over an index (loopback by default)."""
+    """``llara serve``: the HTTP search and embedding service over an index (loopback by default)."""
 
+    no_index = ("give --index DIR (search and embeddings), --model to serve embeddings only, or --backend qdrant "
+                "--uri URI")
+    model: str | None = option(None, "the model to load (default: the one the index's manifest names); without an "
+                                     "index: serve embeddings only (POST /v1/embeddings), no /search")
     host: str = option("127.0.0.1", "bind address (default: loopback only)")
     port: int = option(8000, "TCP port; 0: any free one")
     device: str | None = option(None, "cpu, cuda ... (default: cuda if available)")
@@ -382,14 +392,23 @@ class ServeConfig(IndexLocation):
                                             "hnsw_ef=128", flags=("--faiss-params", "--search-params"))
     runtime: str | None = option(None, "forward pass for the queries (default: the one the index was built with)",
                                  choices=RUNTIMES)
-    max_batch: int = option(32, "queries per encoder call")
+    max_batch: int = option(32, "texts (search queries and embedding inputs) per micro-batch")
     max_wait_ms: float = option(50.0, "how long a free encoder may wait for the clients it expects back (those "
                                       "answered by its last batch) before it runs a batch; one client never waits")
     max_k: int = option(1000, "largest k a request may ask for")
     max_query_chars: int = option(2048, "longest query, in characters")
     max_body_bytes: int = option(1 << 20, "largest request body")
-    max_pending: int | None = option(None, "queries waiting for the encoder before new requests get 503 + "
+    max_pending: int | None = option(None, "queries and texts waiting for the encoder before new requests get 429 + "
                                            "Retry-After (default: 8 x --max-batch)")
+    max_inputs: int | None = option(None, "texts per POST /v1/embeddings request (default: --max-pending)")
+    model_name: str | None = option(None, "the model name /v1/embeddings expects and /v1/models lists (default: the "
+                                          "model's id, e.g. its directory name)")
+    default_input_type: str | None = option(None, "the side /v1/embeddings embeds when a request has no input_type "
+                                                  "(default: passage, what clients unaware of the field usually "
+                                                  "send: documents to index)", choices=("query", "passage"))
+    api_key: str | None = option(None, "require 'Authorization: Bearer KEY' on every route but /health, /ready, "
+                                       "/metrics and the schema (default: $LLARA_API_KEY; none: no authentication). "
+                                       "Prefer the environment variable: a flag shows in the process list")
     head_timeout: float = option(10.0, "seconds a connection has to send a complete request head")
     body_timeout: float = option(10.0, "seconds a request has to send its whole body, else 408")
     keep_alive: int = option(5, "seconds an idle connection stays open after a response")
@@ -400,7 +419,12 @@ class ServeConfig(IndexLocation):
         if not 0 <= self.port <= 65535:
             raise ValueError(f"--port must be 0-65535, got {self.port}")
         positive(max_batch=self.max_batch, max_k=self.max_k, max_query_chars=self.max_query_chars,
-                 max_body_bytes=self.max_body_bytes, max_pending=self.max_pending, keep_alive=self.keep_alive)
+                 max_body_bytes=self.max_body_bytes, max_pending=self.max_pending, keep_alive=self.keep_alive,
+                 max_inputs=self.max_inputs)
+        if self.model is not None:
+            check_model(self.model)
+        if self.api_key is not None and not self.api_key.strip():
+            raise ValueError("the API key is empty (--api-key or $LLARA_API_KEY)")
         not_negative(max_wait_ms=self.max_wait_ms)
         for name in ("head_timeout", "body_timeout"):
             if not getattr(self, name) > 0:
@@ -408,6 +432,10 @@ class ServeConfig(IndexLocation):
         if self.max_pending is not None and self.max_pending < self.max_batch:
             raise ValueError(f"--max-pending ({self.max_pending}) must be >= --max-batch ({self.max_batch})")
         check_port_free(self.host, self.port)
+
+    @property
+    def needs_index(self) -> bool:
+        return self.model is None  # with --model alone: embeddings only
 
 
 @dataclass(kw_only=True)

@@ -1,10 +1,10 @@
-"""Micro-batching for the search service: concurrent requests share one encoder call.
+"""Micro-batching for the service: concurrent searches and embedding requests share one worker job.
 
-Each request puts its queries on an asyncio queue; a single worker collects them (see
-:class:`MicroBatcher` for the policy) and runs one ``searcher.search_requests`` call for all of them
-in a dedicated thread, so the event loop keeps accepting requests meanwhile. When ``max_pending``
-queries already wait, a new request is refused at once (:class:`Saturated`, answered 503 +
-``Retry-After`` by :mod:`llara.serve.app`).
+Each request puts its queries (or texts to embed) on an asyncio queue; a single worker collects them
+(see :class:`MicroBatcher` for the policy) and runs one job for all of them in a dedicated thread:
+``searcher.search_requests`` for the searches, ``encoder.encode`` once per side for the embeddings.
+When ``max_pending`` texts already wait, a new request is refused at once (:class:`Saturated`,
+answered 429 + ``Retry-After`` by :mod:`llara.serve.app`).
 """
 from __future__ import annotations
 
@@ -12,10 +12,14 @@ import asyncio
 import logging
 import math
 from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from typing import Any, Callable
+
+import numpy as np
 
 log = logging.getLogger(__name__)
 
-__all__ = ["MicroBatcher", "Saturated"]
+__all__ = ["Embedded", "Job", "MicroBatcher", "Saturated", "token_counts"]
 
 
 class Saturated(Exception):
@@ -26,40 +30,78 @@ class Saturated(Exception):
         self.retry_after = retry_after
 
 
+def token_counts(encoder, texts: list[str], side: str) -> list[int]:
+    """Tokens the model runs for each text: the text (cut to the side's maximum length) in its prompt,
+    as ``encoder.encode(texts, side)`` feeds them (read from its batches' attention masks)."""
+    counts = [0] * len(texts)
+    for rows, batch in encoder.batches(texts, side):
+        for r, n in zip(rows.tolist(), batch.attention_mask.sum(1).tolist()):
+            counts[r] = int(n)
+    return counts
+
+
+@dataclass(eq=False)
+class Job:
+    """One request's work: a search (``side`` None) or texts to embed on ``side``."""
+
+    texts: tuple[str, ...]
+    future: asyncio.Future
+    side: str | None = None
+    k: int = 0
+    mode: str | None = None
+    fusion: Any = None
+
+
+@dataclass
+class Embedded:
+    """The answer to an embedding job: (n, dim) float32 vectors and the tokens each text ran."""
+
+    vectors: np.ndarray
+    tokens: list[int] = field(default_factory=list)
+
+
 class MicroBatcher:
-    """Collect concurrent searches into one ``searcher.search_requests`` call, run in one worker thread.
+    """Collect concurrent searches and embedding requests into one worker job, run in one thread:
+    ``searcher.search_requests`` for all searches, ``encoder.encode`` once per side for the embeddings.
 
     Batching policy: when the worker is free it takes the oldest request, then keeps collecting
-    until the batch holds as many queries as are expected, or ``max_wait_ms`` have passed since it
-    started collecting, or ``max_batch`` is reached. Expected = the queries of the batch just
+    until the batch holds as many texts as are expected, or ``max_wait_ms`` have passed since it
+    started collecting, or ``max_batch`` is reached. Expected = the texts of the batch just
     answered (their clients tend to send again within milliseconds) plus those that queued while
     it ran. Counting the wait from when the *worker* is free, not from when the oldest request
     arrived, matters: requests that queued during a long encoder call have already used up their
     wait, and would otherwise leave at once without the clients just answered, so that two
-    half-size groups take turns on the encoder. One client never waits (expected = 1).
+    half-size groups take turns on the encoder. One client never waits (expected = 1). A request
+    is never split: one larger than ``max_batch`` runs as a batch of its own (the encoder batches
+    it internally).
 
-    At most ``max_pending`` queries (default: 8 batches) wait or run at once; beyond that
-    :meth:`search` raises :class:`Saturated` at once instead of queueing."""
+    At most ``max_pending`` texts (default: 8 batches) wait or run at once; beyond that
+    :meth:`search` and :meth:`embed` raise :class:`Saturated` at once instead of queueing.
+    ``searcher`` may be None (embeddings only); ``encoder`` defaults to ``searcher.encoder``."""
 
-    def __init__(self, searcher, max_batch: int, max_wait_ms: float, max_pending: int | None = None):
+    def __init__(self, searcher, max_batch: int, max_wait_ms: float, max_pending: int | None = None, *,
+                 encoder=None, metrics=None):
         if max_batch < 1:
             raise ValueError(f"max_batch must be >= 1, got {max_batch}")
         self.searcher = searcher
+        self.encoder = encoder if encoder is not None else getattr(searcher, "encoder", None)
+        self.metrics = metrics
         self.max_batch = max_batch
         self.max_wait = max(max_wait_ms, 0) / 1000
         self.max_pending = max_pending or 8 * max_batch
         if self.max_pending < max_batch:
             raise ValueError(f"max_pending ({self.max_pending}) must be >= max_batch ({max_batch})")
-        self.pending = 0  # queries admitted and not answered yet
-        self.batch_seconds: float | None = None  # moving average of one encoder call + search
+        self.pending = 0  # texts admitted and not answered yet
+        self.batch_seconds: float | None = None  # moving average of one worker job
         self.executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="llara-search")
         self.queue: asyncio.Queue | None = None
         self.arrived: asyncio.Event | None = None  # set on every new request
         self.task: asyncio.Task | None = None
-        self.batches = 0  # encoder calls so far
-        self.queries = 0  # queries answered so far
-        self.waiting = 0  # queries queued, not yet taken into a batch
-        self.expected = 1  # queries the next batch waits for (see the class docstring)
+        self.batches = 0  # worker jobs so far
+        self.queries = 0  # search queries answered so far
+        self.embedded = 0  # texts embedded so far
+        self.waiting = 0  # texts queued, not yet taken into a batch
+        self.expected = 1  # texts the next batch waits for (see the class docstring)
 
     def start(self) -> None:
         if self.task is None or self.task.done():
@@ -78,33 +120,46 @@ class MicroBatcher:
         self.executor.shutdown(wait=False, cancel_futures=True)
 
     def retry_after(self) -> int:
-        """Seconds until the queries now pending have likely been answered (at least 1)."""
+        """Seconds until the texts now pending have likely been answered (at least 1)."""
         batches = math.ceil(self.pending / self.max_batch)
         return max(1, math.ceil(batches * (self.batch_seconds or 1.0)))
 
     async def search(self, queries: list[str], k: int, mode: str | None = None, fusion=None):
-        if self.pending + len(queries) > self.max_pending:
+        """Hits for each query (``Searcher.search_requests`` of one request)."""
+        if self.searcher is None:
+            raise RuntimeError("this service has no index to search")
+        return await self._submit(tuple(queries), side=None, k=k, mode=mode, fusion=fusion)
+
+    async def embed(self, texts: list[str], side: str) -> Embedded:
+        """Vectors of ``texts`` on ``side`` (``query`` or ``passage``), as ``encoder.encode`` gives them."""
+        if self.encoder is None:
+            raise RuntimeError("this service has no encoder")
+        if side not in ("query", "passage"):
+            raise ValueError(f"side must be 'query' or 'passage', got {side!r}")
+        return await self._submit(tuple(texts), side=side)
+
+    async def _submit(self, texts: tuple[str, ...], **kw):
+        if self.pending + len(texts) > self.max_pending:
             raise Saturated(self.retry_after())
         self.start()
-        loop = asyncio.get_running_loop()
-        fut = loop.create_future()
-        self.pending += len(queries)
-        self.waiting += len(queries)
+        fut = asyncio.get_running_loop().create_future()
+        self.pending += len(texts)
+        self.waiting += len(texts)
         try:
-            await self.queue.put((queries, k, fut, loop.time(), mode, fusion))
+            await self.queue.put(Job(texts, fut, **kw))
             self.arrived.set()
             return await fut
         finally:
-            self.pending -= len(queries)
+            self.pending -= len(texts)
 
-    def _take(self, item: tuple) -> tuple:
-        self.waiting -= len(item[0])
-        return item
+    def _take(self, job: Job) -> Job:
+        self.waiting -= len(job.texts)
+        return job
 
-    async def _collect(self) -> list[tuple]:
+    async def _collect(self) -> list[Job]:
         loop = asyncio.get_running_loop()
         batch = [self._take(await self.queue.get())]
-        n = len(batch[0][0])
+        n = len(batch[0].texts)
         target = min(self.max_batch, max(self.expected, 1))
         deadline = loop.time() + self.max_wait
         while n < self.max_batch:
@@ -118,37 +173,88 @@ class MicroBatcher:
                 except asyncio.TimeoutError:
                     break
                 continue
-            item = self.queue.get_nowait()
-            batch.append(self._take(item))
-            n += len(item[0])
+            job = self.queue.get_nowait()
+            batch.append(self._take(job))
+            n += len(job.texts)
         return batch
 
     async def _work(self) -> None:
-        from ..retrieval.searcher import Request
-
         loop = asyncio.get_running_loop()
         while True:
-            batch = [b for b in await self._collect() if not b[2].done()]  # done = client went away
+            batch = [j for j in await self._collect() if not j.future.done()]  # done = client went away
             if not batch:
                 continue
-            queries = [q for b in batch for q in b[0]]
-            requests = [Request(tuple(qs), k, mode, fusion) for qs, k, _, _, mode, fusion in batch]
             t0 = loop.time()
             try:
-                hits = await loop.run_in_executor(self.executor, self.searcher.search_requests, requests)
-            except Exception as e:  # handed to every waiting request, which answers 500
-                log.exception("search failed for a batch of %d queries", len(queries))
-                for b in batch:
-                    if not b[2].done():
-                        b[2].set_exception(e)
-                continue
+                outcomes = await loop.run_in_executor(self.executor, self._run, batch)
+            except Exception as e:  # e.g. the executor was shut down; every waiting request answers 500
+                outcomes = [e] * len(batch)
             took = loop.time() - t0
             self.batch_seconds = took if self.batch_seconds is None else 0.8 * self.batch_seconds + 0.2 * took
             self.batches += 1
-            self.queries += len(queries)
-            self.expected = len(queries) + self.waiting
-            for b, h in zip(batch, hits):
-                if not b[2].done():
-                    b[2].set_result(h)
+            self.expected = sum(len(j.texts) for j in batch) + self.waiting
+            for job, out in zip(batch, outcomes):
+                if job.future.done():
+                    continue
+                if isinstance(out, Exception):  # handed to the waiting request, which answers 500
+                    job.future.set_exception(out)
+                else:
+                    job.future.set_result(out)
+                    if job.side is None:
+                        self.queries += len(job.texts)
+                    else:
+                        self.embedded += len(job.texts)
+
+    # ------------------------------------------------------------------ the worker thread
+    def _run(self, batch: list[Job]) -> list:
+        """One worker job: each job's answer, or the exception that stopped its group."""
+        out: list = [None] * len(batch)
+        tokens: list[int] = []
+        searches = [i for i, j in enumerate(batch) if j.side is None]
+        if searches:
+            from ..retrieval.searcher import Request
+
+            requests = [Request(batch[i].texts, batch[i].k, batch[i].mode, batch[i].fusion) for i in searches]
+            try:
+                hits = self._encoding(lambda: self.searcher.search_requests(requests), tokens)
+                for i, h in zip(searches, hits):
+                    out[i] = h
+            except Exception as e:
+                log.exception("search failed for a batch of %d queries", sum(len(batch[i].texts) for i in searches))
+                for i in searches:
+                    out[i] = e
+        for side in ("query", "passage"):
+            rows = [i for i, j in enumerate(batch) if j.side == side]
+            if not rows:
+                continue
+            texts = [t for i in rows for t in batch[i].texts]
+            try:
+                vectors = self._encoding(lambda: self.encoder.encode(texts, side), tokens)
+                counts = token_counts(self.encoder, texts, side)
+                at = 0
+                for i in rows:
+                    n = len(batch[i].texts)
+                    out[i] = Embedded(vectors[at:at + n], counts[at:at + n])
+                    at += n
+            except Exception as e:
+                log.exception("embedding failed for %d %s texts", len(texts), side)
+                for i in rows:
+                    out[i] = e
+        if self.metrics is not None:
+            self.metrics.batch_texts.observe(sum(len(j.texts) for j in batch))
+            if tokens:
+                self.metrics.batch_tokens.observe(sum(tokens))
+        return out
+
+    def _encoding(self, call: Callable, tokens: list[int]):
+        """``call()``; when it ran the encoder, its tokens go to ``tokens`` and its time to the metrics."""
+        before = getattr(self.encoder, "last_stats", None)
+        result = call()
+        stats = getattr(self.encoder, "last_stats", None)
+        if stats is not None and stats is not before:
+            tokens.append(stats.tokens)
+            if self.metrics is not None:
+                self.metrics.encoder_seconds.observe(stats.seconds)
+        return result
 
 

@@ -16,28 +16,63 @@ So the service keeps uvicorn and adds two small pieces:
   when the whole body has not arrived within ``body_timeout`` seconds of its head (a body shorter
   than its Content-Length). Other requests pass untouched: the router answers 404 or 405.
 
-Admission control (503 with ``Retry-After`` when the encoder's queue is full) lives with the
+* :class:`BearerAuth`: with ``--api-key``, every route but the probes, the metrics and the schema
+  needs ``Authorization: Bearer <key>`` (compared in constant time); it runs before the body is
+  read, so a client without the key cannot make the service read or buffer anything.
+
+Admission control (429 with ``Retry-After`` when the encoder's queue is full) lives with the
 micro-batcher in :mod:`llara.serve.batching`: it counts queries waiting for the encoder, never sockets.
-Every error body here has the service's one error shape, ``{"error": "<message>"}``.
+Error bodies have the service's error shape for the path (:func:`llara.serve.schema.error_json`):
+``{"error": "<message>"}``, or OpenAI's under ``/v1``.
 """
 from __future__ import annotations
 
 import asyncio
+import hmac
 import json
 import logging
 
+from .schema import error_json
+
 log = logging.getLogger(__name__)
 
-__all__ = ["RequestGuard", "head_deadline_protocol", "send_error"]
+__all__ = ["BearerAuth", "OPEN_PATHS", "RequestGuard", "head_deadline_protocol", "send_error"]
+
+OPEN_PATHS = frozenset({"/health", "/ready", "/metrics", "/openapi.json", "/docs", "/docs/oauth2-redirect", "/redoc"})
+"""Paths answered without the API key: the probes (a kubelet or load balancer has no key), the
+metrics (scraped from inside the cluster) and the schema and its viewers (not secret)."""
 
 
-async def send_error(send, status: int, message: str, headers: tuple = ()) -> None:
-    """Answer ``{"error": message}`` with ``status`` and close the connection (the body may be unread)."""
-    body = json.dumps({"error": message}).encode()
+async def send_error(send, status: int, message: str, headers: tuple = (), *, path: str = "", close: bool = True,
+                     code: str | None = None) -> None:
+    """Answer ``status`` with the error body for ``path``; close the connection unless told not to (a
+    body left unread must not be taken for the next request)."""
+    body = json.dumps(error_json(path, status, message, code=code)).encode()
     await send({"type": "http.response.start", "status": status,
                 "headers": [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode()),
-                            (b"connection", b"close"), *headers]})
+                            *([(b"connection", b"close")] if close else []), *headers]})
     await send({"type": "http.response.body", "body": body})
+
+
+class BearerAuth:
+    """401 with ``WWW-Authenticate: Bearer`` for requests outside :data:`OPEN_PATHS` whose
+    ``Authorization`` header is not ``Bearer <api_key>``."""
+
+    def __init__(self, app, *, api_key: str):
+        if not api_key:
+            raise ValueError("the API key is empty")
+        self.app = app
+        self.key = api_key.encode()
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http" or scope["path"] in OPEN_PATHS:
+            return await self.app(scope, receive, send)
+        given = dict(scope["headers"]).get(b"authorization", b"")
+        scheme, _, token = given.partition(b" ")
+        if scheme.lower() == b"bearer" and hmac.compare_digest(token.strip(), self.key):
+            return await self.app(scope, receive, send)
+        message = "missing API key: send Authorization: Bearer <key>" if not given else "invalid API key"
+        await send_error(send, 401, message, ((b"www-authenticate", b"Bearer"),), path=scope["path"])
 
 
 class _TooLarge(Exception):
@@ -56,28 +91,30 @@ class RequestGuard:
     async def __call__(self, scope, receive, send):
         if scope["type"] != "http" or (scope.get("method"), scope.get("path")) not in self.json_routes:
             return await self.app(scope, receive, send)
+        path = scope["path"]
         headers = dict(scope["headers"])  # lower-cased names; a repeated header keeps its last value
         ctype = headers.get(b"content-type", b"")
         mime = ctype.split(b";")[0].strip().lower()
         if mime != b"application/json" and not mime.endswith(b"+json"):
             return await send_error(send, 415, "Content-Type must be application/json, got "
-                                               f"{ctype.decode('latin-1') or 'none'}")
+                                               f"{ctype.decode('latin-1') or 'none'}", path=path)
         declared = headers.get(b"content-length")
         if declared is not None:
             try:
                 size = int(declared)
             except ValueError:
-                return await send_error(send, 400, "invalid Content-Length header")
+                return await send_error(send, 400, "invalid Content-Length header", path=path)
             if size > self.max_bytes:
                 return await send_error(send, 413, f"request body of {size} bytes is over the limit of "
-                                                   f"{self.max_bytes} bytes")
+                                                   f"{self.max_bytes} bytes", path=path)
         try:
             body = await asyncio.wait_for(self._read(receive), self.body_timeout)
         except asyncio.TimeoutError:
             log.debug("408: request body from %s not received within %g s", scope.get("client"), self.body_timeout)
-            return await send_error(send, 408, f"the request body did not arrive within {self.body_timeout:g} s")
+            return await send_error(send, 408, f"the request body did not arrive within {self.body_timeout:g} s",
+                                    path=path)
         except _TooLarge:
-            return await send_error(send, 413, f"request body is over the limit of {self.max_bytes} bytes")
+            return await send_error(send, 413, f"request body is over the limit of {self.max_bytes} bytes", path=path)
         if body is None:  # the client went away
             return
         replayed = False
