@@ -18,6 +18,7 @@ from pathlib import Path
 
 from ..data.shipped import SHIPPED_PAIRS, shipped_pairs
 from ..io import cache_root, iter_jsonl
+from ..modeling.encoder import DEFAULT_MAX_PASSAGE_LENGTH, DEFAULT_MAX_QUERY_LENGTH, Encoder
 from ..modeling.loading import check_model
 from ..modeling.runtime import RUNTIMES
 from ..pipelines.demo import DemoConfig
@@ -129,9 +130,9 @@ class EncoderOptions(Checked):
                                               "file; repeatable (default: the checkpoint's template, else llara)",
                                         action="append")
     max_query_length: int | None = option(None, "tokens per query, prompt included; only the text is truncated "
-                                                "(default: the checkpoint's, else 64)")
+                                                f"(default: the checkpoint's, else {DEFAULT_MAX_QUERY_LENGTH})")
     max_passage_length: int | None = option(None, "tokens per passage, prompt included (default: the checkpoint's, "
-                                                  "else 512)")
+                                                  f"else {DEFAULT_MAX_PASSAGE_LENGTH})")
     batch_size: int | None = option(None, "texts per batch (default: 32; with --max-batch-tokens alone, no limit "
                                           "on texts)")
     max_batch_tokens: int | None = option(None, "padded tokens per batch, as text-embeddings-inference's: texts "
@@ -157,8 +158,6 @@ class EncoderOptions(Checked):
     def encoder(self, templates=None, *, model: str | None = None, cache: bool | None = None):
         """The :class:`~llara.modeling.encoder.Encoder` these options describe (``templates[0]``: its
         template; ``model``: another model, with the same options)."""
-        from ..modeling.encoder import Encoder
-
         budget = self.max_batch_tokens
         use_cache = self.cache if cache is None else cache
         lengths = {k: v for k, v in (("max_query_length", self.max_query_length),
