@@ -76,7 +76,8 @@ def test_background_worker_equals_the_plain_path(monkeypatch):
     plain = enc.encode_multi(texts, "passage", ["llara", "mean"])
     for name in ("llara", "mean"):
         np.testing.assert_array_equal(threaded[name], plain[name])
-    assert (threaded_stats.tokens, threaded_stats.padded_tokens) == (enc.last_stats.tokens, enc.last_stats.padded_tokens)
+    assert (threaded_stats.tokens, threaded_stats.padded_tokens) == (enc.last_stats.tokens,
+                                                                     enc.last_stats.padded_tokens)
     # and the same vectors as a fixed batch size without a budget (other batches, same rows)
     fixed = _encoder(batch_size=5, max_passage_length=40)
     fixed.model.load_state_dict(enc.model.state_dict())

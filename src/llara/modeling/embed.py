@@ -3,8 +3,9 @@
 1. ``tokenize``: the text without special tokens, cut to what the prompt leaves of ``max_length``,
    wrapped in the template side's prefix / suffix / EOS (``EncodedSide.build``);
 2. ``plan_batches`` / ``pack``: length-sorted batches of at most ``batch_size`` rows and
-   ``max_batch_tokens`` padded tokens; each a right-padded batch (``pad_right``, to a multiple) with the pooling weights of one or
-   more template sides (``pooling_weights``: slots, last token or mean, each row summing to 1);
+   ``max_batch_tokens`` padded tokens, each right-padded (``pad_right``, to a multiple) with the
+   pooling weights of one or more template sides (``pooling_weights``: slots, last token or mean,
+   each row summing to 1);
 3. ``hidden_states``: the stock Hugging Face model (its base, without LM head) over input ids and
    the 2-D padding mask; nothing here touches model code;
 4. ``pool``: the weighted sum of the final states, in float32;
@@ -129,7 +130,8 @@ class Packed:
         return Packed(self.input_ids.pin_memory(), self.attention_mask.pin_memory(), self.pool.pin_memory())
 
     def to(self, device: "torch.device | str", non_blocking: bool = False) -> "Packed":
-        return Packed(*(t.to(device, non_blocking=non_blocking) for t in (self.input_ids, self.attention_mask, self.pool)))
+        return Packed(*(t.to(device, non_blocking=non_blocking)
+                        for t in (self.input_ids, self.attention_mask, self.pool)))
 
     def side_batch(self, template: Template, p: int = 0) -> dict[str, Tensor]:
         """The dict ``embed`` takes, for side ``p`` pooled and normalised as ``template`` says."""
