@@ -146,8 +146,9 @@ def passed_on_names(path: Path, module: str, mods: dict[str, Path]) -> list[str]
     if module in mods:
         own = defined_names(path)
         for node in _top_level(tree):
-            if (isinstance(node, ast.Assign) and any(isinstance(t, ast.Name) and t.id == "__all__" for t in node.targets)
-                    and isinstance(node.value, (ast.List, ast.Tuple)) and module != "llara"):
+            names_all = isinstance(node, ast.Assign) and any(isinstance(t, ast.Name) and t.id == "__all__"
+                                                             for t in node.targets)
+            if names_all and isinstance(node.value, (ast.List, ast.Tuple)) and module != "llara":
                 found += [f"{path}:{node.lineno} lists {e.value} in __all__ without defining it"
                           for e in node.value.elts if isinstance(e, ast.Constant) and e.value not in own]
     return found

@@ -24,7 +24,7 @@ from ..modeling.runtime import RUNTIMES
 from ..pipelines.demo import DemoConfig
 from ..pipelines.recipe import RecipeConfig
 from ..prompts import get_template
-from ..retrieval.fusion import FUSIONS, NORMALIZATIONS, FusionConfig
+from ..retrieval.fusion import DEFAULT_ALPHA, DEFAULT_DEPTH, DEFAULT_RRF_K, FUSIONS, NORMALIZATIONS, FusionConfig
 from ..retrieval.index import parse_shard_spec
 from ..retrieval.mining import MiningConfig
 from ..retrieval.searcher import MODES
@@ -34,6 +34,7 @@ from ..training.config import config_from_args, option
 DEMO_DIR = Path(__file__).parents[1] / "data" / "demo"
 DTYPES = ("float32", "bfloat16", "float16")
 AUTO_DTYPES = ("auto", *DTYPES)
+INDEX_ELSE = "the index's for search, else "  # the fusion flags' defaults
 NO_VERIFY_HELP = ("hash the embeddings and FAISS file when opening; --no-verify: only the light check of "
                   "'llara check-index' (sizes, line counts, .npy headers, the id/title files' sha256), for large "
                   "indexes")
@@ -176,12 +177,14 @@ class FusionOptions(Checked):
     A setting not given is the index's (search) or the default (the others)."""
 
     fusion: str | None = option(None, "linear: alpha * dense + (1 - alpha) * BM25 on per-query normalised scores; "
-                                      "rrf: reciprocal rank fusion (default: linear)", choices=FUSIONS)
-    alpha: float | None = option(None, "weight of the dense run in linear fusion, 0..1 (default: 0.5)")
-    normalization: str | None = option(None, "per-query score normalisation for linear fusion (default: minmax)",
-                                       choices=NORMALIZATIONS)
-    rrf_k: float | None = option(None, "the k of RRF (default: 60)")
-    depth: int | None = option(None, "candidates taken from each run, at least -k (default: 100)")
+                                      f"rrf: reciprocal rank fusion (default: {INDEX_ELSE}linear)", choices=FUSIONS)
+    alpha: float | None = option(None, "weight of the dense run in linear fusion, 0..1 "
+                                       f"(default: {INDEX_ELSE}{DEFAULT_ALPHA})")
+    normalization: str | None = option(None, f"per-query score normalisation for linear fusion (default: "
+                                             f"{INDEX_ELSE}minmax)", choices=NORMALIZATIONS)
+    rrf_k: float | None = option(None, f"the k of RRF (default: {INDEX_ELSE}{DEFAULT_RRF_K:g})")
+    depth: int | None = option(None, f"candidates taken from each run, at least -k (default: {INDEX_ELSE}"
+                                     f"{DEFAULT_DEPTH})")
 
     def __post_init__(self) -> None:
         super().__post_init__()
@@ -525,5 +528,6 @@ class DemoCommand(EncoderOptions, FusionOptions):
         super().__post_init__()
         check_beir_dir(self.dataset, self.split)
         # the fields of the same name, and those the command line spells differently
-        self.demo = config_from_args(argparse.Namespace(**vars(self)), DemoConfig, fusion=self.fusion_config(),
-                                     cpu=self.device == "cpu", **({"templates": self.template} if self.template else {}))
+        spelled = {"fusion": self.fusion_config(), "cpu": self.device == "cpu",
+                   **({"templates": self.template} if self.template else {})}
+        self.demo = config_from_args(argparse.Namespace(**vars(self)), DemoConfig, **spelled)
