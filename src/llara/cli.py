@@ -243,6 +243,7 @@ def cmd_recipe(args) -> int:
     """Adapt, mine, fine-tune and index a corpus of the user's (llara.recipe), resumable."""
     from .modeling.encoder import Encoder
     from .recipe import RecipeConfig, run_recipe
+    from .retrieval.searcher import Searcher
     from .training.config import config_from_args
 
     t0 = time.perf_counter()
@@ -250,7 +251,8 @@ def cmd_recipe(args) -> int:
         cfg = config_from_args(argparse.Namespace(**vars(args), cpu=args.device == "cpu"), RecipeConfig)
         r = run_recipe(cfg, lambda model: Encoder.from_pretrained(model, device=args.device, dtype=args.dtype,
                                                                   show_progress=args.progress),
-                       say=console().print)
+                       say=console().print,
+                       make_searcher=lambda index: Searcher.from_index(index, device=args.device, dtype=args.dtype))
     except ValueError as e:
         return fail(e)
     times = ", ".join(f"{k} {v['seconds']:.0f} s" for k, v in r["stages"].items())
