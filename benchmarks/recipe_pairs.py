@@ -30,6 +30,7 @@ import argparse
 import json
 import os
 import random
+import subprocess
 import sys
 import time
 from pathlib import Path
@@ -110,18 +111,36 @@ def pairs_file(mix: str, seed: int, steps: int, args) -> Path:
     return out
 
 
-def train(mix: str, seed: int, steps: int, args) -> Path:
+def train(mix: str, seed: int, steps: int, args, stop_at: int = 0) -> Path:
+    """The fine-tuned model of a plan item; with ``stop_at``, the run (scheduled for ``steps``) is stopped
+    once its checkpoint at step ``stop_at`` is written, and that checkpoint is exported (the run resumes
+    to ``steps`` later with the same command)."""
     out = run_dir(mix, seed, steps)
-    if (out / "final" / "llara.json").is_file():
-        return out / "final"
+    export = out.with_name(out.name + f"_at{stop_at}") if stop_at else out / "final"
+    if (export / "llara.json").is_file():
+        return export
     data = pairs_file(mix, seed, steps, args)
     cmd = LLARA + ["finetune", "--model", "default", "--data", str(data), "--output", str(out),
                    "--max-steps", str(steps), "--batch-size", str(args.batch_size), "--group-size", "2",
                    "--max-passage-length", "96", "--max-query-length", "64", "--seed", str(seed),
-                   "--data-seed", str(seed), "--save-every", "8", "--cpu", "--no-progress", "--resume"]
+                   "--data-seed", str(seed), "--save-every", "8", "--keep-last", "0", "--cpu", "--no-progress",
+                   "--resume"]
+    ckpt = out / f"checkpoint-{stop_at:06d}"
     with lc.heavy(args):
-        ft.run(cmd, out.with_suffix(".log"))
-    return out / "final"
+        if not stop_at:
+            ft.run(cmd, out.with_suffix(".log"))
+            return export
+        if not ckpt.is_dir():
+            print("$", " ".join(ft.rel(c) for c in cmd), f"(stopped at step {stop_at})", flush=True)
+            with open(out.with_suffix(".log"), "a") as log:
+                proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT)
+                while not ckpt.is_dir() and proc.poll() is None:  # checkpoints are written atomically
+                    time.sleep(5)
+                proc.terminate()
+                proc.wait()
+        ft.run(LLARA + ["export", str(ckpt / "model"), str(export), "--template", "llara"],
+               out.with_suffix(".log"))
+    return export
 
 
 def run_plan(args) -> None:
@@ -131,10 +150,10 @@ def run_plan(args) -> None:
         if mix not in MIXES:
             raise SystemExit(f"unknown mix {mix!r}; known: {', '.join(MIXES)}")
         seed, steps = int(seed), int(steps)
-        name = label(mix, seed, steps)
+        name = label(mix, seed, steps) + (f"@{args.stop_at}" if args.stop_at else "")
         if {r["dataset"] for r in load_rows(OUT_JSON) if r["method"] == f"{name}:llara"} >= set(args.datasets):
             continue
-        model = train(mix, seed, steps, args)
+        model = train(mix, seed, steps, args, args.stop_at)
         with lc.heavy(args):
             evaluate_models({name: (str(model), ["llara"])}, OUT_JSON, args, bm25=True)
 
@@ -170,25 +189,33 @@ def report(args) -> None:
     names = list(args.datasets)
     rows = load_rows(OUT_JSON)
     methods = {"bm25": "BM25"}
-    runs = sorted({r["method"] for r in rows if r["method"] != "bm25"},
-                  key=lambda m: (int(m.split("/")[2].split(":")[0]), m.split("/")[1], list(MIXES).index(m.split("/")[0])))
-    for m in runs:
+    def parts(m):  # "mix/sSEED/STEPS[@AT]:llara" -> (mix, seed, steps, at)
         mix, seed, steps = m.split(":")[0].split("/")
-        methods[m] = f"`{MIXES[mix]}`, {steps.split(':')[0]} steps, seed {seed[1:]}"
+        steps, _, at = steps.partition("@")
+        return mix, int(seed[1:]), int(steps), int(at or steps)
+
+    runs = sorted({r["method"] for r in rows if r["method"] != "bm25"},
+                  key=lambda m: (parts(m)[3], parts(m)[2], parts(m)[1], list(MIXES).index(parts(m)[0])))
+    for m in runs:
+        mix, seed, steps, at = parts(m)
+        methods[m] = f"`{MIXES[mix]}`, " + (f"step {at} of a {steps}-step schedule" if at != steps
+                                             else f"{steps} steps") + f", seed {seed}"
     get = {(r["method"], r["dataset"]): r["metrics"]["ndcg@10"] for r in rows}
     avg = {m: float(np.mean([get[(m, d)] for d in names])) for m in methods if all((m, d) in get for d in names)}
     lines = ["# Training pairs for `llara recipe`: shipped SQuAD vs pairs made from the corpus", "",
              "Each row fine-tunes the embedded SmolLM2-135M-Instruct (no adaptation) with the recipe's settings on "
-             "the named `--pairs` mix (steps x 8 queries, 2 passages each, 96-token passages, BM25 hard "
-             "negatives), the corpus pairs made from the four subsampled dev corpora and pooled (one model per "
-             "mix; see the script's docstring). nDCG@10 / Recall@100 on the subsampled collections (judged "
-             f"documents plus random others, at most {args.max_docs}), 96-token passages. Machine: {machine()}; "
-             "2 cores shared with other jobs (wall times are not clean).", "",
+             "the named `--pairs` mix (8 queries a step, 2 passages each, 96-token passages, BM25 hard "
+             f"negatives, lr 3e-4 with linear decay, temperature 0.05), the corpus pairs made from the subsampled "
+             f"corpora of the collections evaluated ({', '.join(names)}; documents only) and pooled: one model per "
+             "mix (see the script's docstring). nDCG@10 / Recall@100 on those collections, subsampled (judged "
+             f"documents plus seeded random others, at most {args.max_docs} unless more are judged), 96-token "
+             f"passages. Machine: {machine()}, its 2 cores shared with other jobs (load 8-14), so wall times are "
+             "not clean.", "",
              "## nDCG@10 / Recall@100", ""] + table(rows, methods, names) + [""]
     deltas = []
     for m in runs:
-        mix, seed, steps = m.split(":")[0].split("/")
-        ref = f"shipped/{seed}/{steps}:llara"
+        mix, seed, steps, at = parts(m)
+        ref = f"shipped/s{seed}/{steps}" + (f"@{at}" if at != steps else "") + ":llara"
         if m in avg and ref in avg and m != ref:
             deltas.append(f"{methods[m]}: {avg[m]:.3f} ({avg[m] - avg[ref]:+.3f} against `squad:1` at the same "
                           "seed and steps)")
@@ -197,11 +224,11 @@ def report(args) -> None:
         lines += [f"- {d}" for d in deltas] + [""]
     steps_s = {}
     for m in runs:
-        mix, seed, steps = m.split(":")[0].split("/")
-        log = run_dir(mix, int(seed[1:]), int(steps)) / "train_log.jsonl"
+        mix, seed, steps, at = parts(m)
+        log = run_dir(mix, seed, steps) / "train_log.jsonl"
         if log.is_file():
             entries = [json.loads(x) for x in log.read_text().splitlines() if x.strip()]
-            steps_s[methods[m]] = entries[-1]["elapsed_s"] / max(entries[-1]["step"], 1)
+            steps_s[f"`{MIXES[mix]}` seed {seed}"] = entries[-1]["elapsed_s"] / max(entries[-1]["step"], 1)
     if steps_s:
         lines += ["Fine-tuning wall time per step (s, 2 shared cores): "
                   + "; ".join(f"{k} {v:.1f}" for k, v in steps_s.items()) + ".", ""]
@@ -216,12 +243,17 @@ def report(args) -> None:
                   f"included; {c['empty']} empty replies). Examples:", ""]
         lines += [f"- {e['title'][:70]!r} -> {e['query']!r}" for e in c["examples"]] + [""]
     lines += ["## Commands", "", "```bash",
-              "PYTHONPATH=src .venv/bin/python benchmarks/recipe_pairs.py --plan "
-              + " ".join(f"{m.split(':')[0].split('/')[0]}:{m.split('/')[1][1:]}:{m.split('/')[2].split(':')[0]}"
-                         for m in runs)]
+              ]
+    common = f" --datasets {' '.join(names)} --max-docs {args.max_docs}"
+    for at in sorted({parts(m)[3] for m in runs}):
+        items = [m for m in runs if parts(m)[3] == at]
+        stop = f" --stop-at {at}" if parts(items[0])[2] != at else ""
+        lines.append("PYTHONPATH=src .venv/bin/python benchmarks/recipe_pairs.py --plan "
+                     + " ".join(f"{parts(m)[0]}:{parts(m)[1]}:{parts(m)[2]}" for m in items) + stop + common)
     if COST_JSON.is_file():
-        lines.append("PYTHONPATH=src .venv/bin/python benchmarks/recipe_pairs.py --stage d2q")
-    lines += ["PYTHONPATH=src .venv/bin/python benchmarks/recipe_pairs.py --stage report", "```", ""]
+        lines.append(f"PYTHONPATH=src .venv/bin/python benchmarks/recipe_pairs.py --stage d2q --d2q-docs "
+                     f"{json.loads(COST_JSON.read_text())['docs']}")
+    lines += ["PYTHONPATH=src .venv/bin/python benchmarks/recipe_pairs.py --stage report" + common, "```", ""]
     write_text(RESULTS / "recipe_pairs.md", "\n".join(lines))
     print("\n".join(lines))
 
@@ -232,6 +264,8 @@ def main(argv=None) -> None:
     p.add_argument("--plan", nargs="+", default=["shipped:0:32", "shipped+title+ict:0:32", "title+ict:0:32"],
                    help=f"MIX:SEED:STEPS items, in order; mixes: {', '.join(MIXES)}")
     p.add_argument("--batch-size", type=int, default=8)
+    p.add_argument("--stop-at", type=int, default=0, help="stop each run at this step (a multiple of 8) of its "
+                                                            "STEPS-step schedule and evaluate that checkpoint")
     p.add_argument("--d2q-docs", type=int, default=32)
     p.add_argument("--d2q-batch-size", type=int, default=16)
     lc.add_eval_args(p)
