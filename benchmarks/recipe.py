@@ -26,7 +26,16 @@ Reproduce (from the repository root, after benchmarks/learning_curve.py has its 
 
     .venv/bin/python benchmarks/recipe.py --stage user
 
-Writes benchmarks/results/recipe.{md,json}; runs go to runs/bench/recipe/.
+``--stage compare`` (issue 21) runs `llara recipe` end to end on whole dev corpora (--compare-datasets) with
+the old defaults (``--pairs squad``) and a new pair mix (--compare-pairs), for each --compare-seeds, each run
+ending with its own ``--eval`` of the collection's test queries (dense, BM25, hybrid through the index it
+built), and writes the table side by side with the wall time per stage:
+
+    .venv/bin/python benchmarks/recipe.py --stage compare --compare-pairs squad:1,title:1,ict:1 \
+        --compare-datasets scifact cranfield med cisi --compare-seeds 0 1
+
+Writes benchmarks/results/recipe.{md,json} (recipe_compare.{md,json} for --stage compare); runs go to
+runs/bench/recipe/.
 """
 from __future__ import annotations
 
@@ -246,9 +255,67 @@ def user_run(args) -> None:
     print(json.dumps(result, indent=1))
 
 
+def compare(args) -> None:
+    """`llara recipe` with --pairs squad (the old defaults) and --compare-pairs, whole corpora, --eval each."""
+    out_json = RESULTS / "recipe_compare.json"
+    rows = json.loads(out_json.read_text()) if out_json.is_file() else []
+    done = {(r["pairs"], r["dataset"], r["seed"]) for r in rows}
+    for seed in args.compare_seeds:
+        for name in args.compare_datasets:
+            for pairs in ("squad", args.compare_pairs):
+                if (pairs, name, seed) in done:
+                    continue
+                ds = DATA / name
+                out = RUNS / "compare" / f"{pairs.replace(':', '').replace(',', '_')}_{name}_s{seed}"
+                used = pairs
+                if "title" in pairs and not any(row.get("title", "").strip() for _, row in iter_jsonl(ds / "corpus.jsonl")):
+                    # a corpus without titles (med) cannot make title pairs: the rest of the mix
+                    used = ",".join(x for x in pairs.split(",") if x.partition(":")[0] != "title")
+                with lc.heavy(args):
+                    ft.run([ft.LLARA, "recipe", "--corpus", str(ds / "corpus.jsonl"), "--output", str(out), "--pairs",
+                            used, "--seed", str(seed), "--eval", str(ds), "--no-progress"]
+                           + args.compare_extra, out.with_suffix(".log"))
+                record = json.loads((out / "recipe.json").read_text())
+                rows.append({"pairs": pairs, "pairs_used": used, "dataset": name, "seed": seed,
+                             "docs": sum(1 for _ in open(ds / "corpus.jsonl")),
+                             "eval": {r["mode"]: {"ndcg@10": r["ndcg@10"], "recall@100": r["recall@100"]}
+                                      for r in record["eval"]["rows"]},
+                             "stages": {k: v["seconds"] for k, v in record["stages"].items()},
+                             "extra": args.compare_extra, "machine": machine()})
+                write_json(out_json, rows)
+    lines = ["# `llara recipe` end to end: old defaults (`--pairs squad`) vs the pairs made from the corpus", "",
+             "Whole dev corpora; each run evaluates the index it built (`--eval`) on the collection's test queries. "
+             f"Machine: {machine()}.", "",
+             "| collection | seed | pairs | BM25 | dense | hybrid | adapt / mine / finetune / index (s) |",
+             "|---|---|---|---|---|---|---|"]
+    for r in sorted(rows, key=lambda r: (r["dataset"], r["seed"], r["pairs"] != "squad")):
+        e, st = r["eval"], r["stages"]
+        lines.append(f"| {r['dataset']} ({r['docs']}) | {r['seed']} | `{r['pairs']}` | {e['bm25']['ndcg@10']:.3f} | "
+                     f"{e['dense']['ndcg@10']:.3f} | {e['hybrid']['ndcg@10']:.3f} | "
+                     + " / ".join(f"{st.get(k, 0):.0f}" for k in ("adapt", "mine", "finetune", "index")) + " |")
+    for pairs in ("squad", args.compare_pairs):
+        mine = [r for r in rows if r["pairs"] == pairs]
+        if mine:
+            lines.append(f"| **mean** ({len(mine)} runs) | | `{pairs}` | "
+                         + " | ".join(f"{np.mean([r['eval'][m]['ndcg@10'] for r in mine]):.3f}"
+                                      for m in ("bm25", "dense", "hybrid")) + " | |")
+    lines += ["", "```bash", ".venv/bin/python benchmarks/recipe.py --stage compare --compare-pairs "
+              f"{args.compare_pairs} --compare-datasets {' '.join(args.compare_datasets)} --compare-seeds "
+              f"{' '.join(map(str, args.compare_seeds))}" + "".join(f" --compare-extra={x}" for x in args.compare_extra),
+              "```", ""]
+    (RESULTS / "recipe_compare.md").write_text("\n".join(lines))
+    print("\n".join(lines))
+
+
 def main(argv=None) -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--stage", choices=["all", "run", "user", "long", "report"], default="all")
+    p.add_argument("--stage", choices=["all", "run", "user", "long", "report", "compare"], default="all")
+    p.add_argument("--compare-pairs", default="squad:1,title:1,ict:1", help="--stage compare: the new pair mix")
+    p.add_argument("--compare-datasets", nargs="+", default=["scifact", "cranfield", "med", "cisi"])
+    p.add_argument("--compare-seeds", nargs="+", type=int, default=[0, 1])
+    p.add_argument("--compare-extra", action="append", default=[],
+                   help="--stage compare: one more `llara recipe` argument for every run (repeatable), "
+                        "e.g. --compare-extra=--finetune-steps=64")
     p.add_argument("--long-length", type=int, default=256, help="passage length of --stage long")
     p.add_argument("--long-baseline", action="store_true", help="--stage long: the baseline too")
     p.add_argument("--user-dataset", default="cisi", help="the dev collection whose corpus --stage user runs on")
@@ -263,6 +330,8 @@ def main(argv=None) -> None:
         run_variants(args)
     if args.stage == "user":
         user_run(args)
+    if args.stage == "compare":
+        compare(args)
     if args.stage == "long":
         long_eval(args)
     if args.stage in ("all", "report"):

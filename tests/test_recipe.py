@@ -101,7 +101,7 @@ def test_recipe_without_adaptation_and_with_mined_lines(tiny_dir, train_pairs, a
 
 @pytest.mark.parametrize("bad, message", [
     (["--corpus", "missing.jsonl"], "missing.jsonl: no such corpus file"),
-    (["--pairs", "nope"], "--pairs 'nope': not a shipped pair set"),
+    (["--pairs", "nope"], "--pairs 'nope': unknown source 'nope'"),
     (["--adapt-steps", "0", "--finetune-steps", "0"], "nothing to train"),
 ])
 def test_recipe_rejects_bad_input_before_training(bad, message, adi_dir, tmp_path, capsys):
@@ -126,3 +126,78 @@ def test_finetune_defaults_are_the_recipe():
         assert getattr(ft, key) == value and getattr(finetune_train_config(max_steps=1), key) == value
         assert getattr(pre, key) != value
     assert build_parser().parse_args(["finetune", "--data", "x", "--output", "o", "--no-lora"]).lora is False
+
+
+def test_recipe_with_corpus_pairs_evaluates_the_index_it_built(tiny_dir, adi_dir, tmp_path, capsys):
+    out = tmp_path / "recipe"
+    args = ["recipe", "--corpus", str(adi_dir / "corpus.jsonl"), "--model", tiny_dir, "--pairs", "title:1,ict:1",
+            "--output", str(out), "--adapt-steps", "0", "--finetune-steps", "2", "--batch-size", "2",
+            "--negatives", "3", "--window", "2", "20", "--max-passage-length", "48", "--device", "cpu",
+            "--dtype", "float32", "--no-progress"]
+    assert main(args) == 0
+    text = " ".join(capsys.readouterr().out.split())
+    assert "4 training pairs mixed title 1, ict 1" in text and "run the same command again with --eval DIR" in text
+    record = json.loads((out / "recipe.json").read_text())
+    assert record["stages"]["mine"]["sources"] == {"title": {"pairs": 2, "asked": 2}, "ict": {"pairs": 2, "asked": 2}}
+    groups = [json.loads(x) for x in (out / "pairs.jsonl").read_text().splitlines()]
+    assert sorted(g["source"] for g in groups) == ["ict", "ict", "title", "title"]
+    assert all(not set(g["pos_ids"]) & set(g["neg_ids"]) for g in groups)
+
+    # the same command with --eval: nothing is redone, the index is searched in each mode on adi's queries
+    assert main(args + ["--eval", str(adi_dir)]) == 0
+    text = capsys.readouterr().out
+    assert text.count("already done") == 3
+    rows = json.loads((out / "eval.json").read_text())
+    assert [r["mode"] for r in rows] == ["dense", "bm25", "hybrid"]
+    assert all(0 <= r["ndcg@10"] <= 1 and r["queries"] == 35 for r in rows)
+    table = (out / "eval.md").read_text()
+    assert "| bm25 |" in table and "1.00x" in table and "| hybrid |" in table
+    assert json.loads((out / "recipe.json").read_text())["eval"]["rows"] == rows
+
+
+def test_recipe_budget_chooses_the_fine_tuning_steps_and_says_why(tiny_dir, adi_dir, tmp_path, capsys):
+    out = tmp_path / "recipe"
+    args = ["recipe", "--corpus", str(adi_dir / "corpus.jsonl"), "--model", tiny_dir, "--pairs", "ict:1",
+            "--output", str(out), "--adapt-steps", "0", "--batch-size", "2", "--negatives", "3", "--window", "2",
+            "20", "--max-passage-length", "48", "--device", "cpu", "--dtype", "float32", "--no-progress",
+            "--budget-minutes", "0.5"]
+    assert main(args) == 0
+    text = " ".join(capsys.readouterr().out.split())
+    record = json.loads((out / "recipe.json").read_text())
+    budget = record["budget"]
+    assert f"budget: {budget['steps']} fine-tuning steps (budget 0.5 min" in text and "s per fine-tuning step" in text
+    assert 1 <= budget["steps"] <= 1024 and budget["step_s"] > 0
+    assert record["stages"]["finetune"]["steps"] == budget["steps"] and not (out / "probe").exists()
+    assert _steps(out / "finetune")[-1] == budget["steps"]
+    # resumed: the choice is kept, nothing is retrained
+    assert main(args) == 0
+    text = " ".join(capsys.readouterr().out.split())
+    assert "as chosen before" in text and text.count("already done") == 3
+
+
+@pytest.mark.parametrize("bad, message", [
+    (["--pairs", "squad:1,wiki:1"], "unknown source 'wiki'"),
+    (["--pairs", "missing/train.jsonl"], "no such training .jsonl file"),
+    (["--eval", "nowhere"], "--eval nowhere: missing nowhere/queries.jsonl"),
+    (["--budget-minutes", "-1"], "budget_minutes must be >= 0"),
+])
+def test_recipe_rejects_bad_pairs_eval_and_budget(bad, message, adi_dir, tmp_path, capsys):
+    assert main(["recipe", "--corpus", str(adi_dir / "corpus.jsonl"), "--output", str(tmp_path / "r")] + bad) == 2
+    assert message in " ".join(capsys.readouterr().err.split())
+
+
+def test_recipe_title_pairs_on_a_corpus_without_titles_fail_before_training(tiny_dir, tmp_path, capsys):
+    corpus = tmp_path / "corpus.jsonl"
+    corpus.write_text("".join(json.dumps({"_id": str(i), "title": "", "text": f"fish {i} water"}) + "\n"
+                              for i in range(4)))
+    assert main(["recipe", "--corpus", str(corpus), "--model", tiny_dir, "--pairs", "squad:1,title:1",
+                 "--output", str(tmp_path / "r"), "--device", "cpu"]) == 2
+    err = " ".join(capsys.readouterr().err.split())
+    assert "no document has a title" in err and "drop title from --pairs" in err
+    assert not (tmp_path / "r" / "adapt").exists()
+
+
+def test_recipe_d2q_needs_an_instruct_model(tiny_dir, adi_dir, tmp_path, capsys):
+    assert main(["recipe", "--corpus", str(adi_dir / "corpus.jsonl"), "--model", tiny_dir, "--pairs", "ict:1,d2q:1",
+                 "--output", str(tmp_path / "r"), "--device", "cpu"]) == 2
+    assert "d2q needs an instruct model with a chat template" in " ".join(capsys.readouterr().err.split())

@@ -195,13 +195,15 @@ def cmd_recipe(args) -> int:
     """Adapt, mine, fine-tune and index a corpus of the user's (llara.pipelines.recipe), resumable."""
     from ..modeling.encoder import Encoder
     from ..pipelines.recipe import RecipeConfig, run_recipe
+    from ..retrieval.searcher import Searcher
     from ..training.config import config_from_args
 
     t0 = time.perf_counter()
     cfg = config_from_args(args, RecipeConfig, cpu=args.device == "cpu")
     r = run_recipe(cfg, lambda model: Encoder.from_pretrained(model, device=args.device, dtype=args.dtype,
                                                               show_progress=args.progress),
-                   say=console().print)
+                   say=console().print,
+                   make_searcher=lambda index: Searcher.from_index(index, device=args.device, dtype=args.dtype))
     times = ", ".join(f"{k} {v['seconds']:.0f} s" for k, v in r["stages"].items())
     console().print(f"done in {time.perf_counter() - t0:.0f} s (recorded stage times: {times}); "
                     f"model {r['model']}; index {r['index']}: llara search --index {r['index']} \"your question\"")

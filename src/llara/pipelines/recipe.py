@@ -1,9 +1,10 @@
 """``llara recipe``: the whole path on a corpus of yours, in one resumable command.
 
 1. **adapt**: LLaRA adaptation (EBAE + EBAR + LM) on the corpus's own text (no labels);
-2. **mine**: BM25 hard negatives for the training pairs (by default the SQuAD pairs shipped with
-   llara, CC BY-SA 4.0; or a BEIR directory with ``qrels/train.tsv``; or ready ``{query, pos, neg}``
-   lines);
+2. **mine**: training pairs with BM25 hard negatives: the SQuAD pairs shipped with llara (CC BY-SA
+   4.0), pairs made from the corpus itself (title -> text, inverse cloze task, doc2query by the model;
+   :mod:`llara.retrieval.corpus_pairs`), a mix of these (``--pairs squad:1,title:1,ict:2``), a BEIR
+   directory with ``qrels/train.tsv``, or ready ``{query, pos, neg}`` lines;
 3. **finetune**: contrastive fine-tuning of the adapted model (``llara finetune``'s defaults);
 4. **index**: the corpus encoded by the fine-tuned model into a FAISS + BM25 index directory
    (``llara search`` / ``llara serve`` read it; hybrid search works out of the box).
@@ -11,6 +12,12 @@
 Every stage writes into ``<output>/`` and is skipped when its output is complete; a stage cut off
 half-way resumes from its checkpoint (training) or its last shard (index). ``<output>/recipe.json``
 records each stage's settings, output and wall time.
+
+``budget_minutes`` trades fine-tuning steps for time: after the pairs are made, a 3-step probe run
+measures the fine-tuning step, the index time is estimated from it, and the steps that fit the rest
+of the budget are chosen (and said). ``eval`` (a BEIR directory with queries and qrels of the same
+corpus) ends the run with dense, BM25 and hybrid nDCG@10 / Recall@100 of the index it built
+(``<output>/eval.md`` and ``eval.json``).
 """
 from __future__ import annotations
 
@@ -23,7 +30,8 @@ from typing import Any, Callable
 
 from ..data.pretrain import PretrainDataConfig
 from ..data.shipped import SHIPPED_PAIRS, shipped_pairs
-from ..io import write_json
+from ..io import iter_jsonl, write_json, write_text
+from ..retrieval.corpus_pairs import CORPUS_SOURCES, PairsConfig, build_pairs, check_titles, parse_mix
 from ..retrieval.index import build_index
 from ..retrieval.mining import MiningConfig, mine
 from ..training.finetune import FINETUNE_TRAIN_DEFAULTS, FinetuneConfig, finetune, finetune_train_config
@@ -47,8 +55,16 @@ class RecipeConfig:
     corpus: str = field(metadata={"help": "BEIR corpus.jsonl ({_id, title, text}): adapted on, then indexed"})
     output: str = _f("runs/recipe", "run directory: adapt/, pairs.jsonl, finetune/, index/, recipe.json")
     model: str = _f("default", "model to start from (same forms as for evaluate)")
-    pairs: str = _f("squad", f"training pairs: shipped ({', '.join(SHIPPED_PAIRS)}: 10,570 SQuAD v1.1 questions, "
-                             "CC BY-SA 4.0), a BEIR directory with qrels/train.tsv, or {query, pos, neg} lines")
+    pairs: str = _f("squad", f"training pairs: a mix NAME:RATIO,... of {', '.join(SHIPPED_PAIRS)} (10,570 SQuAD v1.1 "
+                             "questions shipped with llara, CC BY-SA 4.0), title (title -> text of your corpus), ict "
+                             "(inverse cloze task: a sentence -> the rest of its document) and d2q (queries written "
+                             "by the model, an instruct model) e.g. squad:1,title:1,ict:2; or a BEIR directory with "
+                             "qrels/train.tsv; or a .jsonl of {query, pos, neg} lines")
+    d2q_docs: int = _f(200, "documents the d2q source writes queries for (at most)")
+    budget_minutes: float = _f(0.0, "time budget of the whole run: fine-tuning steps are chosen from a measured "
+                                    "step time to fit it (finetune_steps is then ignored); 0: no budget")
+    eval: str = _f("", "BEIR directory with queries.jsonl and qrels/test.tsv for this corpus: evaluate the index "
+                       "(dense, BM25, hybrid) at the end and write eval.md")
     adapt_steps: int = _f(50, "adaptation steps; 0: fine-tune the model as given")
     adapt_lr: float = _f(5e-5, "adaptation learning rate")
     adapt_batch_size: int = _f(8, "(chunk, next chunk) pairs per adaptation step")
@@ -74,21 +90,95 @@ class RecipeConfig:
             raise ValueError(f"window takes two ranks LO HI, got {self.window}")
         if not Path(self.corpus).is_file():
             raise ValueError(f"{self.corpus}: no such corpus file (a BEIR corpus.jsonl)")
+        if self.budget_minutes < 0:
+            raise ValueError(f"budget_minutes must be >= 0, got {self.budget_minutes}")
+        if self.budget_minutes and not self.finetune_steps:
+            raise ValueError("budget_minutes chooses fine-tuning steps: it needs finetune_steps > 0")
+        if self.d2q_docs < 1:
+            raise ValueError(f"d2q_docs must be >= 1, got {self.d2q_docs}")
+        if self.eval:
+            _eval_files(self.eval)
         self.window = list(self.window)
 
 
 def _pairs_source(pairs: str) -> dict[str, Any]:
-    """mine()'s inputs for ``pairs``, or ``{"train": path}`` when it is already mined."""
-    if pairs in SHIPPED_PAIRS:
-        return {k: str(v) for k, v in shipped_pairs(pairs).items()}
+    """mine()'s inputs for ``pairs``, ``{"train": path}`` when it is already mined, or ``{"mix": {name:
+    ratio}}`` for a mix that takes pairs from the corpus (a shipped set alone is mined as before)."""
     p = Path(pairs)
     if p.is_dir() and (p / "qrels" / "train.tsv").is_file():
         return {"corpus": str(p / "corpus.jsonl"), "queries": str(p / "queries.jsonl"),
                 "qrels": str(p / "qrels" / "train.tsv")}
     if p.is_file():
         return {"train": str(p)}
-    raise ValueError(f"--pairs {pairs!r}: not a shipped pair set ({', '.join(SHIPPED_PAIRS)}), a BEIR directory "
-                     "with qrels/train.tsv, or a training .jsonl file")
+    if p.is_dir() or "/" in pairs or pairs.endswith((".jsonl", ".jsonl.gz")):
+        raise ValueError(f"--pairs {pairs!r}: no such training .jsonl file, or a directory without qrels/train.tsv")
+    mix = parse_mix(pairs)
+    if len(mix) == 1 and next(iter(mix)) in SHIPPED_PAIRS:
+        return {k: str(v) for k, v in shipped_pairs(next(iter(mix))).items()}
+    return {"mix": mix}
+
+
+def _eval_files(directory: str) -> tuple[Path, Path]:
+    """(queries.jsonl, qrels/test.tsv) of an --eval directory, or a ValueError naming what is missing."""
+    d = Path(directory)
+    queries, qrels = d / "queries.jsonl", d / "qrels" / "test.tsv"
+    missing = [str(x) for x in (queries, qrels) if not x.is_file()]
+    if missing:
+        raise ValueError(f"--eval {directory}: missing {', '.join(missing)} (a BEIR directory with queries and "
+                         "test judgments of the corpus)")
+    return queries, qrels
+
+
+def evaluate_index(searcher, directory: str, k: int = 100) -> list[dict]:
+    """nDCG@10 and Recall@100 of ``searcher`` (dense, BM25, hybrid) on an --eval directory's test queries."""
+    from ..data.beir import load_qrels, load_queries
+    from ..evaluation.metrics import evaluate_run
+
+    queries_path, qrels_path = _eval_files(directory)
+    qrels = {q: {d: s for d, s in rel.items() if s > 0} for q, rel in load_qrels(qrels_path).items()}
+    queries = load_queries(queries_path)
+    missing = [q for q in qrels if q not in queries]
+    if missing:
+        raise ValueError(f"{qrels_path}: query id {missing[0]!r} is not in {queries_path}")
+    ids = set(searcher.index.ids)
+    judged = {d for rel in qrels.values() for d in rel}
+    if not judged & ids:
+        raise ValueError(f"--eval {directory}: none of its judged documents is in the index: another corpus?")
+    qids = [q for q in qrels if qrels[q]]
+    rows = []
+    for mode in searcher.modes:
+        t0 = time.perf_counter()
+        hits = searcher.search([queries[q] for q in qids], k=k, mode=mode)
+        run = {q: {h.doc_id: h.score for h in hs} for q, hs in zip(qids, hits)}
+        m = evaluate_run(qrels, run, ndcg_at=10, recall_at=100)
+        rows.append({"mode": mode, "ndcg@10": m["ndcg@10"], "recall@100": m["recall@100"],
+                     "queries": m["num_queries"], "seconds": round(time.perf_counter() - t0, 1)})
+    if len(judged - ids):
+        rows[0]["note"] = f"{len(judged - ids)} judged documents are not in the index"
+    return rows
+
+
+def eval_table(rows: list[dict], directory: str) -> str:
+    bm25 = next((r["ndcg@10"] for r in rows if r["mode"] == "bm25"), None)
+    lines = [f"nDCG@10 and Recall@100 on {directory} ({rows[0]['queries']} judged queries), the index this run built:",
+             "", "| mode | nDCG@10 | Recall@100 | nDCG@10 / BM25 |", "|---|---|---|---|"]
+    for r in rows:
+        ratio = f"{r['ndcg@10'] / bm25:.2f}x" if bm25 else "-"
+        lines.append(f"| {r['mode']} | {r['ndcg@10']:.3f} | {r['recall@100']:.3f} | {ratio} |")
+    notes = [r["note"] for r in rows if "note" in r]
+    return "\n".join(lines + ([""] + notes if notes else [])) + "\n"
+
+
+BUDGET_MAX_STEPS = 1024  # the most fine-tuning steps a budget may choose (pairs are made for this many)
+PROBE_STEPS = 3
+
+
+def _step_seconds(log_path: Path) -> tuple[float, float]:
+    """(median seconds per step after the first, tokens/s) of a training run's train_log.jsonl."""
+    entries = [row for _, row in iter_jsonl(log_path)]
+    times = [b["elapsed_s"] - a["elapsed_s"] for a, b in zip(entries, entries[1:])] or [entries[0]["elapsed_s"]]
+    times.sort()
+    return times[len(times) // 2], float(entries[-1].get("tokens_per_s") or 0.0)
 
 
 def _index_complete(index_dir: Path) -> bool:
@@ -96,9 +186,25 @@ def _index_complete(index_dir: Path) -> bool:
     return manifest.is_file() and bool(json.loads(manifest.read_text()).get("complete"))
 
 
-def run_recipe(cfg: RecipeConfig, make_encoder: Callable[[str], Any], say: Callable[[str], None] = print) -> dict:
+def _check_mix(cfg: RecipeConfig, mix: dict[str, float]) -> None:
+    """What a mix needs of the corpus and the model, checked before any training."""
+    if "title" in mix:
+        from ..data.beir import load_corpus
+
+        check_titles(load_corpus(cfg.corpus), cfg.corpus)
+    if "d2q" in mix:
+        from ..modeling.loading import load_tokenizer, resolve_model
+
+        if not getattr(load_tokenizer(resolve_model(cfg.model).path), "chat_template", None):
+            raise ValueError(f"--pairs {cfg.pairs!r}: d2q needs an instruct model with a chat template, and "
+                             f"{cfg.model}'s tokenizer has none (drop d2q)")
+
+
+def run_recipe(cfg: RecipeConfig, make_encoder: Callable[[str], Any], say: Callable[[str], None] = print,
+               make_searcher: Callable[[str], Any] | None = None) -> dict:
     """Run the stages not yet done; returns (and writes to ``<output>/recipe.json``) what each did.
-    ``make_encoder(model_dir)`` builds the index's encoder (the CLI passes its device/dtype flags).
+    ``make_encoder(model_dir)`` builds the index's encoder (the CLI passes its device/dtype flags);
+    ``make_searcher(index_dir)`` the searcher of ``--eval`` (default :meth:`Searcher.from_index`).
 
     A stage is done when its output is there and ``recipe.json`` records it made with the same settings
     (its own and those of every stage before it). A training stage asked for more steps continues from
@@ -127,6 +233,8 @@ def run_recipe(cfg: RecipeConfig, make_encoder: Callable[[str], Any], say: Calla
     record["config"] = asdict(cfg)
     stages = record.setdefault("stages", {})
     source = _pairs_source(cfg.pairs)
+    if "mix" in source:
+        _check_mix(cfg, source["mix"])
 
     def stage(name: str, what: str, fn: Callable[[], Any], output_ok: bool, settings: dict, *,
               steps: int | None = None, run_dir: Path | None = None, **info) -> dict:
@@ -147,7 +255,7 @@ def run_recipe(cfg: RecipeConfig, make_encoder: Callable[[str], Any], say: Calla
             what += " (rebuilt: its settings or its model changed)"
         say(f"{i}/4 {name}: {what}")
         t0 = time.perf_counter()
-        fn()
+        fn()  # may fill the dicts among ``info`` (recorded after it returns)
         stages[name] = {"seconds": round(time.perf_counter() - t0, 1), **made, **info}
         write_json(record_path, record)
         return made
@@ -171,6 +279,36 @@ def run_recipe(cfg: RecipeConfig, make_encoder: Callable[[str], Any], say: Calla
 
     if "train" in source:
         train, pairs = Path(source["train"]), {"train": str(Path(source["train"]).resolve())}
+    elif "mix" in source:
+        train = out / "pairs.jsonl"
+        negatives = max(cfg.negatives, cfg.group_size - 1)
+        total = cfg.batch_size * (BUDGET_MAX_STEPS if cfg.budget_minutes else max(cfg.finetune_steps, 1))
+        pcfg = PairsConfig(window=tuple(cfg.window), num_negatives=negatives, seed=cfg.seed, d2q_docs=cfg.d2q_docs)
+        sources: dict[str, Any] = {}
+
+        def shipped_lines(name: str) -> list[dict]:
+            mined = out / f"mined_{name}.jsonl"
+            files = {k: str(v) for k, v in shipped_pairs(name).items()}
+            mine(files["corpus"], mined, queries=files["queries"], qrels=files["qrels"], method="bm25",
+                 config=MiningConfig(window=tuple(cfg.window), num_negatives=negatives, seed=cfg.seed))
+            return [row for _, row in iter_jsonl(mined)]
+
+        def generator():
+            from ..modeling.loading import load_model
+
+            model_, tokenizer, _ = load_model(cfg.model, causal_lm=True, device="cpu" if cfg.cpu else None)
+            return model_, tokenizer
+
+        mix_text = ", ".join(f"{k} {v:g}" for k, v in source["mix"].items())
+        pairs = stage("mine", f"{total} training pairs mixed {mix_text}, BM25 hard negatives (ranks "
+                      f"{cfg.window[0]}-{cfg.window[1]})",
+                      lambda: sources.update(build_pairs(source["mix"], cfg.corpus, train, total, pcfg,
+                                                         shipped_lines=shipped_lines, generator=generator, say=say)),
+                      train.is_file(), {"pairs": cfg.pairs, "corpus": corpus, "total": total, "window": cfg.window,
+                                        "negatives": negatives, "seed": cfg.seed,
+                                        **({"model": cfg.model, "d2q_docs": cfg.d2q_docs}
+                                           if "d2q" in source["mix"] else {})},
+                      output=str(train), sources=sources)
     else:
         train = out / "pairs.jsonl"
         mining = MiningConfig(window=tuple(cfg.window), num_negatives=max(cfg.negatives, cfg.group_size - 1),
@@ -182,21 +320,24 @@ def run_recipe(cfg: RecipeConfig, make_encoder: Callable[[str], Any], say: Calla
                       train.is_file(), {"pairs": cfg.pairs, "window": cfg.window,
                                         "negatives": mining.num_negatives, "seed": cfg.seed}, output=str(train))
 
-    if cfg.finetune_steps:
+    steps = cfg.finetune_steps
+    ft_cfg = FinetuneConfig(group_size=cfg.group_size, max_query_length=cfg.max_query_length,
+                            max_passage_length=cfg.max_passage_length, data_seed=cfg.seed)
+    if cfg.budget_minutes:
+        steps = _budget_steps(cfg, record, model, train, ft_cfg, say)
+    if steps:
         ft_dir = out / "finetune"
-        train_cfg = finetune_train_config(output_dir=str(ft_dir), max_steps=cfg.finetune_steps,
-                                          batch_size=cfg.batch_size, save_every=max(cfg.finetune_steps // 4, 1),
+        train_cfg = finetune_train_config(output_dir=str(ft_dir), max_steps=steps,
+                                          batch_size=cfg.batch_size, save_every=max(steps // 4, 1),
                                           seed=cfg.seed, resume=True, cpu=cfg.cpu, progress=cfg.progress)
-        ft_cfg = FinetuneConfig(group_size=cfg.group_size, max_query_length=cfg.max_query_length,
-                                max_passage_length=cfg.max_passage_length, data_seed=cfg.seed)
-        shaped = stage("finetune", f"{cfg.finetune_steps} contrastive steps of {cfg.batch_size} queries x "
+        shaped = stage("finetune", f"{steps} contrastive steps of {cfg.batch_size} queries x "
                        f"{cfg.group_size} passages from {model}",
                        lambda: finetune(model, str(train), train_cfg, ft_cfg),
                        (ft_dir / "final" / "llara.json").is_file(),
                        {"start": shaped, "pairs": pairs, "batch_size": cfg.batch_size, "group_size": cfg.group_size,
                         "max_query_length": cfg.max_query_length, "max_passage_length": cfg.max_passage_length,
                         "seed": cfg.seed, **{k: getattr(train_cfg, k) for k in FINETUNE_TRAIN_DEFAULTS}},
-                       steps=cfg.finetune_steps, run_dir=ft_dir, model=str(ft_dir / "final"))
+                       steps=steps, run_dir=ft_dir, model=str(ft_dir / "final"))
         model = str(ft_dir / "final")
 
     index_dir = out / "index"
@@ -210,4 +351,59 @@ def run_recipe(cfg: RecipeConfig, make_encoder: Callable[[str], Any], say: Calla
           {"model": shaped, "corpus": corpus}, output=str(index_dir))
     record["model"], record["index"] = model, str(index_dir)
     write_json(record_path, record)
+    if cfg.eval:
+        say(f"eval: dense, BM25 and hybrid search of {index_dir} on the queries of {cfg.eval}")
+        if make_searcher is None:
+            from ..retrieval.searcher import Searcher
+
+            make_searcher = Searcher.from_index
+        rows = evaluate_index(make_searcher(str(index_dir)), cfg.eval)
+        table = eval_table(rows, cfg.eval)
+        write_text(out / "eval.md", table)
+        write_json(out / "eval.json", rows)
+        record["eval"] = {"dir": str(Path(cfg.eval).resolve()), "rows": rows}
+        write_json(record_path, record)
+        say(table + f"(written to {out / 'eval.md'})")
+    else:
+        say(f"to measure what this bought on queries with judgments of this corpus (a BEIR directory DIR with "
+            f"queries.jsonl and qrels/test.tsv), run the same command again with --eval DIR: the stages done "
+            f"are not redone, the index is searched in dense, BM25 and hybrid mode and the table written to "
+            f"{out / 'eval.md'}")
     return record
+
+
+def _budget_steps(cfg: RecipeConfig, record: dict, model: str, train: Path, ft_cfg: FinetuneConfig,
+                  say: Callable[[str], None]) -> int:
+    """The fine-tuning steps that fit ``cfg.budget_minutes``, from a measured step (recorded, so a resumed
+    run keeps its choice)."""
+    out = Path(cfg.output)
+    prev = record.get("budget")
+    if prev and prev.get("budget_minutes") == cfg.budget_minutes and prev.get("pairs") == str(train):
+        say(f"budget: {prev['steps']} fine-tuning steps, as chosen before ({prev['why']})")
+        return prev["steps"]
+    probe = out / "probe"
+    if probe.exists():
+        shutil.rmtree(probe)
+    t0 = time.perf_counter()
+    finetune(model, str(train), finetune_train_config(
+        output_dir=str(probe), max_steps=PROBE_STEPS, batch_size=cfg.batch_size, save_every=0, seed=cfg.seed,
+        cpu=cfg.cpu, progress=False, export=False), ft_cfg)
+    probe_s = time.perf_counter() - t0
+    step_s, tokens_per_s = _step_seconds(probe / "train_log.jsonl")
+    shutil.rmtree(probe)
+    spent = sum(v.get("seconds", 0.0) for k, v in record.get("stages", {}).items() if k in ("adapt", "mine"))
+    overhead = max(probe_s - PROBE_STEPS * step_s, 0.0)  # model load + set-up, paid again by the real run
+    docs = sum(1 for _ in iter_jsonl(cfg.corpus))
+    # encoding is a forward pass only: about 3x the training step's tokens per second (forward + backward)
+    index_s = overhead + docs * cfg.max_passage_length / max(3 * tokens_per_s, 1e-9)
+    left = cfg.budget_minutes * 60 - spent - probe_s - index_s - 2 * overhead
+    steps = int(min(max(left // step_s, 1), BUDGET_MAX_STEPS))
+    why = (f"budget {cfg.budget_minutes:g} min; adaptation and pairs took {spent:.0f} s, the probe {probe_s:.0f} s; "
+           f"measured {step_s:.1f} s per fine-tuning step of {cfg.batch_size} x {cfg.group_size}; index of {docs} "
+           f"documents estimated at {index_s:.0f} s")
+    say(f"budget: {steps} fine-tuning steps ({why})" + (
+        "; the budget is too small for a useful fine-tuning (under 8 steps)" if steps < 8 else ""))
+    record["budget"] = {"budget_minutes": cfg.budget_minutes, "steps": steps, "step_s": round(step_s, 2),
+                        "index_estimate_s": round(index_s), "pairs": str(train), "why": why}
+    write_json(out / "recipe.json", record)
+    return steps
