@@ -10,7 +10,8 @@ from tiny_index import index_setup
 
 from llara.cli import main
 from llara.io import DataError
-from llara.retrieval.index import build_index, merge_indexes, parse_shard_spec
+from llara.retrieval.index import build_index, merge_indexes
+from llara.retrieval.store import parse_shard_spec
 from llara.retrieval.searcher import Hit, Searcher
 from llara.retrieval.store import iter_corpus, open_index
 

@@ -25,7 +25,7 @@ from ..pipelines.demo import DemoConfig
 from ..pipelines.recipe import RecipeConfig
 from ..prompts import get_template
 from ..retrieval.fusion import DEFAULT_ALPHA, DEFAULT_DEPTH, DEFAULT_RRF_K, FUSIONS, NORMALIZATIONS, FusionConfig
-from ..retrieval.index import parse_shard_spec
+from ..retrieval.store import parse_shard_spec
 from ..retrieval.mining import MiningConfig
 from ..retrieval.searcher import MODES
 from ..retrieval.store import MANIFEST, iter_corpus, read_manifest

@@ -33,33 +33,18 @@ from .. import __version__
 from ..io import DataError, atomic_path, passage_text, write_json
 from ..training.logging_utils import JsonlLog
 from .store import (BUILD_LOG, FAISS_FILE, FORMAT, FORMAT_VERSION, MANIFEST, SHARD_DIR, iter_corpus, load_embeddings,
-                    read_ids, read_manifest, setting_differences, sha256_file, verify_shard, write_shard)
+                    parse_shard_spec, read_ids, read_manifest, setting_differences, sha256_file, verify_shard,
+                    write_shard)
 
 log = logging.getLogger(__name__)
 
-__all__ = ["build_index", "merge_indexes", "new_faiss_index", "parse_shard_spec", "LocalEngine", "ShardJob",
+__all__ = ["build_index", "merge_indexes", "new_faiss_index", "LocalEngine", "ShardJob",
            "ShardResult"]
 
 DEFAULT_SHARD_SIZE = 10_000
 DEFAULT_TRAIN_SIZE = 200_000
 # Settings that must agree between an interrupted run and its resumption, or between merged parts.
 _SETTINGS = ("model", "shard_size", "factory", "corpus_documents")
-
-
-def parse_shard_spec(spec: "str | Sequence[int] | None") -> tuple[int, int] | None:
-    """``"i/n"`` or ``(i, n)`` -> ``(i, n)`` with ``0 <= i < n``; ``None`` stays ``None``."""
-    if spec is None:
-        return None
-    if isinstance(spec, str):
-        try:
-            i, n = (int(x) for x in spec.split("/"))
-        except ValueError:
-            raise ValueError(f"shard must look like i/n (e.g. 0/4), got {spec!r}") from None
-    else:
-        i, n = (int(x) for x in spec)
-    if n < 1 or not 0 <= i < n:
-        raise ValueError(f"shard {i}/{n}: need n >= 1 and 0 <= i < n")
-    return i, n
 
 
 def _iter_shards(path: Path, shard_size: int) -> Iterator[tuple[int, list[tuple[str, str, str]]]]:

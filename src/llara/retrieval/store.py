@@ -24,7 +24,7 @@ import os
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Iterator
+from typing import Iterator, Sequence
 
 import faiss
 import numpy as np
@@ -33,8 +33,8 @@ from ..io import DataError, iter_jsonl, json_line, save_npy, write_text
 
 __all__ = [
     "BUILD_LOG", "FAISS_FILE", "FORMAT", "FORMAT_VERSION", "MANIFEST", "SHARD_DIR", "TEXT_ROLES",
-    "DenseIndex", "iter_corpus", "load_embeddings", "open_index", "read_ids", "read_manifest", "read_titles",
-    "setting_differences", "sha256_file", "shard_files", "text_digest", "verify_shard", "write_shard",
+    "DenseIndex", "iter_corpus", "load_embeddings", "open_index", "parse_shard_spec", "read_ids", "read_manifest",
+    "read_titles", "setting_differences", "sha256_file", "shard_files", "text_digest", "verify_shard", "write_shard",
 ]
 
 MANIFEST = "manifest.json"
@@ -327,3 +327,19 @@ def open_index(index_dir: "str | os.PathLike", *, verify: bool = True) -> DenseI
         raise DataError(path, None, f"FAISS index holds {index.ntotal} x {index.d}, the manifest "
                                     f"{len(ids)} x {manifest['dimension']}")
     return DenseIndex(d, manifest, index, ids, titles)
+
+
+def parse_shard_spec(spec: "str | Sequence[int] | None") -> tuple[int, int] | None:
+    """``"i/n"`` or ``(i, n)`` -> ``(i, n)`` with ``0 <= i < n``; ``None`` stays ``None``."""
+    if spec is None:
+        return None
+    if isinstance(spec, str):
+        try:
+            i, n = (int(x) for x in spec.split("/"))
+        except ValueError:
+            raise ValueError(f"shard must look like i/n (e.g. 0/4), got {spec!r}") from None
+    else:
+        i, n = (int(x) for x in spec)
+    if n < 1 or not 0 <= i < n:
+        raise ValueError(f"shard {i}/{n}: need n >= 1 and 0 <= i < n")
+    return i, n
