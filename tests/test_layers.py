@@ -213,14 +213,19 @@ def test_every_import_names_the_module_that_defines_the_name():
     assert [hit for p, m in files.items() for hit in passed_on_names(p, m, mods)] == []
 
 
+def fake_package(root: Path, files: dict[str, str]) -> Path:
+    """A package ``llara`` under ``root`` with the given files (paths relative to the package)."""
+    for rel, text in files.items():
+        path = root / "llara" / rel
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(text)
+    return root / "llara"
+
+
 def test_the_check_sees_names_passed_on(tmp_path):
-    pkg = tmp_path / "llara"
-    (pkg / "data").mkdir(parents=True)
-    (pkg / "__init__.py").write_text("")
-    (pkg / "io.py").write_text("def passage_text(): pass\n")
-    (pkg / "data" / "__init__.py").write_text("")
-    (pkg / "data" / "beir.py").write_text("from ..io import passage_text\nif True:\n    X = 1\n"
-                                          "__all__ = ['passage_text', 'X', 'load']\ndef load(): pass\n")
+    fake_package(tmp_path, {"__init__.py": "", "io.py": "def passage_text(): pass\n", "data/__init__.py": "",
+                            "data/beir.py": "from ..io import passage_text\nif True:\n    X = 1\n"
+                                            "__all__ = ['passage_text', 'X', 'load']\ndef load(): pass\n"})
     user = tmp_path / "user.py"
     user.write_text("from llara.data.beir import X, load, passage_text\nfrom llara.io import passage_text\n"
                     "from llara.data import beir\n")
@@ -233,15 +238,10 @@ def test_the_check_sees_names_passed_on(tmp_path):
 
 
 def test_the_check_sees_relative_lazy_and_submodule_imports(tmp_path):
-    pkg = tmp_path / "llara"
-    (pkg / "retrieval").mkdir(parents=True)
-    (pkg / "__init__.py").write_text("")
-    (pkg / "io.py").write_text("")
-    (pkg / "retrieval" / "__init__.py").write_text("")
-    (pkg / "retrieval" / "mining.py").write_text("def f():\n    from ..evaluation import metrics\n")
-    (pkg / "evaluation").mkdir()
-    (pkg / "evaluation" / "__init__.py").write_text("")
-    (pkg / "evaluation" / "metrics.py").write_text("from llara.io import x\nfrom ..retrieval import mining\n")
+    fake_package(tmp_path, {"__init__.py": "", "io.py": "", "retrieval/__init__.py": "",
+                            "retrieval/mining.py": "def f():\n    from ..evaluation import metrics\n",
+                            "evaluation/__init__.py": "",
+                            "evaluation/metrics.py": "from llara.io import x\nfrom ..retrieval import mining\n"})
     mods = modules(tmp_path)
     g = {m: imports(m, p, set(mods)) for m, p in mods.items()}
     assert g["llara.retrieval.mining"] == {"llara.evaluation.metrics"}
@@ -254,15 +254,12 @@ def test_the_check_sees_relative_lazy_and_submodule_imports(tmp_path):
 
 
 def test_the_check_sees_private_names_imported_or_read_through_a_module(tmp_path):
-    pkg = tmp_path / "llara"
-    (pkg / "retrieval").mkdir(parents=True)
-    (pkg / "__init__.py").write_text("__version__ = '0'\n")
-    (pkg / "retrieval" / "__init__.py").write_text("")
-    (pkg / "retrieval" / "index.py").write_text("def _read(): pass\ndef sha(): pass\n")
-    (pkg / "retrieval" / "check.py").write_text(
-        "from .. import __version__\nfrom .index import _read, sha\nfrom . import index as ix\n"
-        "import llara.retrieval.index as ix2\nfrom typing import _SpecialForm\n"
-        "def f():\n    return ix._verify(), ix2._x, ix.__name__, sha._y\n")
+    fake_package(tmp_path, {"__init__.py": "__version__ = '0'\n", "retrieval/__init__.py": "",
+                            "retrieval/index.py": "def _read(): pass\ndef sha(): pass\n",
+                            "retrieval/check.py":
+                                "from .. import __version__\nfrom .index import _read, sha\nfrom . import index as ix\n"
+                                "import llara.retrieval.index as ix2\nfrom typing import _SpecialForm\n"
+                                "def f():\n    return ix._verify(), ix2._x, ix.__name__, sha._y\n"})
     mods = modules(tmp_path)
     hits = private_imports("llara.retrieval.check", mods["llara.retrieval.check"], set(mods))
     assert sorted(hits) == ["llara.retrieval.check:2 imports _read from llara.retrieval.index",
