@@ -153,6 +153,7 @@ def test_serve_on_a_busy_port_fails_before_loading(built_index, capsys, no_model
     (["--max-pending", "4", "--max-batch", "8"], "--max-pending (4) must be >= --max-batch (8)"),
     (["--body-timeout", "0"], "--body-timeout must be > 0"),
     (["--port", "70000"], "--port must be 0-65535"),
+    (["--max-batch-tokens", "0"], "--max-batch-tokens must be >= 1"),
 ])
 def test_serve_limits_are_checked_first(flags, message, built_index, capsys, no_model_loads):
     assert main(["serve", "--index", str(built_index), *flags]) == 2

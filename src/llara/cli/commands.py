@@ -150,7 +150,7 @@ def cmd_serve(args) -> int:
         max_body_bytes=cfg.max_body_bytes, verify=cfg.verify, max_pending=cfg.max_pending,
         head_timeout=cfg.head_timeout, body_timeout=cfg.body_timeout, keep_alive=cfg.keep_alive, model=cfg.model,
         max_inputs=cfg.max_inputs, model_name=cfg.model_name, default_input_type=cfg.default_input_type,
-        api_key=cfg.api_key)
+        api_key=cfg.api_key, max_batch_tokens=cfg.max_batch_tokens)
     return 0
 
 

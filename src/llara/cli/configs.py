@@ -403,6 +403,8 @@ class ServeConfig(IndexLocation):
     max_pending: int | None = option(None, "queries and texts waiting for the encoder before new requests get 429 + "
                                            "Retry-After (default: 8 x --max-batch)")
     max_inputs: int | None = option(None, "texts per POST /v1/embeddings request (default: --max-pending)")
+    max_batch_tokens: int | None = option(None, "padded tokens per forward pass (as text-embeddings-inference's "
+                                                "--max-batch-tokens): a micro-batch over it runs as several passes")
     model_name: str | None = option(None, "the model name /v1/embeddings expects and /v1/models lists (default: the "
                                           "model's id, e.g. its directory name)")
     default_input_type: str | None = option(None, "the side /v1/embeddings embeds when a request has no input_type "
@@ -422,7 +424,7 @@ class ServeConfig(IndexLocation):
             raise ValueError(f"--port must be 0-65535, got {self.port}")
         positive(max_batch=self.max_batch, max_k=self.max_k, max_query_chars=self.max_query_chars,
                  max_body_bytes=self.max_body_bytes, max_pending=self.max_pending, keep_alive=self.keep_alive,
-                 max_inputs=self.max_inputs)
+                 max_inputs=self.max_inputs, max_batch_tokens=self.max_batch_tokens)
         if self.model is not None:
             check_model(self.model)
         if self.api_key is not None and not self.api_key.strip():
