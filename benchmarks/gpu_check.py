@@ -140,8 +140,12 @@ def check_joint_pass(args, device: torch.device) -> dict:
 
 
 # --------------------------------------------------------------------------- 2. pretrain / finetune
+def _log_rows(log: Path) -> list[dict]:
+    return [json.loads(line) for line in log.read_text().splitlines() if line.strip()]
+
+
 def _log_summary(run_dir: Path) -> dict:
-    rows = [json.loads(line) for line in (run_dir / "train_log.jsonl").read_text().splitlines() if line.strip()]
+    rows = _log_rows(run_dir / "train_log.jsonl")
     tps = [r["tokens_per_s"] for r in rows[1:] if r.get("tokens_per_s")]  # step 1 includes warm-up
     return {"steps": len(rows), "first_loss": rows[0]["loss"], "last_loss": rows[-1]["loss"],
             "median_tokens_per_s": round(statistics.median(tps), 1) if tps else None,
@@ -238,9 +242,6 @@ def _rates(args, device, tps: float, fwd: float, extra_forwards: float) -> dict:
             "mfu": round(model_tflops / peak, 4) if peak else None, "hfu": round(hw_tflops / peak, 4) if peak else None}
 
 
-def _timed_rows(log: Path) -> list[dict]:
-    rows = [json.loads(line) for line in log.read_text().splitlines() if line.strip()]
-    return rows
 
 
 def _train_cfg(args, device, out: Path, steps: int, **kw):
@@ -266,7 +267,7 @@ def _adapt_run(args, device, work: Path, tok, checkpointing: bool) -> dict:
     result = pretrain("random-shape", [str(DEMO / "corpus.jsonl")], cfg, PretrainDataConfig(chunk_tokens=args.big_chunk_tokens),
                       PretrainLossConfig(), model=model, tokenizer=tok)
     _sync(device)
-    rows = _timed_rows(out / "train_log.jsonl")
+    rows = _log_rows(out / "train_log.jsonl")
     tps = statistics.median(r["tokens_per_s"] for r in rows[1:])  # step 1: kernels, allocator warm-up
     seq = args.big_chunk_tokens + 30  # the joint input: chunk + LLaRA's two prompts (about 30 tokens)
     row = {"gradient_checkpointing": checkpointing, "batch_size": args.big_batch, "chunk_tokens": args.big_chunk_tokens,
@@ -397,9 +398,8 @@ def check_contrastive(args, device: torch.device, work: Path) -> dict:
     tcfg = _train_cfg(args, device, out_dir, args.big_steps, batch_size=args.ft_batch)
     result = finetune("random-shape", str(train), tcfg, cfg, model=model, tokenizer=tok)
     _sync(device)
-    rows = _timed_rows(out_dir / "train_log.jsonl")
+    rows = _log_rows(out_dir / "train_log.jsonl")
     tps = statistics.median(r["tokens_per_s"] for r in rows[1:])
-    info = json.loads((out_dir / "train_log.jsonl").read_text().splitlines()[0])
     del result, model
     # Real tokens per sequence vary; FLOPs of attention use the padded passage length (an upper bound).
     fwd = _forward_flops(args, matmul, 160)
@@ -407,7 +407,7 @@ def check_contrastive(args, device: torch.device, work: Path) -> dict:
             "grad_cache_chunk": "auto" if args.gc_chunk == -1 else args.gc_chunk, "steps": len(rows),
             "losses": [r["loss"] for r in rows], "tokens_per_s": round(tps, 1),
             "tokens_per_s_by_step": [r.get("tokens_per_s") for r in rows], "peak_memory_gib": _peak_gib(device),
-            "logged_peak_memory_gb": info.get("peak_memory_gb"),
+            "logged_peak_memory_gb": rows[-1].get("peak_memory_gb"),
             **_rates(args, device, tps, fwd, 1.0)}
 
 

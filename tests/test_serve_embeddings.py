@@ -385,15 +385,13 @@ def test_impossible_limits_fail_at_creation(searcher, kwargs, message):
 
 def test_a_token_budget_splits_micro_batches_without_changing_vectors(searcher):
     """--max-batch-tokens: a micro-batch over the budget runs as several forward passes, same vectors."""
-    from llara.serve.app import token_budget
-
     texts = [passage_text(d) for d in (json.loads(line) for line in searcher.corpus_path.read_text().splitlines())]
     plain = llara_encoder()
-    budgeted = token_budget(llara_encoder(), 256)
+    budgeted = llara_encoder().set_max_batch_tokens(256)
     assert budgeted.max_batch_tokens == 256
     for side in ("query", "passage"):
         shapes = [b.input_ids.shape for _, b in budgeted.batches(texts, side)]
         assert len(shapes) > 1 and all(rows * length <= 256 for rows, length in shapes)
         np.testing.assert_allclose(budgeted.encode(texts, side), plain.encode(texts, side), rtol=0, atol=1e-6)
     with pytest.raises(ValueError, match="max_batch_tokens=8 is below one"):
-        token_budget(llara_encoder(), 8)
+        llara_encoder().set_max_batch_tokens(8)

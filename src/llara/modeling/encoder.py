@@ -228,6 +228,15 @@ class Encoder:
         for b in self._plan(self.template.prepare(texts), side, sides, batch_size, max_batch_tokens, pin=False):
             yield b.rows, b.packed
 
+    def set_max_batch_tokens(self, max_batch_tokens: int | None) -> "Encoder":
+        """Bound the padded tokens of every forward pass (None: rows only), checked against both sides'
+        maximum lengths first; a call over the budget runs as several passes, with the same vectors."""
+        if max_batch_tokens is not None:
+            for side in self.max_length:
+                self.limits(side, max_batch_tokens=max_batch_tokens)  # ValueError naming the least budget
+        self.max_batch_tokens = max_batch_tokens
+        return self
+
     def limits(self, side: str, batch_size: int | None = None, max_batch_tokens: int | None = None
                ) -> tuple[int | None, int | None]:
         """(rows, padded tokens) per batch for ``side``: the arguments, else the encoder's. A token

@@ -438,17 +438,6 @@ def _is_loopback(host: str) -> bool:
         return False
 
 
-def token_budget(encoder, max_batch_tokens: int | None):
-    """Bound the padded tokens of each forward pass of ``encoder`` (as text-embeddings-inference's
-    ``--max-batch-tokens``): a micro-batch over the budget runs as several passes, in order, with the
-    same vectors. The budget must hold one query and one passage of their maximum lengths."""
-    if max_batch_tokens:
-        for side in ("query", "passage"):
-            encoder.limits(side, max_batch_tokens=max_batch_tokens)  # ValueError naming the least budget
-        encoder.max_batch_tokens = int(max_batch_tokens)
-    return encoder
-
-
 def run(
     index_dir: "str | os.PathLike | None",
     host: str = "127.0.0.1",
@@ -472,7 +461,7 @@ def run(
     served for embeddings only; with both, ``model`` replaces the one the index's manifest names.
     ``api_key`` (default: the environment variable ``LLARA_API_KEY``) turns on Bearer authentication.
     ``max_batch_tokens`` bounds the padded tokens of one forward pass: a micro-batch over it runs as
-    several passes (see :func:`token_budget`).
+    several passes (:meth:`~llara.modeling.encoder.Encoder.set_max_batch_tokens`).
 
     uvicorn's ``limit_concurrency`` is left off on purpose: it counts open connections, so idle
     sockets would turn real requests away; load is bounded by ``max_pending`` instead, and idle or
@@ -499,12 +488,12 @@ def run(
             from ..modeling.encoder import Encoder
 
             encoder = Encoder.from_pretrained(model, device=device, runtime=runtime or "torch", show_progress=False)
-            return token_budget(encoder, max_batch_tokens)
+            return encoder.set_max_batch_tokens(max_batch_tokens)
         from ..retrieval.searcher import Searcher
 
         searcher = Searcher.from_index(index_dir, device=device, model=model, params=params, verify=verify,
                                        backend=backend, collection=collection, runtime=runtime)
-        token_budget(searcher.encoder, max_batch_tokens)
+        searcher.encoder.set_max_batch_tokens(max_batch_tokens)
         return searcher
 
     metrics = Metrics()

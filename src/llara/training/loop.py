@@ -165,8 +165,7 @@ def train(
     if checkpointing == "auto":
         checkpointing = False
         if step_tokens is not None:
-            plan = plan_for(model, acc.device, precision=precision, lora=config.lora and not is_peft_model(model),
-                            memory_gb=config.memory_gb)
+            plan = plan_for(model, acc.device, precision=precision, lora=config.lora, memory_gb=config.memory_gb)
             tokens_, seq_ = step_tokens
             checkpointing = plan.checkpointing(tokens_, seq_)
             logger.info("memory: %s -> gradient checkpointing %s", plan.describe(tokens_, seq_, checkpointing),

@@ -11,8 +11,8 @@ The activation estimate follows Korthikanti et al. 2022 ("Reducing Activation Re
 Transformer Models"), counted for a LLaMA-style layer (RMSNorm in fp32, SwiGLU MLP with
 ``intermediate_size``, rotary q/k) plus the LoRA dropout copies of each adapted projection's input.
 Checked against a measured run: a LLaMA-2-7B shape, LoRA r64, bf16, 8 x 510 tokens, no
-checkpointing, peaked at 45.5 GiB on an H200; this estimate gives 51 GiB (about 12% high, on the
-safe side).
+checkpointing, peaked at 45.5 GiB on an H200 (75.7 GiB at batch 16); this estimate gives 47.2 GiB
+(78.8 GiB): about 4% high, on the safe side.
 
 The budget is ``memory_gb`` when set; otherwise 90% of the GPU's free memory (plus what this process
 already reserved there), or on a CPU the smaller of 60% of the available RAM (plus this process's
