@@ -25,7 +25,8 @@ from llara.modeling.encoder import Encoder  # noqa: E402
 from llara.retrieval.index import build_index  # noqa: E402
 from llara.retrieval.store import open_index  # noqa: E402
 from llara.retrieval.searcher import Hit, Searcher  # noqa: E402
-from llara.serve.app import ROUTES, Service, create_app, route_of  # noqa: E402
+from llara.serve.app import ROUTES, create_app, route_of  # noqa: E402
+from llara.serve.readiness import Service  # noqa: E402
 from llara.serve.batching import token_counts  # noqa: E402
 from llara.serve.metrics import Metrics, MetricsMiddleware  # noqa: E402
 
