@@ -27,12 +27,12 @@ Reproduce (from the repository root, after benchmarks/learning_curve.py has its 
     .venv/bin/python benchmarks/recipe.py --stage user
 
 ``--stage compare`` (issue 21) runs `llara recipe` end to end on whole dev corpora (--compare-datasets) with
-the old defaults (``--pairs squad``) and a new pair mix (--compare-pairs), for each --compare-seeds, each run
-ending with its own ``--eval`` of the collection's test queries (dense, BM25, hybrid through the index it
+the old defaults (OLD_DEFAULTS, spelled out) and with this version's defaults, for each --compare-seeds, each
+run ending with its own ``--eval`` of the collection's test queries (dense, BM25, hybrid through the index it
 built), and writes the table side by side with the wall time per stage:
 
-    .venv/bin/python benchmarks/recipe.py --stage compare --compare-pairs squad:1,title:1,ict:1 \
-        --compare-datasets scifact cranfield med cisi --compare-seeds 0 1
+    .venv/bin/python benchmarks/recipe.py --stage compare --compare-datasets med cisi cranfield adi \
+        --compare-seeds 0 1
 
 Writes benchmarks/results/recipe.{md,json} (recipe_compare.{md,json} for --stage compare); runs go to
 runs/bench/recipe/.
@@ -41,6 +41,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import shutil
 from pathlib import Path
 
 import numpy as np
@@ -255,54 +256,89 @@ def user_run(args) -> None:
     print(json.dumps(result, indent=1))
 
 
+# The recipe's defaults before issue 21, spelled out (so that this stays the old recipe when defaults change).
+OLD_DEFAULTS = ["--pairs", "squad", "--finetune-steps", "32", "--adapt-steps", "50", "--batch-size", "8",
+                "--group-size", "2", "--max-passage-length", "96"]
+
+
+def _share_adaptation(done: Path, out: Path) -> None:
+    """Start ``out`` with the adaptation of ``done`` (same corpus, seed and adaptation settings: the new
+    defaults change only later stages), so that one adaptation serves both recipes."""
+    if (out / "recipe.json").is_file() or not (done / "adapt" / "final" / "llara.json").is_file():
+        return
+    record = json.loads((done / "recipe.json").read_text())
+    out.mkdir(parents=True, exist_ok=True)
+    shutil.copytree(done / "adapt", out / "adapt")
+    write_json(out / "recipe.json", {"stages": {"adapt": record["stages"]["adapt"]}, "adapt_shared_from": str(done)})
+
+
 def compare(args) -> None:
-    """`llara recipe` with --pairs squad (the old defaults) and --compare-pairs, whole corpora, --eval each."""
+    """`llara recipe` with the old defaults and with this version's, whole corpora, --eval each."""
     out_json = RESULTS / "recipe_compare.json"
     rows = json.loads(out_json.read_text()) if out_json.is_file() else []
-    done = {(r["pairs"], r["dataset"], r["seed"]) for r in rows}
+    done = {(r["recipe"], r["dataset"], r["seed"]) for r in rows}
+    recipes = {"old": OLD_DEFAULTS, "new": list(args.compare_extra)}
     for seed in args.compare_seeds:
         for name in args.compare_datasets:
-            for pairs in ("squad", args.compare_pairs):
-                if (pairs, name, seed) in done:
+            for label, flags in recipes.items():
+                if (label, name, seed) in done:
                     continue
                 ds = DATA / name
-                out = RUNS / "compare" / f"{pairs.replace(':', '').replace(',', '_')}_{name}_s{seed}"
-                used = pairs
-                if "title" in pairs and not any(row.get("title", "").strip() for _, row in iter_jsonl(ds / "corpus.jsonl")):
-                    # a corpus without titles (med) cannot make title pairs: the rest of the mix
-                    used = ",".join(x for x in pairs.split(",") if x.partition(":")[0] != "title")
+                out = RUNS / "compare" / f"{label}_{name}_s{seed}"
+                if label == "new":
+                    _share_adaptation(RUNS / "compare" / f"old_{name}_s{seed}", out)
                 with lc.heavy(args):
-                    ft.run([ft.LLARA, "recipe", "--corpus", str(ds / "corpus.jsonl"), "--output", str(out), "--pairs",
-                            used, "--seed", str(seed), "--eval", str(ds), "--no-progress"]
-                           + args.compare_extra, out.with_suffix(".log"))
+                    ft.run([ft.LLARA, "recipe", "--corpus", str(ds / "corpus.jsonl"), "--output", str(out),
+                            "--seed", str(seed), "--eval", str(ds), "--no-progress"] + flags, out.with_suffix(".log"))
                 record = json.loads((out / "recipe.json").read_text())
-                rows.append({"pairs": pairs, "pairs_used": used, "dataset": name, "seed": seed,
-                             "docs": sum(1 for _ in open(ds / "corpus.jsonl")),
+                rows.append({"recipe": label, "flags": flags, "config": record["config"], "dataset": name,
+                             "seed": seed, "docs": sum(1 for _ in open(ds / "corpus.jsonl")),
+                             "adapt_shared_from": record.get("adapt_shared_from"),
                              "eval": {r["mode"]: {"ndcg@10": r["ndcg@10"], "recall@100": r["recall@100"]}
                                       for r in record["eval"]["rows"]},
                              "stages": {k: v["seconds"] for k, v in record["stages"].items()},
-                             "extra": args.compare_extra, "machine": machine()})
+                             "machine": machine()})
                 write_json(out_json, rows)
-    lines = ["# `llara recipe` end to end: old defaults (`--pairs squad`) vs the pairs made from the corpus", "",
-             "Whole dev corpora; each run evaluates the index it built (`--eval`) on the collection's test queries. "
-             f"Machine: {machine()}.", "",
-             "| collection | seed | pairs | BM25 | dense | hybrid | adapt / mine / finetune / index (s) |",
-             "|---|---|---|---|---|---|---|"]
-    for r in sorted(rows, key=lambda r: (r["dataset"], r["seed"], r["pairs"] != "squad")):
+    report_compare(rows, args)
+
+
+def report_compare(rows: list[dict], args) -> None:
+    lines = ["# `llara recipe` end to end: the old defaults against this version's", "",
+             "Whole dev corpora; each run evaluates the index it built (`--eval`: dense, BM25 and hybrid "
+             "search of that index) on the collection's test queries, nDCG@10. Old: `"
+             + " ".join(OLD_DEFAULTS) + "`; new: the defaults" + (f" plus `{' '.join(args.compare_extra)}`"
+                                                                   if args.compare_extra else "")
+             + ". The new run of a (collection, seed) starts from the old run's adaptation (the same stage "
+             f"with the same settings; its time is counted once, in the old row). Machine: {machine()}.", "",
+             "| collection | seed | recipe | BM25 | dense | hybrid | hybrid / BM25 | adapt / mine / finetune / index (s) |",
+             "|---|---|---|---|---|---|---|---|"]
+    for r in sorted(rows, key=lambda r: (r["dataset"], r["seed"], r["recipe"] != "old")):
         e, st = r["eval"], r["stages"]
-        lines.append(f"| {r['dataset']} ({r['docs']}) | {r['seed']} | `{r['pairs']}` | {e['bm25']['ndcg@10']:.3f} | "
+        shared = r.get("adapt_shared_from")
+        lines.append(f"| {r['dataset']} ({r['docs']}) | {r['seed']} | {r['recipe']} | {e['bm25']['ndcg@10']:.3f} | "
                      f"{e['dense']['ndcg@10']:.3f} | {e['hybrid']['ndcg@10']:.3f} | "
-                     + " / ".join(f"{st.get(k, 0):.0f}" for k in ("adapt", "mine", "finetune", "index")) + " |")
-    for pairs in ("squad", args.compare_pairs):
-        mine = [r for r in rows if r["pairs"] == pairs]
-        if mine:
-            lines.append(f"| **mean** ({len(mine)} runs) | | `{pairs}` | "
-                         + " | ".join(f"{np.mean([r['eval'][m]['ndcg@10'] for r in mine]):.3f}"
-                                      for m in ("bm25", "dense", "hybrid")) + " | |")
-    lines += ["", "```bash", ".venv/bin/python benchmarks/recipe.py --stage compare --compare-pairs "
-              f"{args.compare_pairs} --compare-datasets {' '.join(args.compare_datasets)} --compare-seeds "
-              f"{' '.join(map(str, args.compare_seeds))}" + "".join(f" --compare-extra={x}" for x in args.compare_extra),
-              "```", ""]
+                     f"{e['hybrid']['ndcg@10'] / e['bm25']['ndcg@10']:.2f} | "
+                     + " / ".join("shared" if k == "adapt" and shared else f"{st.get(k, 0):.0f}"
+                                  for k in ("adapt", "mine", "finetune", "index")) + " |")
+    lines += ["", "Mean over the runs of each recipe (the same collections and seeds):", "",
+              "| recipe | runs | BM25 | dense | dense / BM25 | hybrid | hybrid / BM25 |", "|---|---|---|---|---|---|---|"]
+    keys = {(r["dataset"], r["seed"]) for r in rows if r["recipe"] == "old"} & \
+        {(r["dataset"], r["seed"]) for r in rows if r["recipe"] == "new"}
+    means = {}
+    for label in ("old", "new"):
+        mine = [r for r in rows if r["recipe"] == label and (r["dataset"], r["seed"]) in keys]
+        if not mine:
+            continue
+        m = {k: float(np.mean([r["eval"][k]["ndcg@10"] for r in mine])) for k in ("bm25", "dense", "hybrid")}
+        means[label] = m
+        lines.append(f"| {label} | {len(mine)} | {m['bm25']:.3f} | {m['dense']:.3f} | {m['dense'] / m['bm25']:.2f} | "
+                     f"{m['hybrid']:.3f} | {m['hybrid'] / m['bm25']:.2f} |")
+    if len(means) == 2:
+        lines += ["", f"Dense nDCG@10, new - old: **{means['new']['dense'] - means['old']['dense']:+.3f}** "
+                      "(mean over the same collections and seeds)."]
+    lines += ["", "```bash", ".venv/bin/python benchmarks/recipe.py --stage compare --compare-datasets "
+              f"{' '.join(args.compare_datasets)} --compare-seeds {' '.join(map(str, args.compare_seeds))}"
+              + "".join(f" --compare-extra={x}" for x in args.compare_extra), "```", ""]
     (RESULTS / "recipe_compare.md").write_text("\n".join(lines))
     print("\n".join(lines))
 
@@ -310,12 +346,11 @@ def compare(args) -> None:
 def main(argv=None) -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--stage", choices=["all", "run", "user", "long", "report", "compare"], default="all")
-    p.add_argument("--compare-pairs", default="squad:1,title:1,ict:1", help="--stage compare: the new pair mix")
-    p.add_argument("--compare-datasets", nargs="+", default=["scifact", "cranfield", "med", "cisi"])
+    p.add_argument("--compare-datasets", nargs="+", default=["med", "cisi", "cranfield", "adi"])
     p.add_argument("--compare-seeds", nargs="+", type=int, default=[0, 1])
     p.add_argument("--compare-extra", action="append", default=[],
-                   help="--stage compare: one more `llara recipe` argument for every run (repeatable), "
-                        "e.g. --compare-extra=--finetune-steps=64")
+                   help="--stage compare: one more `llara recipe` argument for the new recipe's runs "
+                        "(repeatable), e.g. --compare-extra=--finetune-steps=64")
     p.add_argument("--long-length", type=int, default=256, help="passage length of --stage long")
     p.add_argument("--long-baseline", action="store_true", help="--stage long: the baseline too")
     p.add_argument("--user-dataset", default="cisi", help="the dev collection whose corpus --stage user runs on")

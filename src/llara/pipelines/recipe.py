@@ -69,7 +69,7 @@ class RecipeConfig:
     adapt_lr: float = _f(5e-5, "adaptation learning rate")
     adapt_batch_size: int = _f(8, "(chunk, next chunk) pairs per adaptation step")
     chunk_tokens: int = _f(96, "adaptation chunk length")
-    finetune_steps: int = _f(32, "fine-tuning steps; 0: none")
+    finetune_steps: int = _f(128, "fine-tuning steps; 0: none")
     batch_size: int = _f(8, "queries per fine-tuning step")
     group_size: int = _f(2, "passages per query: 1 positive + group_size - 1 hard negatives (+ in-batch negatives)")
     negatives: int = _f(7, "BM25 hard negatives mined per query (fine-tuning samples group_size - 1 of them)")
