@@ -90,8 +90,9 @@ def _num_tokens(batch) -> torch.Tensor:
     return batch["query"]["attention_mask"].sum() + batch["passage"]["attention_mask"].sum()
 
 
-def memory_plan(model, train_cfg: TrainConfig, cfg: FinetuneConfig) -> tuple[int, int, int]:
-    """(GradCache chunk, tokens, sequence length) of the largest forward pass with a graph.
+def memory_plan(model, train_cfg: TrainConfig, cfg: FinetuneConfig) -> tuple[int, int, int, str]:
+    """(GradCache chunk, tokens, sequence length) of the largest forward pass with a graph, and the
+    choice in words when it was made here (the training loop logs it beside its checkpointing one).
 
     A fixed ``grad_cache_chunk`` is kept; -1 chooses from the memory budget (``memory.py``): a plain
     step when the whole batch's graph fits, else the largest power-of-two chunk that fits. The
@@ -103,7 +104,7 @@ def memory_plan(model, train_cfg: TrainConfig, cfg: FinetuneConfig) -> tuple[int
     q, p = train_cfg.batch_size, train_cfg.batch_size * cfg.group_size
     seq = max(cfg.max_query_length, cfg.max_passage_length)
     whole = q * cfg.max_query_length + p * cfg.max_passage_length
-    chunk = cfg.grad_cache_chunk
+    chunk, choice = cfg.grad_cache_chunk, ""
     if chunk == -1:
         device = "cpu" if train_cfg.cpu or not torch.cuda.is_available() else "cuda"
         plan = plan_for(model, device, precision=resolve_precision(train_cfg), lora=train_cfg.lora,
@@ -111,9 +112,10 @@ def memory_plan(model, train_cfg: TrainConfig, cfg: FinetuneConfig) -> tuple[int
         checkpointing = train_cfg.gradient_checkpointing is True
         chunk = choose_chunk(plan, q + p, seq, whole, checkpointing)
         tokens = whole if chunk == 0 else chunk * seq
-        log.info("memory: %s -> %s", plan.describe(tokens, seq, checkpointing),
-                 "plain step" if chunk == 0 else f"GradCache, chunks of {chunk} sequences")
-    return chunk, (whole if chunk == 0 else chunk * seq), seq
+        choice = "plain step" if chunk == 0 else f"GradCache, chunks of {chunk} sequences"
+        if train_cfg.gradient_checkpointing != "auto":  # else the loop's memory line says it
+            log.info("memory: %s -> %s", plan.describe(tokens, seq, checkpointing), choice)
+    return chunk, (whole if chunk == 0 else chunk * seq), seq, choice
 
 
 def make_loss_fn(cfg: FinetuneConfig, grad_accum: int = 1):
@@ -175,8 +177,9 @@ def finetune(model_spec: str, data_path: str, train_cfg: TrainConfig, cfg: Finet
     slot_ids = tokenizer.convert_tokens_to_ids(list(template.slot_tokens)) if template.slot_tokens else []
     extra = {"finetune": asdict(cfg), "finetune_data": str(data_path), "base_model": model_spec,
              "max_query_length": cfg.max_query_length, "max_passage_length": cfg.max_passage_length}
-    chunk, tokens, seq = memory_plan(model, train_cfg, cfg)
+    chunk, tokens, seq, choice = memory_plan(model, train_cfg, cfg)
     cfg = replace(cfg, grad_cache_chunk=chunk)
     extra["finetune"] = asdict(cfg)
     return train(model, tokenizer, data, make_loss_fn(cfg, train_cfg.grad_accum), train_cfg, template=template,
-                 trainable_token_ids=slot_ids, export_extra=extra, step_tokens=(tokens, seq))
+                 trainable_token_ids=slot_ids, export_extra=extra, step_tokens=(tokens, seq),
+                 step_plan=choice)

@@ -126,6 +126,7 @@ def train(
     accelerator=None,
     export_extra: dict[str, Any] | None = None,
     step_tokens: tuple[int, int] | None = None,
+    step_plan: str = "",
 ) -> TrainResult:
     """Train ``model`` on ``data`` with ``compute_loss``; see the module docstring.
 
@@ -134,6 +135,8 @@ def train(
     accelerator: an ``accelerate.Accelerator`` (default: one built from the config).
     step_tokens: (tokens in one forward pass with a graph, tokens per sequence) of a micro-batch at
     most, for ``gradient_checkpointing='auto'`` (see ``memory.py``); without it 'auto' is off.
+    step_plan: what the caller's memory plan chose for the step (e.g. "GradCache, chunks of 8
+    sequences"), logged on the same line as the checkpointing decision.
     """
     from accelerate.utils import DistributedType, set_seed
 
@@ -168,8 +171,8 @@ def train(
             plan = plan_for(model, acc.device, precision=precision, lora=config.lora, memory_gb=config.memory_gb)
             tokens_, seq_ = step_tokens
             checkpointing = plan.checkpointing(tokens_, seq_)
-            logger.info("memory: %s -> gradient checkpointing %s", plan.describe(tokens_, seq_, checkpointing),
-                        "on" if checkpointing else "off")
+            logger.info("memory: %s -> %sgradient checkpointing %s", plan.describe(tokens_, seq_, checkpointing),
+                        f"{step_plan}, " if step_plan else "", "on" if checkpointing else "off")
     model = prepare_model(model, config, token_ids, precision, acc.device.type, checkpointing=bool(checkpointing))
     optimizer = build_optimizer(model, config)
     num_steps = total_steps(config, data, acc.num_processes)
