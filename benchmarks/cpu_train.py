@@ -3,6 +3,9 @@ the peak resident memory of ``llara finetune`` with its defaults.
 
 1. ``matmul``: GFLOP/s of a 2048-cube matmul in bf16 and fp32 (best of 5), measured before and after
    the training runs (the mean is the limit; both are reported, so a machine whose load changed shows).
+   Then ``model_shapes``: the same in bf16 at this model's own product shapes (its projections, and the
+   LM head for pretraining, forward and activation gradient, at a micro-batch's rows): the ceiling its
+   matmuls can reach here, which the step's ratio is also given against.
 2. ``pretrain``: ``llara pretrain`` (full fine-tuning, precision auto) on the embedded model:
    median tokens/s after the first step; ratio = 6 x parameters x tokens/s / the bf16 matmul limit.
 3. ``finetune``: ``llara finetune`` (LoRA, its defaults but for the batch shape given) on BM25-mined
@@ -48,6 +51,45 @@ def matmul_gflops(dtype: torch.dtype, n: int = 2048, repeats: int = 5) -> float:
     return 2 * n**3 / best / 1e9
 
 
+def model_shape_gflops(model: str, tokens: int, lm_head: bool, repeats: int = 5) -> dict:
+    """bf16 GFLOP/s of the model's own products at ``tokens`` rows (one micro-batch): each projection of
+    a decoder layer (and the LM head when ``lm_head``) forward (x @ W^T) and for the activation
+    gradient (g @ W), best of ``repeats``; the FLOP-weighted mean is the ceiling a training step of this
+    model on this machine can reach with its matmuls alone (the 2048-cube is a larger, easier product)."""
+    from transformers import AutoConfig
+
+    from llara.modeling.loading import resolve_model
+
+    cfg = AutoConfig.from_pretrained(resolve_model(model).path)
+    h, i = cfg.hidden_size, cfg.intermediate_size
+    head_dim = getattr(cfg, "head_dim", None) or h // cfg.num_attention_heads
+    kv = cfg.num_key_value_heads * head_dim
+    shapes = {"q_proj": (h, h), "k_proj": (kv, h), "v_proj": (kv, h), "o_proj": (h, h),
+              "gate_proj": (i, h), "up_proj": (i, h), "down_proj": (h, i)}
+    if lm_head:
+        shapes["lm_head"] = (cfg.vocab_size, h)
+    rows, flops, seconds = {}, 0.0, 0.0
+    for name, (out_f, in_f) in shapes.items():
+        w = torch.randn(out_f, in_f, dtype=torch.bfloat16)
+        best = {}
+        for kind, a, b in (("forward", torch.randn(tokens, in_f, dtype=torch.bfloat16), w.t()),
+                           ("input_grad", torch.randn(tokens, out_f, dtype=torch.bfloat16), w)):
+            torch.mm(a, b)
+            t = min(_timed(lambda: torch.mm(a, b)) for _ in range(repeats))
+            best[kind] = t
+            n = 2 * tokens * out_f * in_f * (cfg.num_hidden_layers if name != "lm_head" else 1)
+            flops += n
+            seconds += t * (cfg.num_hidden_layers if name != "lm_head" else 1)
+        rows[name] = {k: round(2 * tokens * out_f * in_f / v / 1e9, 1) for k, v in best.items()}
+    return {"tokens": tokens, "per_product": rows, "weighted_gflops": round(flops / seconds / 1e9, 1)}
+
+
+def _timed(fn) -> float:
+    t = time.perf_counter()
+    fn()
+    return time.perf_counter() - t
+
+
 def llara(argv: list[str], env: dict | None = None) -> tuple[float, str]:
     cmd = [sys.executable, "-m", "llara.cli", *argv]
     t = time.perf_counter()
@@ -83,6 +125,9 @@ def main(argv=None) -> int:
     p.add_argument("--finetune-batch", type=int, default=8)
     p.add_argument("--finetune-group", type=int, default=4)
     p.add_argument("--memory-batches", default="2,8,32")
+    p.add_argument("--finetune-rows", type=int, default=1280,
+                   help="rows of the fine-tuning products for the model-shape ceiling (the plan's GradCache chunk "
+                        "of 8 sequences x 160 tokens)")
     args = p.parse_args(argv)
     out, work = Path(args.out), Path(args.work)
     work.mkdir(parents=True, exist_ok=True)
@@ -103,6 +148,12 @@ def main(argv=None) -> int:
     result["sections"]["matmul_before"] = {k: round(v, 1) for k, v in before.items()}
     write()
     limit = before["bf16"]
+    # The same products at the shapes of this model's micro-batches (pretrain: batch x chunk rows;
+    # LoRA fine-tuning: one GradCache chunk or the whole plain step of passages).
+    result["sections"]["model_shapes"] = {
+        "pretrain": model_shape_gflops(args.model, args.pretrain_batch * args.chunk_tokens, lm_head=True),
+        "finetune": model_shape_gflops(args.model, args.finetune_rows, lm_head=False)}
+    write()
     common = ["--max-steps", str(args.steps), "--save-every", "0", "--no-export", "--no-progress", "--seed", "0"]
     sections = args.sections.split(",")
     if "pretrain" in sections:
@@ -152,6 +203,8 @@ def main(argv=None) -> int:
         sec = result["sections"].get(name)
         if sec:
             sec["ratio_to_mean_bf16_matmul"] = round(sec["gflops"] / result["bf16_matmul_limit_gflops"], 3)
+            shaped = result["sections"]["model_shapes"][name]["weighted_gflops"]
+            sec["ratio_to_model_shape_matmul"] = round(sec["gflops"] / shaped, 3)
     write()
     print(json.dumps(result, indent=1)[:4000])
     return 0
