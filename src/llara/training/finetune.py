@@ -18,6 +18,7 @@ from ..prompts import get_template
 from .config import TrainConfig
 from .contrastive import ContrastiveCollator, UniquePositiveBatches, contrastive_loss, grad_cache_step, load_groups
 from .loop import TrainResult, train
+from .memory import StepShape
 
 log = logging.getLogger(__name__)
 
@@ -114,7 +115,7 @@ def memory_plan(model, train_cfg: TrainConfig, cfg: FinetuneConfig) -> tuple[int
         tokens = whole if chunk == 0 else chunk * seq
         choice = "plain step" if chunk == 0 else f"GradCache, chunks of {chunk} sequences"
         if train_cfg.gradient_checkpointing != "auto":  # else the loop's memory line says it
-            log.info("memory: %s -> %s", plan.describe(tokens, seq, checkpointing), choice)
+            log.info("memory: %s -> %s", plan.describe(tokens, seq, checkpointing, chunk > 0), choice)
     return chunk, (whole if chunk == 0 else chunk * seq), seq, choice
 
 
@@ -181,5 +182,5 @@ def finetune(model_spec: str, data_path: str, train_cfg: TrainConfig, cfg: Finet
     cfg = replace(cfg, grad_cache_chunk=chunk)
     extra["finetune"] = asdict(cfg)
     return train(model, tokenizer, data, make_loss_fn(cfg, train_cfg.grad_accum), train_cfg, template=template,
-                 trainable_token_ids=slot_ids, export_extra=extra, step_tokens=(tokens, seq),
-                 step_plan=choice)
+                 trainable_token_ids=slot_ids, export_extra=extra,
+                 step_shape=StepShape(tokens, seq, chunked=chunk > 0, choice=choice))

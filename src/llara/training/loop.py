@@ -51,7 +51,7 @@ from ..modeling.precision import training_kernels
 from .config import TrainConfig
 from .export import export_model
 from .logging_utils import JsonlLog, Progress
-from .memory import peak_memory_gb, plan_for
+from .memory import StepShape, peak_memory_gb, plan_for
 from .lora import is_peft_model
 from .plot import plot_log
 from .setup import (
@@ -125,18 +125,16 @@ def train(
     trainable_token_ids: Sequence[int] | None = None,
     accelerator=None,
     export_extra: dict[str, Any] | None = None,
-    step_tokens: tuple[int, int] | None = None,
-    step_plan: str = "",
+    step_shape: StepShape | None = None,
 ) -> TrainResult:
     """Train ``model`` on ``data`` with ``compute_loss``; see the module docstring.
 
     trainable_token_ids: token ids whose embedding rows must train under LoRA (the slot tokens).
     template: recorded in the export's ``llara.json`` (a Template or a built-in name).
     accelerator: an ``accelerate.Accelerator`` (default: one built from the config).
-    step_tokens: (tokens in one forward pass with a graph, tokens per sequence) of a micro-batch at
-    most, for ``gradient_checkpointing='auto'`` (see ``memory.py``); without it 'auto' is off.
-    step_plan: what the caller's memory plan chose for the step (e.g. "GradCache, chunks of 8
-    sequences"), logged on the same line as the checkpointing decision.
+    step_shape: the largest forward pass with a graph of a micro-batch, for
+    ``gradient_checkpointing='auto'`` (see ``memory.py``); without it 'auto' is off. What the caller
+    chose for it (``choice``) is logged on the same line as the checkpointing decision.
     """
     from accelerate.utils import DistributedType, set_seed
 
@@ -167,12 +165,13 @@ def train(
     checkpointing = config.gradient_checkpointing
     if checkpointing == "auto":
         checkpointing = False
-        if step_tokens is not None:
+        if step_shape is not None:
             plan = plan_for(model, acc.device, precision=precision, lora=config.lora, memory_gb=config.memory_gb)
-            tokens_, seq_ = step_tokens
-            checkpointing = plan.checkpointing(tokens_, seq_)
-            logger.info("memory: %s -> %sgradient checkpointing %s", plan.describe(tokens_, seq_, checkpointing),
-                        f"{step_plan}, " if step_plan else "", "on" if checkpointing else "off")
+            sh = step_shape
+            checkpointing = plan.checkpointing(sh.tokens, sh.seq, chunked=sh.chunked)
+            logger.info("memory: %s -> %sgradient checkpointing %s",
+                        plan.describe(sh.tokens, sh.seq, checkpointing, sh.chunked),
+                        f"{sh.choice}, " if sh.choice else "", "on" if checkpointing else "off")
     model = prepare_model(model, config, token_ids, precision, acc.device.type, checkpointing=bool(checkpointing))
     optimizer = build_optimizer(model, config)
     num_steps = total_steps(config, data, acc.num_processes)

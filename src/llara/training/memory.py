@@ -16,8 +16,15 @@ checkpointing, peaked at 45.5 GiB on an H200 (75.7 GiB at batch 16); this estima
 
 The budget is ``memory_gb`` when set; otherwise 90% of the GPU's free memory (plus what this process
 already reserved there), or on a CPU the smaller of 60% of the available RAM (plus this process's
-resident memory) and :data:`CPU_DEFAULT_BUDGET_GB` (so that every default command fits in 8 GB of
-resident memory with the process's own overhead).
+resident memory) and :data:`CPU_DEFAULT_BUDGET_GB` (7 GiB = 7.5 GB: so that every default command
+fits in 8 GB of resident memory).
+
+On a CPU the counts are calibrated against the peak resident memory of LoRA steps of the embedded
+SmolLM2-135M (bf16 autocast over fp32 weights; ``benchmarks/cpu_train.py``): a plain step leaves 4.7
+bytes per counted element (8 queries of 64 tokens + 16 passages of 96: 6.19 GiB peak, 0.72 of it
+before the step; 4 x 64 + 12 x 160: 6.61 GiB), a GradCache chunk 6.0 (chunks of 8 x 160 tokens: 5.41
+GiB): its many smaller passes leave the allocator holding more than their largest graph
+(``chunk_factor``).
 """
 from __future__ import annotations
 
@@ -30,11 +37,11 @@ from torch import nn
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["CPU_DEFAULT_BUDGET_GB", "MemoryPlan", "available_bytes", "budget_bytes", "choose_chunk",
+__all__ = ["CPU_DEFAULT_BUDGET_GB", "MemoryPlan", "StepShape", "available_bytes", "budget_bytes", "choose_chunk",
            "peak_memory_gb", "plan_for"]
 
 GiB = 2**30
-CPU_DEFAULT_BUDGET_GB = 6.0
+CPU_DEFAULT_BUDGET_GB = 7.0
 
 
 def available_bytes(device: torch.device | str) -> int:
@@ -96,6 +103,17 @@ def _shape(model: nn.Module) -> dict:
             "intermediate": int(get("intermediate_size", "n_inner") or 4 * hidden)}
 
 
+@dataclass(frozen=True)
+class StepShape:
+    """The largest forward pass with a graph in a training step: ``tokens`` in sequences of ``seq``;
+    ``chunked`` when it is a GradCache chunk, ``choice`` what the caller chose, in words (logged)."""
+
+    tokens: int
+    seq: int
+    chunked: bool = False
+    choice: str = ""
+
+
 @dataclass
 class MemoryPlan:
     """Bytes of one step: ``fixed`` (weights, gradients, AdamW states) + activations of ``tokens``
@@ -110,6 +128,7 @@ class MemoryPlan:
     act_bytes: float  # bytes per stored activation element (2: bf16, 4: fp32; mixed: in between)
     lora: bool
     math_attention: bool  # attention scores kept for backward (the math kernel), not a fused kernel
+    chunk_factor: float = 1.0  # activations of a GradCache chunk against a plain step's of the same tokens
 
     def per_token_layer(self, seq: int) -> float:
         """Bytes of activations one token leaves in one layer for backward."""
@@ -127,20 +146,21 @@ class MemoryPlan:
             return int(self.layers * tokens * self.hidden * self.act_bytes + 2 * per_layer)
         return int(self.layers * per_layer)
 
-    def need(self, tokens: int, seq: int, checkpointing: bool) -> int:
-        return self.fixed + self.activations(tokens, seq, checkpointing)
+    def need(self, tokens: int, seq: int, checkpointing: bool, chunked: bool = False) -> int:
+        """Bytes of a step whose largest graph holds ``tokens``; ``chunked``: a GradCache chunk's."""
+        return self.fixed + int(self.activations(tokens, seq, checkpointing) * (self.chunk_factor if chunked else 1))
 
-    def fits(self, tokens: int, seq: int, checkpointing: bool) -> bool:
-        return self.need(tokens, seq, checkpointing) <= self.budget
+    def fits(self, tokens: int, seq: int, checkpointing: bool, chunked: bool = False) -> bool:
+        return self.need(tokens, seq, checkpointing, chunked) <= self.budget
 
-    def checkpointing(self, tokens: int, seq: int, requested: bool | str = "auto") -> bool:
+    def checkpointing(self, tokens: int, seq: int, requested: bool | str = "auto", chunked: bool = False) -> bool:
         """The gradient-checkpointing choice: as requested, or ('auto') only when the step does not fit."""
         if requested != "auto":
             return bool(requested)
-        return not self.fits(tokens, seq, False)
+        return not self.fits(tokens, seq, False, chunked)
 
-    def describe(self, tokens: int, seq: int, checkpointing: bool) -> str:
-        return (f"~{self.need(tokens, seq, checkpointing) / GiB:.1f} GiB of a {self.budget / GiB:.1f} GiB budget "
+    def describe(self, tokens: int, seq: int, checkpointing: bool, chunked: bool = False) -> str:
+        return (f"~{self.need(tokens, seq, checkpointing, chunked) / GiB:.1f} GiB of a {self.budget / GiB:.1f} GiB budget "
                 f"(weights and optimizer {self.fixed / GiB:.1f} GiB, activations of {tokens} tokens x {seq}"
                 f"{', checkpointed' if checkpointing else ''})")
 
@@ -163,13 +183,16 @@ def plan_for(model: nn.Module, device: torch.device | str, *, precision: str, lo
         fixed = n_all * 4 * 4  # fp32 weights, gradients and two AdamW states
     # bf16 on a GPU: everything in bf16. On a CPU, autocast over the fp32 weights keeps fp32 inputs
     # (norms, residual stream, LoRA dropout in fp32 adapters) beside their bf16 copies for the products:
-    # 5.5 bytes per counted element matched the measured peak (SmolLM2-135M, LoRA, GradCache chunk 16
-    # of 160-token passages: 10.6 GB resident, where 2 bytes per element would have said 5.2 GiB).
-    act_bytes = 2.0 if on_gpu and precision == "bf16" else 5.5 if not on_gpu else 4.0
+    # LoRA steps measured 4.7 bytes per counted element, GradCache chunks 6.0 (module docstring); full
+    # fine-tuning keeps 5.5 (an earlier calibration, not re-measured since).
+    if on_gpu:
+        act_bytes, chunk_factor = (2.0 if precision == "bf16" else 4.0), 1.0
+    else:
+        act_bytes, chunk_factor = (4.7 if lora else 5.5), (6.0 / 4.7 if lora else 1.0)
     if math_attention is None:
         math_attention = not on_gpu
     return MemoryPlan(budget=budget_bytes(device, memory_gb), fixed=int(fixed), act_bytes=act_bytes, lora=lora,
-                      math_attention=math_attention, **shape)
+                      math_attention=math_attention, chunk_factor=chunk_factor, **shape)
 
 
 def choose_chunk(plan: MemoryPlan, batch_sequences: int, seq: int, tokens_whole: int,
@@ -180,6 +203,6 @@ def choose_chunk(plan: MemoryPlan, batch_sequences: int, seq: int, tokens_whole:
     if plan.fits(tokens_whole, seq, checkpointing):
         return 0
     chunk = 1
-    while chunk * 2 < batch_sequences and plan.fits(chunk * 2 * seq, seq, checkpointing):
+    while chunk * 2 < batch_sequences and plan.fits(chunk * 2 * seq, seq, checkpointing, chunked=True):
         chunk *= 2
     return chunk

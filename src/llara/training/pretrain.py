@@ -21,6 +21,7 @@ from ..prompts import get_template
 from .config import TrainConfig
 from .losses import llara_pretrain_loss
 from .loop import TrainResult, train
+from .memory import StepShape
 from .setup import resolve_precision
 
 
@@ -106,4 +107,4 @@ def pretrain(model_spec: str, data_paths: Sequence[str], train_cfg: TrainConfig,
              "pretrain_loss": asdict(loss_cfg), "base_model": model_spec}
     return train(model, tokenizer, loader, make_loss_fn(loss_cfg), train_cfg, template=template,
                  trainable_token_ids=slot_ids, export_extra=extra,
-                 step_tokens=(train_cfg.batch_size * max_length, max_length))
+                 step_shape=StepShape(train_cfg.batch_size * max_length, max_length))
