@@ -64,7 +64,7 @@ class TrainConfig:
         "(only when the step's estimated memory exceeds the budget, see memory_gb)")
     memory_gb: float = _f(0.0, "memory budget of a training step in GiB, for the automatic choices (gradient "
                                "checkpointing, GradCache chunk); 0: 90% of the GPU's free memory, or on a CPU "
-                               "min(60% of available RAM, 6 GiB)")
+                               "min(60% of available RAM, 7 GiB)")
     cpu: bool = _f(False, "train on CPU even when a GPU is present")
     ddp_find_unused_parameters: bool = _f(False, "DDP option; only needed when some trainable parameters get no gradient")
 
