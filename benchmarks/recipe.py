@@ -277,7 +277,9 @@ def compare(args) -> None:
     out_json = RESULTS / "recipe_compare.json"
     rows = json.loads(out_json.read_text()) if out_json.is_file() else []
     done = {(r["recipe"], r["dataset"], r["seed"]) for r in rows}
-    recipes = {"old": OLD_DEFAULTS, "new": list(args.compare_extra)}
+    recipes = {"old": OLD_DEFAULTS, "new": list(args.compare_extra),
+               "mix": list(args.compare_extra) + ["--pairs", args.compare_mix]}
+    recipes = {k: v for k, v in recipes.items() if k in args.compare_recipes}
     for seed in args.compare_seeds:
         for name in args.compare_datasets:
             for label, flags in recipes.items():
@@ -285,7 +287,12 @@ def compare(args) -> None:
                     continue
                 ds = DATA / name
                 out = RUNS / "compare" / f"{label}_{name}_s{seed}"
-                if label == "new":
+                if label == "mix" and "title" in args.compare_mix and not any(
+                        row.get("title", "").strip() for _, row in iter_jsonl(ds / "corpus.jsonl")):
+                    # a corpus without titles (med) cannot make title pairs: the rest of the mix
+                    used = ",".join(x for x in args.compare_mix.split(",") if x.partition(":")[0] != "title")
+                    flags = list(args.compare_extra) + ["--pairs", used]
+                if label != "old":
                     _share_adaptation(RUNS / "compare" / f"old_{name}_s{seed}", out)
                 with lc.heavy(args):
                     ft.run([ft.LLARA, "recipe", "--corpus", str(ds / "corpus.jsonl"), "--output", str(out),
@@ -302,42 +309,65 @@ def compare(args) -> None:
     report_compare(rows, args)
 
 
+ORDER = ("old", "new", "mix")
+
+
 def report_compare(rows: list[dict], args) -> None:
+    labels = [x for x in ORDER if any(r["recipe"] == x for r in rows)]
+    described = {"old": "`" + " ".join(OLD_DEFAULTS) + "`", "new": "this version's defaults",
+                 "mix": "this version's defaults with `--pairs` as in the row's flags"}
     lines = ["# `llara recipe` end to end: the old defaults against this version's", "",
              "Whole dev corpora; each run evaluates the index it built (`--eval`: dense, BM25 and hybrid "
-             "search of that index) on the collection's test queries, nDCG@10. Old: `"
-             + " ".join(OLD_DEFAULTS) + "`; new: the defaults" + (f" plus `{' '.join(args.compare_extra)}`"
-                                                                   if args.compare_extra else "")
-             + ". The new run of a (collection, seed) starts from the old run's adaptation (the same stage "
-             f"with the same settings; its time is counted once, in the old row). Machine: {machine()}.", "",
-             "| collection | seed | recipe | BM25 | dense | hybrid | hybrid / BM25 | adapt / mine / finetune / index (s) |",
+             "search of that index) on the collection's test queries, nDCG@10. "
+             + "; ".join(f"{k}: {described[k]}" for k in labels)
+             + ". Every run of a (collection, seed) after the old one starts from the old run's adaptation (the "
+             f"same stage with the same settings; its time is counted once, in the old row). Machine: {machine()}.",
+             "", "| collection | seed | recipe | BM25 | dense | hybrid | hybrid / BM25 | adapt / mine / finetune / index (s) |",
              "|---|---|---|---|---|---|---|---|"]
-    for r in sorted(rows, key=lambda r: (r["dataset"], r["seed"], r["recipe"] != "old")):
+    for r in sorted(rows, key=lambda r: (r["dataset"], r["seed"], ORDER.index(r["recipe"]))):
         e, st = r["eval"], r["stages"]
         shared = r.get("adapt_shared_from")
-        lines.append(f"| {r['dataset']} ({r['docs']}) | {r['seed']} | {r['recipe']} | {e['bm25']['ndcg@10']:.3f} | "
+        pairs = next((f for i, f in enumerate(r["flags"][1:]) if r["flags"][i] == "--pairs"), None)
+        label = r["recipe"] + (f" (`{pairs}`)" if r["recipe"] == "mix" and pairs else "")
+        lines.append(f"| {r['dataset']} ({r['docs']}) | {r['seed']} | {label} | {e['bm25']['ndcg@10']:.3f} | "
                      f"{e['dense']['ndcg@10']:.3f} | {e['hybrid']['ndcg@10']:.3f} | "
                      f"{e['hybrid']['ndcg@10'] / e['bm25']['ndcg@10']:.2f} | "
                      + " / ".join("shared" if k == "adapt" and shared else f"{st.get(k, 0):.0f}"
                                   for k in ("adapt", "mine", "finetune", "index")) + " |")
-    lines += ["", "Mean over the runs of each recipe (the same collections and seeds):", "",
-              "| recipe | runs | BM25 | dense | dense / BM25 | hybrid | hybrid / BM25 |", "|---|---|---|---|---|---|---|"]
-    keys = {(r["dataset"], r["seed"]) for r in rows if r["recipe"] == "old"} & \
-        {(r["dataset"], r["seed"]) for r in rows if r["recipe"] == "new"}
     means = {}
-    for label in ("old", "new"):
+    for label in labels:
+        keys = {(r["dataset"], r["seed"]) for r in rows if r["recipe"] == "old"} & \
+            {(r["dataset"], r["seed"]) for r in rows if r["recipe"] == label}
         mine = [r for r in rows if r["recipe"] == label and (r["dataset"], r["seed"]) in keys]
+        old = [r for r in rows if r["recipe"] == "old" and (r["dataset"], r["seed"]) in keys]
         if not mine:
             continue
         m = {k: float(np.mean([r["eval"][k]["ndcg@10"] for r in mine])) for k in ("bm25", "dense", "hybrid")}
-        means[label] = m
-        lines.append(f"| {label} | {len(mine)} | {m['bm25']:.3f} | {m['dense']:.3f} | {m['dense'] / m['bm25']:.2f} | "
-                     f"{m['hybrid']:.3f} | {m['hybrid'] / m['bm25']:.2f} |")
-    if len(means) == 2:
-        lines += ["", f"Dense nDCG@10, new - old: **{means['new']['dense'] - means['old']['dense']:+.3f}** "
-                      "(mean over the same collections and seeds)."]
+        o = float(np.mean([r["eval"]["dense"]["ndcg@10"] for r in old]))
+        means[label] = (len(mine), sorted({r["dataset"] for r in mine}), m, o)
+    lines += ["", "Mean over the (collection, seed) runs each recipe shares with the old one:", "",
+              "| recipe | runs | collections | BM25 | dense | dense / BM25 | hybrid | hybrid / BM25 | dense - old dense |",
+              "|---|---|---|---|---|---|---|---|---|"]
+    for label, (n, names, m, o) in means.items():
+        lines.append(f"| {label} | {n} | {', '.join(names)} | {m['bm25']:.3f} | {m['dense']:.3f} | "
+                     f"{m['dense'] / m['bm25']:.2f} | {m['hybrid']:.3f} | {m['hybrid'] / m['bm25']:.2f} | "
+                     f"{m['dense'] - o:+.3f} |")
+    # Wall time of the new defaults on a 3,000-document corpus: adaptation, mining and fine-tuning do not
+    # depend on the corpus's size (fixed steps of fixed length), the index grows with it.
+    new = [r for r in rows if r["recipe"] == "new" and r["docs"] >= 500]
+    if new:
+        adapt = [r["stages"]["adapt"] for r in rows if r["recipe"] == "old"]
+        per_doc = [r["stages"]["index"] / r["docs"] for r in new]
+        fixed = np.median(adapt) + np.median([r["stages"].get("mine", 0) + r["stages"]["finetune"] for r in new])
+        total = fixed + 3000 * np.median(per_doc)
+        lines += ["", f"The new defaults on a 3,000-document corpus, from these runs' stage times (medians): "
+                      f"adaptation {np.median(adapt):.0f} s + pairs and fine-tuning "
+                      f"{fixed - np.median(adapt):.0f} s + index 3,000 x {np.median(per_doc):.3f} s = "
+                      f"**{total / 60:.1f} minutes** (the budget is 30)."]
     lines += ["", "```bash", ".venv/bin/python benchmarks/recipe.py --stage compare --compare-datasets "
-              f"{' '.join(args.compare_datasets)} --compare-seeds {' '.join(map(str, args.compare_seeds))}"
+              f"{' '.join(args.compare_datasets)} --compare-seeds {' '.join(map(str, args.compare_seeds))} "
+              f"--compare-recipes {' '.join(args.compare_recipes)}"
+              + (f" --compare-mix {args.compare_mix}" if "mix" in args.compare_recipes else "")
               + "".join(f" --compare-extra={x}" for x in args.compare_extra), "```", ""]
     (RESULTS / "recipe_compare.md").write_text("\n".join(lines))
     print("\n".join(lines))
@@ -348,6 +378,10 @@ def main(argv=None) -> None:
     p.add_argument("--stage", choices=["all", "run", "user", "long", "report", "compare"], default="all")
     p.add_argument("--compare-datasets", nargs="+", default=["med", "cisi", "cranfield", "adi"])
     p.add_argument("--compare-seeds", nargs="+", type=int, default=[0, 1])
+    p.add_argument("--compare-recipes", nargs="+", default=["old", "new"], choices=["old", "new", "mix"],
+                   help="--stage compare: old (OLD_DEFAULTS), new (this version's defaults), mix (new + --pairs "
+                        "--compare-mix; title dropped on a corpus without titles)")
+    p.add_argument("--compare-mix", default="squad:1,title:1,ict:1")
     p.add_argument("--compare-extra", action="append", default=[],
                    help="--stage compare: one more `llara recipe` argument for the new recipe's runs "
                         "(repeatable), e.g. --compare-extra=--finetune-steps=64")
