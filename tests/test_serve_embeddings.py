@@ -299,6 +299,33 @@ def test_ready_is_503_until_loaded(searcher):
     assert m[("llara_http_requests_total", (("method", "GET"), ("route", "/ready"), ("status", "200")))] == 1
 
 
+def test_the_api_key_is_checked_while_loading(searcher):
+    # `llara serve --api-key`: a wrong or missing key gets 401 at once, not 503 until the model is
+    # loaded and 401 after; the open paths stay open.
+    from llara.serve.app import front
+
+    release, metrics = threading.Event(), Metrics()
+
+    def load():
+        assert release.wait(30)
+        return searcher
+
+    service = Service(load, lambda s: create_app(s, model_name=MODEL, metrics=metrics, api_key="k"), metrics)
+    with TestClient(front(service, metrics, api_key="k")) as c:
+        for headers in ({}, {"Authorization": "Bearer wrong"}):
+            r = c.post("/search", json={"query": "a"}, headers=headers)
+            assert r.status_code == 401 and r.headers["www-authenticate"] == "Bearer"
+        assert c.get("/health").status_code == 200 and c.get("/ready").status_code == 503
+        r = c.post("/search", json={"query": "a"}, headers={"Authorization": "Bearer k"})
+        assert r.status_code == 503  # the right key: told to come back
+        release.set()
+        assert service.loaded.wait(30) and service.error is None
+        assert c.post("/search", json={"query": "a"}, headers={"Authorization": "Bearer k"}).status_code == 200
+        assert c.post("/search", json={"query": "a"}, headers={"Authorization": "Bearer x"}).status_code == 401
+        m = _samples(c.get("/metrics").text)
+    assert m[("llara_http_requests_total", (("method", "POST"), ("route", "/search"), ("status", "401")))] == 3
+
+
 def test_a_failed_load_is_kept_and_reported():
     stopped = []
 

@@ -365,6 +365,16 @@ def _is_loopback(host: str) -> bool:
         return False
 
 
+def front(service: Service, metrics, api_key: str | None = None):
+    """The ASGI app ``llara serve`` runs around its :class:`~llara.serve.readiness.Service`: metrics of
+    every request and, with an API key, the key checked first, also while the model is still loading
+    (a wrong key gets 401 at once, not 503 and then 401)."""
+    from .limits import BearerAuth
+    from .metrics import MetricsMiddleware
+
+    return MetricsMiddleware(BearerAuth(service, api_key=api_key) if api_key else service, metrics, route_of)
+
+
 def run(
     index_dir: "str | os.PathLike | None",
     host: str = "127.0.0.1",
@@ -396,7 +406,7 @@ def run(
     import uvicorn
 
     from .limits import head_deadline_protocol
-    from .metrics import Metrics, MetricsMiddleware
+    from .metrics import Metrics
 
     if index_dir is None and model is None:
         raise ValueError("give an index (--index DIR) or a model to serve embeddings only (--model)")
@@ -435,7 +445,7 @@ def run(
         return app
 
     service = Service(load, build, metrics)
-    config = uvicorn.Config(MetricsMiddleware(service, metrics, route_of), host=host, port=port, log_level="warning",
+    config = uvicorn.Config(front(service, metrics, api_key), host=host, port=port, log_level="warning",
                             access_log=False, workers=1, http=head_deadline_protocol(head_timeout),
                             timeout_keep_alive=keep_alive, lifespan="on")
     server = uvicorn.Server(config)
