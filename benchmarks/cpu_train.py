@@ -8,7 +8,8 @@ the peak resident memory of ``llara finetune`` with its defaults.
    matmuls can reach here, which the step's ratio is also given against.
 2. ``pretrain``: ``llara pretrain`` (full fine-tuning, precision auto) on the embedded model:
    median tokens/s after the first step; ratio = 6 x parameters x tokens/s / the bf16 matmul limit.
-3. ``finetune``: ``llara finetune`` (LoRA, its defaults but for the batch shape given) on BM25-mined
+3. ``finetune``: ``llara finetune`` (LoRA, its defaults but for the batch shape given: by default the
+   step of ``llara recipe``, 8 queries x 2 passages of 96 tokens, which the memory plan runs whole) on BM25-mined
    groups of the shipped demo corpus: ratio = 4 x parameters x tokens/s / the limit (frozen base:
    forward and activation gradients; GradCache's extra forward counts as overhead).
 4. ``memory``: ``llara finetune --model default --max-steps 1 --batch-size B`` with every other option
@@ -123,11 +124,12 @@ def main(argv=None) -> int:
     p.add_argument("--pretrain-batch", type=int, default=8)
     p.add_argument("--chunk-tokens", type=int, default=128)
     p.add_argument("--finetune-batch", type=int, default=8)
-    p.add_argument("--finetune-group", type=int, default=4)
+    p.add_argument("--finetune-group", type=int, default=2, help="passages per query (2: `llara recipe`'s step)")
+    p.add_argument("--finetune-passage-length", type=int, default=96, help="tokens per passage (96: the recipe's)")
     p.add_argument("--memory-batches", default="2,8,32")
-    p.add_argument("--finetune-rows", type=int, default=1280,
-                   help="rows of the fine-tuning products for the model-shape ceiling (the plan's GradCache chunk "
-                        "of 8 sequences x 160 tokens)")
+    p.add_argument("--finetune-rows", type=int, default=2048,
+                   help="rows of the fine-tuning products for the model-shape ceiling (the recipe's plain step: "
+                        "8 queries x 64 + 16 passages x 96 tokens)")
     args = p.parse_args(argv)
     out, work = Path(args.out), Path(args.work)
     work.mkdir(parents=True, exist_ok=True)
@@ -175,7 +177,8 @@ def main(argv=None) -> int:
     if "finetune" in sections:
         run = work / "finetune"
         argv_ = ["finetune", "--model", args.model, "--data", str(train), "--output", str(run),
-                 "--batch-size", str(args.finetune_batch), "--group-size", str(args.finetune_group), *common]
+                 "--batch-size", str(args.finetune_batch), "--group-size", str(args.finetune_group),
+                 "--max-passage-length", str(args.finetune_passage_length), *common]
         subprocess.run(["rm", "-rf", str(run)])
         seconds, text = llara(argv_)
         plan = re.findall(r"memory: .*?-> (.*)", text)
