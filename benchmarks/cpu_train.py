@@ -85,6 +85,14 @@ def model_shape_gflops(model: str, tokens: int, lm_head: bool, repeats: int = 5)
     return {"tokens": tokens, "per_product": rows, "weighted_gflops": round(flops / seconds / 1e9, 1)}
 
 
+def combined(parts: list[dict]) -> dict:
+    """One ceiling for a step of several passes (e.g. queries, then passages): FLOP-weighted, i.e. the
+    total FLOPs over the total time, with each pass's FLOPs proportional to its rows."""
+    seconds = sum(p["tokens"] / p["weighted_gflops"] for p in parts)
+    return {"passes": parts, "tokens": sum(p["tokens"] for p in parts),
+            "weighted_gflops": round(sum(p["tokens"] for p in parts) / seconds, 1)}
+
+
 def _timed(fn) -> float:
     t = time.perf_counter()
     fn()
@@ -127,9 +135,9 @@ def main(argv=None) -> int:
     p.add_argument("--finetune-group", type=int, default=2, help="passages per query (2: `llara recipe`'s step)")
     p.add_argument("--finetune-passage-length", type=int, default=96, help="tokens per passage (96: the recipe's)")
     p.add_argument("--memory-batches", default="2,8,32")
-    p.add_argument("--finetune-rows", type=int, default=2048,
-                   help="rows of the fine-tuning products for the model-shape ceiling (the recipe's plain step: "
-                        "8 queries x 64 + 16 passages x 96 tokens)")
+    p.add_argument("--finetune-rows", default="512,1536",
+                   help="rows of each forward pass of a fine-tuning step, for the model-shape ceiling (the "
+                        "recipe's plain step: 8 queries x 64 tokens, then 16 passages x 96)")
     args = p.parse_args(argv)
     out, work = Path(args.out), Path(args.work)
     work.mkdir(parents=True, exist_ok=True)
@@ -154,7 +162,8 @@ def main(argv=None) -> int:
     # LoRA fine-tuning: one GradCache chunk or the whole plain step of passages).
     result["sections"]["model_shapes"] = {
         "pretrain": model_shape_gflops(args.model, args.pretrain_batch * args.chunk_tokens, lm_head=True),
-        "finetune": model_shape_gflops(args.model, args.finetune_rows, lm_head=False)}
+        "finetune": combined([model_shape_gflops(args.model, int(n), lm_head=False)
+                              for n in args.finetune_rows.split(",")])}
     write()
     common = ["--max-steps", str(args.steps), "--save-every", "0", "--no-export", "--no-progress", "--seed", "0"]
     sections = args.sections.split(",")
