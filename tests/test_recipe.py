@@ -201,3 +201,19 @@ def test_recipe_d2q_needs_an_instruct_model(tiny_dir, adi_dir, tmp_path, capsys)
     assert main(["recipe", "--corpus", str(adi_dir / "corpus.jsonl"), "--model", tiny_dir, "--pairs", "ict:1,d2q:1",
                  "--output", str(tmp_path / "r"), "--device", "cpu"]) == 2
     assert "d2q needs an instruct model with a chat template" in " ".join(capsys.readouterr().err.split())
+
+
+def test_auto_pairs_drop_title_only_where_the_corpus_has_none(tmp_path):
+    from llara.pipelines.recipe import AUTO_PAIRS, RecipeConfig, resolve_pairs
+
+    titled, bare = tmp_path / "titled.jsonl", tmp_path / "bare.jsonl"
+    titled.write_text('{"_id": "a", "title": "Gills", "text": "Fish breathe."}\n'
+                      '{"_id": "b", "title": "", "text": "Paris is in France."}\n')
+    bare.write_text('{"_id": "a", "title": "", "text": "Fish breathe."}\n{"_id": "b", "text": "Paris."}\n')
+    said = []
+    assert RecipeConfig(corpus=str(titled)).pairs == "auto"  # the default
+    assert resolve_pairs("auto", str(titled), said.append) == AUTO_PAIRS == "squad:1,title:1,ict:1"
+    assert said == []
+    assert resolve_pairs("auto", str(bare), said.append) == "squad:1,ict:1"
+    assert len(said) == 1 and "no titles" in said[0]
+    assert resolve_pairs("squad:1,title:1", str(bare)) == "squad:1,title:1"  # asked for by name: kept (an error later)

@@ -39,6 +39,8 @@ from ..training.config import TrainConfig
 from ..training.pretrain import pretrain
 
 STAGES = ("adapt", "mine", "finetune", "index")
+# The default pair mix, chosen by benchmarks/recipe.py --stage compare (benchmarks/results/recipe_compare.md).
+AUTO_PAIRS = "squad:1,title:1,ict:1"
 
 
 def _f(default: Any, help: str) -> Any:
@@ -55,7 +57,9 @@ class RecipeConfig:
     corpus: str = field(metadata={"help": "BEIR corpus.jsonl ({_id, title, text}): adapted on, then indexed"})
     output: str = _f("runs/recipe", "run directory: adapt/, pairs.jsonl, finetune/, index/, recipe.json")
     model: str = _f("default", "model to start from (same forms as for evaluate)")
-    pairs: str = _f("squad", f"training pairs: a mix NAME:RATIO,... of {', '.join(SHIPPED_PAIRS)} (10,570 SQuAD v1.1 "
+    pairs: str = _f("auto", f"training pairs: auto (the default: {AUTO_PAIRS}, without title where no document "
+                             "has one), or a mix NAME:RATIO,... of "
+                             f"{', '.join(SHIPPED_PAIRS)} (10,570 SQuAD v1.1 "
                              "questions shipped with llara, CC BY-SA 4.0), title (title -> text of your corpus), ict "
                              "(inverse cloze task: a sentence -> the rest of its document) and d2q (queries written "
                              "by the model, an instruct model) e.g. squad:1,title:1,ict:2; or a BEIR directory with "
@@ -99,6 +103,18 @@ class RecipeConfig:
         if self.eval:
             _eval_files(self.eval)
         self.window = list(self.window)
+
+
+def resolve_pairs(pairs: str, corpus: str, say: Callable[[str], None] = lambda line: None) -> str:
+    """``pairs`` itself, or for ``auto`` the default mix (:data:`AUTO_PAIRS`) without ``title`` when no
+    document of ``corpus`` has a title (a title source asked for by name on such a corpus is an error)."""
+    if pairs != "auto":
+        return pairs
+    mix = parse_mix(AUTO_PAIRS)
+    if "title" in mix and not any((row.get("title") or "").strip() for _, row in iter_jsonl(corpus)):
+        mix.pop("title")
+        say(f"pairs: {corpus} has no titles, so the default mix is without title pairs")
+    return ",".join(f"{k}:{v:g}" for k, v in mix.items())
 
 
 def _pairs_source(pairs: str) -> dict[str, Any]:
@@ -232,7 +248,8 @@ def run_recipe(cfg: RecipeConfig, make_encoder: Callable[[str], Any], say: Calla
     record = json.loads(record_path.read_text()) if record_path.is_file() else {}
     record["config"] = asdict(cfg)
     stages = record.setdefault("stages", {})
-    source = _pairs_source(cfg.pairs)
+    pairs_spec = resolve_pairs(cfg.pairs, cfg.corpus, say)
+    source = _pairs_source(pairs_spec)
     if "mix" in source:
         _check_mix(cfg, source["mix"])
 
@@ -304,7 +321,7 @@ def run_recipe(cfg: RecipeConfig, make_encoder: Callable[[str], Any], say: Calla
                       f"{cfg.window[0]}-{cfg.window[1]})",
                       lambda: sources.update(build_pairs(source["mix"], cfg.corpus, train, total, pcfg,
                                                          shipped_lines=shipped_lines, generator=generator, say=say)),
-                      train.is_file(), {"pairs": cfg.pairs, "corpus": corpus, "total": total, "window": cfg.window,
+                      train.is_file(), {"pairs": pairs_spec, "corpus": corpus, "total": total, "window": cfg.window,
                                         "negatives": negatives, "seed": cfg.seed,
                                         **({"model": cfg.model, "d2q_docs": cfg.d2q_docs}
                                            if "d2q" in source["mix"] else {})},
@@ -314,10 +331,10 @@ def run_recipe(cfg: RecipeConfig, make_encoder: Callable[[str], Any], say: Calla
         mining = MiningConfig(window=tuple(cfg.window), num_negatives=max(cfg.negatives, cfg.group_size - 1),
                               seed=cfg.seed)
         pairs = stage("mine", f"BM25 hard negatives (ranks {cfg.window[0]}-{cfg.window[1]}) "
-                      f"for the {cfg.pairs} pairs",
+                      f"for the {pairs_spec} pairs",
                       lambda: mine(source["corpus"], train, queries=source["queries"], qrels=source["qrels"],
                                    method="bm25", config=mining),
-                      train.is_file(), {"pairs": cfg.pairs, "window": cfg.window,
+                      train.is_file(), {"pairs": pairs_spec, "window": cfg.window,
                                         "negatives": mining.num_negatives, "seed": cfg.seed}, output=str(train))
 
     steps = cfg.finetune_steps
