@@ -268,7 +268,8 @@ def _share_adaptation(done: Path, out: Path) -> None:
         return
     record = json.loads((done / "recipe.json").read_text())
     out.mkdir(parents=True, exist_ok=True)
-    shutil.copytree(done / "adapt", out / "adapt")
+    # the adapted model and its log; not the checkpoints (2 GB each: full weights and AdamW states)
+    shutil.copytree(done / "adapt", out / "adapt", ignore=shutil.ignore_patterns("checkpoint-*"))
     write_json(out / "recipe.json", {"stages": {"adapt": record["stages"]["adapt"]}, "adapt_shared_from": str(done)})
 
 
