@@ -217,3 +217,14 @@ def test_auto_pairs_drop_title_only_where_the_corpus_has_none(tmp_path):
     assert resolve_pairs("auto", str(bare), said.append) == "squad:1,ict:1"
     assert len(said) == 1 and "no titles" in said[0]
     assert resolve_pairs("squad:1,title:1", str(bare)) == "squad:1,title:1"  # asked for by name: kept (an error later)
+
+
+def test_recipe_keeps_one_checkpoint_per_training_stage(tmp_path, tiny_dir, train_pairs, adi_dir):
+    out = tmp_path / "run"
+    argv = ["recipe", "--corpus", str(adi_dir / "corpus.jsonl"), "--model", tiny_dir, "--output", str(out),
+            "--pairs", str(train_pairs), "--adapt-steps", "8", "--adapt-batch-size", "2", "--chunk-tokens", "32",
+            "--finetune-steps", "8", "--batch-size", "2", "--negatives", "3", "--window", "2", "20",
+            "--max-passage-length", "48", "--device", "cpu", "--dtype", "float32", "--no-progress"]
+    assert main(argv) == 0
+    for stage in ("adapt", "finetune"):  # saved every 2 steps, the last one kept
+        assert sorted(p.name for p in (out / stage).glob("checkpoint-*")) == ["checkpoint-000008"]

@@ -222,6 +222,9 @@ def run_recipe(cfg: RecipeConfig, make_encoder: Callable[[str], Any], say: Calla
     ``make_encoder(model_dir)`` builds the index's encoder (the CLI passes its device/dtype flags);
     ``make_searcher(index_dir)`` the searcher of ``--eval`` (default :meth:`Searcher.from_index`).
 
+    Each training stage keeps its last checkpoint only (an adaptation checkpoint of the embedded model
+    holds its weights and AdamW states: 1.6 GB), enough to resume it or to continue it with more steps.
+
     A stage is done when its output is there and ``recipe.json`` records it made with the same settings
     (its own and those of every stage before it). A training stage asked for more steps continues from
     its last checkpoint; one whose other settings changed is an error (its run directory is kept). Mining
@@ -283,7 +286,7 @@ def run_recipe(cfg: RecipeConfig, make_encoder: Callable[[str], Any], say: Calla
         adapt_dir = out / "adapt"
         train_cfg = TrainConfig(output_dir=str(adapt_dir), max_steps=cfg.adapt_steps, batch_size=cfg.adapt_batch_size,
                                 lr=cfg.adapt_lr, save_every=max(cfg.adapt_steps // 4, 1), seed=cfg.seed, resume=True,
-                                cpu=cfg.cpu, progress=cfg.progress)
+                                keep_last=1, cpu=cfg.cpu, progress=cfg.progress)
         shaped = stage("adapt", f"{cfg.adapt_steps} steps of EBAE + EBAR + LM on {cfg.corpus} (chunks of "
                        f"{cfg.chunk_tokens} tokens)",
                        lambda: pretrain(cfg.model, [cfg.corpus], train_cfg,
@@ -345,7 +348,7 @@ def run_recipe(cfg: RecipeConfig, make_encoder: Callable[[str], Any], say: Calla
     if steps:
         ft_dir = out / "finetune"
         train_cfg = finetune_train_config(output_dir=str(ft_dir), max_steps=steps,
-                                          batch_size=cfg.batch_size, save_every=max(steps // 4, 1),
+                                          batch_size=cfg.batch_size, save_every=max(steps // 4, 1), keep_last=1,
                                           seed=cfg.seed, resume=True, cpu=cfg.cpu, progress=cfg.progress)
         shaped = stage("finetune", f"{steps} contrastive steps of {cfg.batch_size} queries x "
                        f"{cfg.group_size} passages from {model}",
