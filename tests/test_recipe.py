@@ -8,7 +8,7 @@ from tiny import make_model, make_tokenizer
 
 from llara.cli import build_parser, main
 from llara.modeling.encoder import Encoder
-from llara.pipelines.recipe import _pairs_source
+from llara.pipelines.recipe import _pairs_source, budget_fit
 from llara.training.finetune import FINETUNE_TRAIN_DEFAULTS, finetune_train_config
 
 
@@ -155,20 +155,36 @@ def test_recipe_with_corpus_pairs_evaluates_the_index_it_built(tiny_dir, adi_dir
     assert json.loads((out / "recipe.json").read_text())["eval"]["rows"] == rows
 
 
-def test_recipe_budget_chooses_the_fine_tuning_steps_and_says_why(tiny_dir, adi_dir, tmp_path, capsys):
-    out = tmp_path / "recipe"
-    args = ["recipe", "--corpus", str(adi_dir / "corpus.jsonl"), "--model", tiny_dir, "--pairs", "ict:1",
-            "--output", str(out), "--adapt-steps", "0", "--batch-size", "2", "--negatives", "3", "--window", "2",
-            "20", "--max-passage-length", "48", "--device", "cpu", "--dtype", "float32", "--no-progress",
-            "--budget-minutes", "0.5"]
+def test_budget_fit_caps_the_steps_asked_by_the_time_left():
+    common = {"spent_s": 300.0, "probe_s": 20.0, "index_s": 120.0, "overhead_s": 5.0}
+    assert budget_fit(1800, 128, step_s=4.0, **common) == 128               # 1,350 s left: 337 steps fit
+    assert budget_fit(1800, 128, step_s=12.0, **common) == 112              # 1,350 // 12
+    assert budget_fit(1800, 1024, step_s=4.0, **common) == 337              # fills the budget when more are asked
+    assert budget_fit(60, 128, step_s=4.0, **common) == 1                   # nothing left: one step, not zero
+
+
+def test_recipe_budget_runs_fewer_steps_only_where_they_do_not_fit(tiny_dir, adi_dir, tmp_path, capsys):
+    base = ["recipe", "--corpus", str(adi_dir / "corpus.jsonl"), "--model", tiny_dir, "--pairs", "ict:1",
+            "--adapt-steps", "0", "--batch-size", "2", "--negatives", "3", "--window", "2", "20",
+            "--max-passage-length", "48", "--device", "cpu", "--dtype", "float32", "--no-progress"]
+    # the default budget (30 minutes) and 5 steps of a tiny model: they fit, all run
+    out = tmp_path / "fits"
+    assert main(base + ["--output", str(out), "--finetune-steps", "5"]) == 0
+    text = " ".join(capsys.readouterr().out.split())
+    record = json.loads((out / "recipe.json").read_text())
+    assert "budget: the 5 fine-tuning steps asked fit (budget 30 min" in text and "s per fine-tuning step" in text
+    assert record["budget"]["steps"] == 5 and record["budget"]["step_s"] > 0 and not (out / "probe").exists()
+    assert _steps(out / "finetune")[-1] == 5
+    # a budget that the probe alone exceeds: one step, and the run says so and how to run them all
+    out = tmp_path / "tight"
+    args = base + ["--output", str(out), "--finetune-steps", "6", "--budget-minutes", "0.001"]
     assert main(args) == 0
     text = " ".join(capsys.readouterr().out.split())
     record = json.loads((out / "recipe.json").read_text())
-    budget = record["budget"]
-    assert f"budget: {budget['steps']} fine-tuning steps (budget 0.5 min" in text and "s per fine-tuning step" in text
-    assert 1 <= budget["steps"] <= 1024 and budget["step_s"] > 0
-    assert record["stages"]["finetune"]["steps"] == budget["steps"] and not (out / "probe").exists()
-    assert _steps(out / "finetune")[-1] == budget["steps"]
+    assert "budget: 1 of the 6 fine-tuning steps asked fit (budget 0.001 min" in text
+    assert "too small for a useful fine-tuning" in text and "--budget-minutes 0 runs them all" in text
+    assert record["stages"]["finetune"]["steps"] == record["budget"]["steps"] == 1
+    assert _steps(out / "finetune")[-1] == 1
     # resumed: the choice is kept, nothing is retrained
     assert main(args) == 0
     text = " ".join(capsys.readouterr().out.split())

@@ -13,9 +13,10 @@ Every stage writes into ``<output>/`` and is skipped when its output is complete
 half-way resumes from its checkpoint (training) or its last shard (index). ``<output>/recipe.json``
 records each stage's settings, output and wall time.
 
-``budget_minutes`` trades fine-tuning steps for time: after the pairs are made, a 3-step probe run
-measures the fine-tuning step, the index time is estimated from it, and the steps that fit the rest
-of the budget are chosen (and said). ``eval`` (a BEIR directory with queries and qrels of the same
+``budget_minutes`` (30 by default) caps the run's time: after the pairs are made, a 3-step probe run
+measures the fine-tuning step, the index time is estimated from it, and when ``finetune_steps`` would not
+fit the rest of the budget, fewer steps are run (said either way). On a CPU with fast bf16 the default
+128 steps fit with room to spare; on one without (fp32 training, about 3x slower) they may not. ``eval`` (a BEIR directory with queries and qrels of the same
 corpus) ends the run with dense, BM25 and hybrid nDCG@10 / Recall@100 of the index it built
 (``<output>/eval.md`` and ``eval.json``).
 """
@@ -65,8 +66,9 @@ class RecipeConfig:
                              "by the model, an instruct model) e.g. squad:1,title:1,ict:2; or a BEIR directory with "
                              "qrels/train.tsv; or a .jsonl of {query, pos, neg} lines")
     d2q_docs: int = _f(200, "documents the d2q source writes queries for (at most)")
-    budget_minutes: float = _f(0.0, "time budget of the whole run: fine-tuning steps are chosen from a measured "
-                                    "step time to fit it (finetune_steps is then ignored); 0: no budget")
+    budget_minutes: float = _f(30.0, "time budget of the whole run: when finetune_steps would not fit it (from a "
+                                     "measured step time), fewer are run; 0: no budget. To fill a budget, ask for "
+                                     "more steps than fit (e.g. --finetune-steps 1024)")
     eval: str = _f("", "BEIR directory with queries.jsonl and qrels/test.tsv for this corpus: evaluate the index "
                        "(dense, BM25, hybrid) at the end and write eval.md")
     adapt_steps: int = _f(50, "adaptation steps; 0: fine-tune the model as given")
@@ -185,8 +187,7 @@ def eval_table(rows: list[dict], directory: str) -> str:
     return "\n".join(lines + ([""] + notes if notes else [])) + "\n"
 
 
-BUDGET_MAX_STEPS = 1024  # the most fine-tuning steps a budget may choose (pairs are made for this many)
-PROBE_STEPS = 3
+PROBE_STEPS = 3  # fine-tuning steps of the budget's probe run (not run when finetune_steps is no more)
 
 
 def _step_seconds(log_path: Path) -> tuple[float, float]:
@@ -302,7 +303,7 @@ def run_recipe(cfg: RecipeConfig, make_encoder: Callable[[str], Any], say: Calla
     elif "mix" in source:
         train = out / "pairs.jsonl"
         negatives = max(cfg.negatives, cfg.group_size - 1)
-        total = cfg.batch_size * (BUDGET_MAX_STEPS if cfg.budget_minutes else max(cfg.finetune_steps, 1))
+        total = cfg.batch_size * max(cfg.finetune_steps, 1)
         pcfg = PairsConfig(window=tuple(cfg.window), num_negatives=negatives, seed=cfg.seed, d2q_docs=cfg.d2q_docs)
         sources: dict[str, Any] = {}
 
@@ -343,7 +344,7 @@ def run_recipe(cfg: RecipeConfig, make_encoder: Callable[[str], Any], say: Calla
     steps = cfg.finetune_steps
     ft_cfg = FinetuneConfig(group_size=cfg.group_size, max_query_length=cfg.max_query_length,
                             max_passage_length=cfg.max_passage_length, data_seed=cfg.seed)
-    if cfg.budget_minutes:
+    if cfg.budget_minutes and steps > PROBE_STEPS:
         steps = _budget_steps(cfg, record, model, train, ft_cfg, say)
     if steps:
         ft_dir = out / "finetune"
@@ -392,13 +393,29 @@ def run_recipe(cfg: RecipeConfig, make_encoder: Callable[[str], Any], say: Calla
     return record
 
 
+def budget_fit(budget_s: float, asked: int, *, spent_s: float, probe_s: float, step_s: float, index_s: float,
+               overhead_s: float) -> int:
+    """The fine-tuning steps a run of ``budget_s`` seconds can afford: at most ``asked``, at least 1. What
+    was spent (adaptation, pairs) and the probe are gone; the index (``index_s``) and the fine-tuning's and the
+    index's set-up (``overhead_s`` each, the model load the probe measured) are still to come.
+
+    >>> budget_fit(1800, 128, spent_s=300, probe_s=20, step_s=4.0, index_s=120, overhead_s=5)
+    128
+    >>> budget_fit(1800, 128, spent_s=400, probe_s=45, step_s=12.0, index_s=400, overhead_s=5)
+    78
+    """
+    left = budget_s - spent_s - probe_s - index_s - 2 * overhead_s
+    return int(min(max(left // step_s, 1), asked))
+
+
 def _budget_steps(cfg: RecipeConfig, record: dict, model: str, train: Path, ft_cfg: FinetuneConfig,
                   say: Callable[[str], None]) -> int:
-    """The fine-tuning steps that fit ``cfg.budget_minutes``, from a measured step (recorded, so a resumed
-    run keeps its choice)."""
+    """``cfg.finetune_steps``, or fewer where they would not fit ``cfg.budget_minutes``, from a measured step
+    (recorded, so a resumed run keeps its choice)."""
     out = Path(cfg.output)
     prev = record.get("budget")
-    if prev and prev.get("budget_minutes") == cfg.budget_minutes and prev.get("pairs") == str(train):
+    if prev and prev.get("budget_minutes") == cfg.budget_minutes and prev.get("pairs") == str(train) \
+            and prev.get("asked") == cfg.finetune_steps:
         say(f"budget: {prev['steps']} fine-tuning steps, as chosen before ({prev['why']})")
         return prev["steps"]
     probe = out / "probe"
@@ -416,14 +433,19 @@ def _budget_steps(cfg: RecipeConfig, record: dict, model: str, train: Path, ft_c
     docs = sum(1 for _ in iter_jsonl(cfg.corpus))
     # encoding is a forward pass only: about 3x the training step's tokens per second (forward + backward)
     index_s = overhead + docs * cfg.max_passage_length / max(3 * tokens_per_s, 1e-9)
-    left = cfg.budget_minutes * 60 - spent - probe_s - index_s - 2 * overhead
-    steps = int(min(max(left // step_s, 1), BUDGET_MAX_STEPS))
+    steps = budget_fit(cfg.budget_minutes * 60, cfg.finetune_steps, spent_s=spent, probe_s=probe_s, step_s=step_s,
+                       index_s=index_s, overhead_s=overhead)
+    total = spent + probe_s + 2 * overhead + steps * step_s + index_s
     why = (f"budget {cfg.budget_minutes:g} min; adaptation and pairs took {spent:.0f} s, the probe {probe_s:.0f} s; "
            f"measured {step_s:.1f} s per fine-tuning step of {cfg.batch_size} x {cfg.group_size}; index of {docs} "
-           f"documents estimated at {index_s:.0f} s")
-    say(f"budget: {steps} fine-tuning steps ({why})" + (
-        "; the budget is too small for a useful fine-tuning (under 8 steps)" if steps < 8 else ""))
-    record["budget"] = {"budget_minutes": cfg.budget_minutes, "steps": steps, "step_s": round(step_s, 2),
-                        "index_estimate_s": round(index_s), "pairs": str(train), "why": why}
+           f"documents estimated at {index_s:.0f} s; the whole run about {total / 60:.0f} min")
+    if steps < cfg.finetune_steps:
+        say(f"budget: {steps} of the {cfg.finetune_steps} fine-tuning steps asked fit ({why})" + (
+            "; the budget is too small for a useful fine-tuning (under 8 steps)" if steps < 8 else "")
+            + "; --budget-minutes 0 runs them all")
+    else:
+        say(f"budget: the {steps} fine-tuning steps asked fit ({why})")
+    record["budget"] = {"budget_minutes": cfg.budget_minutes, "asked": cfg.finetune_steps, "steps": steps,
+                        "step_s": round(step_s, 2), "index_estimate_s": round(index_s), "pairs": str(train), "why": why}
     write_json(out / "recipe.json", record)
     return steps
