@@ -1,13 +1,14 @@
-"""CPU training at the hardware's limit: training steps against the bf16 matmul limit, in one run, and
+"""CPU training at the hardware's limit: training steps against the matmul limit, in one run, and
 the peak resident memory of ``llara finetune`` with its defaults.
 
 1. ``matmul``: GFLOP/s of a 2048-cube matmul in bf16 and fp32 (best of 5), measured before and after
-   the training runs (the mean is the limit; both are reported, so a machine whose load changed shows).
-   Then ``model_shapes``: the same in bf16 at this model's own product shapes (its projections, and the
+   the training runs; the mean in the precision llara trains in on this CPU (bf16 where it is faster,
+   else fp32: ``limit_precision``) is the limit (bf16 is not timed on a CPU without bf16 kernels).
+   Then ``model_shapes``: the same in that precision at this model's own product shapes (its projections, and the
    LM head for pretraining, forward and activation gradient, at a micro-batch's rows): the ceiling its
    matmuls can reach here, which the step's ratio is also given against.
 2. ``pretrain``: ``llara pretrain`` (full fine-tuning, precision auto) on the embedded model:
-   median tokens/s after the first step; ratio = 6 x parameters x tokens/s / the bf16 matmul limit.
+   median tokens/s after the first step; ratio = 6 x parameters x tokens/s / the matmul limit.
 3. ``finetune``: ``llara finetune`` (LoRA, its defaults but for the batch shape given: by default the
    step of ``llara recipe``, 8 queries x 2 passages of 96 tokens, which the memory plan runs whole) on BM25-mined
    groups of the shipped demo corpus: ratio = 4 x parameters x tokens/s / the limit (frozen base:
@@ -41,6 +42,19 @@ DEMO = ROOT / "src" / "llara" / "data" / "demo" / "med"
 PARAMS_135M = 134_515_008  # SmolLM2-135M (tied embeddings counted once), the convention of issue 20
 
 
+def bf16_usable() -> bool:
+    """Whether this CPU has bf16 matmul kernels at all (without them a bf16 2048-cube takes minutes)."""
+    return bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
+
+
+def limit_dtype() -> torch.dtype:
+    """The precision llara trains in on this CPU, whose matmul rate is the limit: bf16 where it is measured
+    faster (AVX512-BF16, AMX), else fp32 (``llara.modeling.precision``)."""
+    from llara.modeling.precision import cpu_prefers_bf16
+
+    return torch.bfloat16 if cpu_prefers_bf16() else torch.float32
+
+
 def matmul_gflops(dtype: torch.dtype, n: int = 2048, repeats: int = 5) -> float:
     a, b = torch.randn(n, n, dtype=dtype), torch.randn(n, n, dtype=dtype)
     torch.mm(a, b)
@@ -52,8 +66,9 @@ def matmul_gflops(dtype: torch.dtype, n: int = 2048, repeats: int = 5) -> float:
     return 2 * n**3 / best / 1e9
 
 
-def model_shape_gflops(model: str, tokens: int, lm_head: bool, repeats: int = 5) -> dict:
-    """bf16 GFLOP/s of the model's own products at ``tokens`` rows (one micro-batch): each projection of
+def model_shape_gflops(model: str, tokens: int, lm_head: bool, repeats: int = 5,
+                       dtype: torch.dtype = torch.bfloat16) -> dict:
+    """GFLOP/s (in ``dtype``) of the model's own products at ``tokens`` rows (one micro-batch): each projection of
     a decoder layer (and the LM head when ``lm_head``) forward (x @ W^T) and for the activation
     gradient (g @ W), best of ``repeats``; the FLOP-weighted mean is the ceiling a training step of this
     model on this machine can reach with its matmuls alone (the 2048-cube is a larger, easier product)."""
@@ -71,10 +86,10 @@ def model_shape_gflops(model: str, tokens: int, lm_head: bool, repeats: int = 5)
         shapes["lm_head"] = (cfg.vocab_size, h)
     rows, flops, seconds = {}, 0.0, 0.0
     for name, (out_f, in_f) in shapes.items():
-        w = torch.randn(out_f, in_f, dtype=torch.bfloat16)
+        w = torch.randn(out_f, in_f, dtype=dtype)
         best = {}
-        for kind, a, b in (("forward", torch.randn(tokens, in_f, dtype=torch.bfloat16), w.t()),
-                           ("input_grad", torch.randn(tokens, out_f, dtype=torch.bfloat16), w)):
+        for kind, a, b in (("forward", torch.randn(tokens, in_f, dtype=dtype), w.t()),
+                           ("input_grad", torch.randn(tokens, out_f, dtype=dtype), w)):
             torch.mm(a, b)
             t = min(_timed(lambda: torch.mm(a, b)) for _ in range(repeats))
             best[kind] = t
@@ -118,7 +133,7 @@ def summary(run: Path, flops_per_token: float, limit_gflops: float | None) -> di
     out = {"steps": len(rows), "tokens_per_s": round(tps, 1), "tokens_per_s_by_step": [r["tokens_per_s"] for r in rows],
            "peak_memory_gb": rows[-1].get("peak_memory_gb"), "gflops": round(flops_per_token * tps / 1e9, 1)}
     if limit_gflops:
-        out["ratio_to_bf16_matmul"] = round(flops_per_token * tps / 1e9 / limit_gflops, 3)
+        out["ratio_to_matmul_limit"] = round(flops_per_token * tps / 1e9 / limit_gflops, 3)
     return out
 
 
@@ -154,15 +169,27 @@ def main(argv=None) -> int:
 
         write_json(out, result)
 
-    before = {"bf16": matmul_gflops(torch.bfloat16), "fp32": matmul_gflops(torch.float32)}
+    # The limit is the matmul rate of the precision llara trains in here; bf16 is not timed where the
+    # CPU has no bf16 kernels (AVX2 only: minutes per product, and llara trains in fp32 there).
+    dtype = limit_dtype()
+    key = "bf16" if dtype == torch.bfloat16 else "fp32"
+    result["limit_precision"] = key
+
+    def matmuls() -> dict:
+        rates = {"fp32": matmul_gflops(torch.float32)}
+        if bf16_usable():
+            rates["bf16"] = matmul_gflops(torch.bfloat16)
+        return rates
+
+    before = matmuls()
     result["sections"]["matmul_before"] = {k: round(v, 1) for k, v in before.items()}
     write()
-    limit = before["bf16"]
+    limit = before[key]
     # The same products at the shapes of this model's micro-batches (pretrain: batch x chunk rows;
     # LoRA fine-tuning: one GradCache chunk or the whole plain step of passages).
     result["sections"]["model_shapes"] = {
-        "pretrain": model_shape_gflops(args.model, args.pretrain_batch * args.chunk_tokens, lm_head=True),
-        "finetune": combined([model_shape_gflops(args.model, int(n), lm_head=False)
+        "pretrain": model_shape_gflops(args.model, args.pretrain_batch * args.chunk_tokens, lm_head=True, dtype=dtype),
+        "finetune": combined([model_shape_gflops(args.model, int(n), lm_head=False, dtype=dtype)
                               for n in args.finetune_rows.split(",")])}
     write()
     common = ["--max-steps", str(args.steps), "--save-every", "0", "--no-export", "--no-progress", "--seed", "0"]
@@ -208,13 +235,13 @@ def main(argv=None) -> int:
                             "peak_rss_gb": log_rows(run)[-1]["peak_memory_gb"]}
             result["sections"]["memory"] = rows
             write()
-    after = {"bf16": matmul_gflops(torch.bfloat16), "fp32": matmul_gflops(torch.float32)}
+    after = matmuls()
     result["sections"]["matmul_after"] = {k: round(v, 1) for k, v in after.items()}
-    result["bf16_matmul_limit_gflops"] = round((before["bf16"] + after["bf16"]) / 2, 1)
+    result["matmul_limit_gflops"] = round((before[key] + after[key]) / 2, 1)
     for name in ("pretrain", "finetune"):
         sec = result["sections"].get(name)
         if sec:
-            sec["ratio_to_mean_bf16_matmul"] = round(sec["gflops"] / result["bf16_matmul_limit_gflops"], 3)
+            sec["ratio_to_mean_matmul_limit"] = round(sec["gflops"] / result["matmul_limit_gflops"], 3)
             shaped = result["sections"]["model_shapes"][name]["weighted_gflops"]
             sec["ratio_to_model_shape_matmul"] = round(sec["gflops"] / shaped, 3)
     write()
