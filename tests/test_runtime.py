@@ -118,6 +118,20 @@ def test_new_slot_tokens_re_export():
     np.testing.assert_allclose(y, x, atol=ATOL)
 
 
+def test_weights_use_7_bits_only_on_x86_without_vnni(monkeypatch):
+    # ONNX Runtime's u8 x s8 kernel saturates 16-bit pair sums on x86 without VNNI (an AVX2-only EPYC put
+    # 7% of the components off by up to 0.077 with 8-bit weights; the tolerance test above caught it)
+    assert rt.int8_reduce_range("x86_64", {"avx2", "fma"}) is True
+    assert rt.int8_reduce_range("x86_64", {"avx2", "avx512f", "avx512_vnni"}) is False
+    assert rt.int8_reduce_range("x86_64", {"avx2", "avx_vnni"}) is False
+    assert rt.int8_reduce_range("aarch64", set()) is False
+    keys = set()
+    for flags in ({"avx2"}, {"avx512_vnni"}):  # the choice is part of the cached model's key
+        monkeypatch.setattr(rt, "int8_reduce_range", lambda flags=flags: "avx512_vnni" not in flags)
+        keys.add(rt.runtime_key("fp", 100))
+    assert len(keys) == 2
+
+
 def test_bad_runtime_and_dtype_are_refused():
     with pytest.raises(ValueError, match="unknown runtime 'onnx'"):
         Encoder(make_model(), make_tokenizer(), "eos", runtime="onnx")

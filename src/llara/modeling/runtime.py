@@ -8,7 +8,11 @@ it). Tokenisation, padding, the pooling (LLaRA slots, EOS, mean) and the normali
 is exported once with ``torch.onnx`` in fp32, then quantised by ONNX Runtime's dynamic
 quantisation: weights int8 per output channel, activations quantised per batch at run time (u8 x s8
 matrix products, VNNI kernels on CPUs that have them), except the MLP's output products, whose
-input carries the outlier activations of LLMs (they stay fp32). The result is cached under
+input carries the outlier activations of LLMs (they stay fp32). On an x86 CPU without VNNI, ONNX
+Runtime's u8 x s8 kernel (``vpmaddubsw``) adds pairs of products in saturating 16-bit integers: there
+the weights are quantised to 7 bits (``reduce_range``, ONNX Runtime's advice), which keeps the sums in
+range (measured on an AVX2-only EPYC: 8-bit weights put 7% of a tiny model's vector components off by
+up to 0.077). The result is cached under
 ``$LLARA_CACHE/runtimes/<key>/model.onnx``, keyed by the weights' fingerprint, the vocabulary size
 and the onnx / onnxruntime / torch versions, so later loads take seconds. The export uses torch's
 ``torch.export``-based ONNX exporter (batch and length stay dynamic; it needs onnxscript).
@@ -65,9 +69,28 @@ def _versions() -> str:
     return f"onnx {onnx.__version__}|onnxruntime {onnxruntime.__version__}|torch {torch.__version__}|opset {OPSET}"
 
 
+def int8_reduce_range(machine: str | None = None, flags: "set[str] | None" = None) -> bool:
+    """Whether weights should be quantised to 7 bits here: an x86 CPU without VNNI (AVX512-VNNI or
+    AVX-VNNI), or one whose CPU flags cannot be read (the safe choice). ``machine`` and ``flags``
+    default to this machine's (``platform.machine()``, the flags of ``/proc/cpuinfo``)."""
+    import platform
+
+    machine = (machine or platform.machine()).lower()
+    if machine not in ("x86_64", "amd64", "i386", "i686"):
+        return False  # ARM's int8 kernels do not saturate this way
+    if flags is None:
+        try:
+            flags = set(next((line.split(":", 1)[1].split() for line in Path("/proc/cpuinfo").read_text().splitlines()
+                              if line.startswith("flags")), []))
+        except OSError:
+            return True
+    return not ({"avx512_vnni", "avx_vnni"} & flags)
+
+
 def runtime_key(fingerprint: str, vocab_size: int) -> str:
     """Cache key of an exported model: the weights, the vocabulary (slot tokens) and the tool versions."""
-    return hashlib.sha256(f"{QUANTISATION}|{fingerprint}|{vocab_size}|{_versions()}".encode()).hexdigest()[:16]
+    quantisation = QUANTISATION + ("|reduce-range" if int8_reduce_range() else "")
+    return hashlib.sha256(f"{quantisation}|{fingerprint}|{vocab_size}|{_versions()}".encode()).hexdigest()[:16]
 
 
 def export_onnx_int8(model, out_dir: "str | os.PathLike", *, mlp_output_fp32: bool = True) -> Path:
@@ -102,7 +125,8 @@ def export_onnx_int8(model, out_dir: "str | os.PathLike", *, mlp_output_fp32: bo
         program.save(str(tmp / "fp32.onnx"), external_data=external)
         # Matrix products only: the embedding table stays fp32 (a lookup gains no speed from int8).
         quantize_dynamic(tmp / "fp32.onnx", tmp / MODEL_FILE, weight_type=QuantType.QInt8, per_channel=True,
-                         op_types_to_quantize=["MatMul"], use_external_data_format=external,
+                         reduce_range=int8_reduce_range(), op_types_to_quantize=["MatMul"],
+                         use_external_data_format=external,
                          nodes_to_exclude=_mlp_output_products(tmp / "fp32.onnx", model.config.intermediate_size)
                          if mlp_output_fp32 else [])
         for f in tmp.glob("fp32.onnx*"):
