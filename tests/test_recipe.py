@@ -30,12 +30,18 @@ def _steps(run):
     return [json.loads(x)["step"] for x in (run / "train_log.jsonl").read_text().splitlines()]
 
 
+def _argv(corpus_dir, model, out, pairs, *, adapt_steps=2, finetune_steps=2, chunk_tokens=16):
+    """A `llara recipe` command line on a tiny model, small enough for a test."""
+    return ["recipe", "--corpus", str(corpus_dir / "corpus.jsonl"), "--model", model, "--pairs", str(pairs),
+            "--output", str(out), "--adapt-steps", str(adapt_steps), "--adapt-batch-size", "2",
+            "--chunk-tokens", str(chunk_tokens), "--finetune-steps", str(finetune_steps), "--batch-size", "2",
+            "--negatives", "3", "--window", "2", "20", "--max-passage-length", "48", "--device", "cpu",
+            "--dtype", "float32", "--no-progress"]
+
+
 def test_recipe_runs_every_stage_once_and_the_index_searches(tiny_dir, train_pairs, adi_dir, tmp_path, capsys):
     out = tmp_path / "recipe"
-    args = ["recipe", "--corpus", str(adi_dir / "corpus.jsonl"), "--model", tiny_dir, "--pairs", str(train_pairs),
-            "--output", str(out), "--adapt-steps", "2", "--adapt-batch-size", "2", "--chunk-tokens", "16",
-            "--finetune-steps", "2", "--batch-size", "2", "--negatives", "3", "--window", "2", "20",
-            "--max-passage-length", "48", "--device", "cpu", "--dtype", "float32", "--no-progress"]
+    args = _argv(adi_dir, tiny_dir, out, train_pairs)
     assert main(args) == 0
     text = capsys.readouterr().out
     assert all(f"{i}/4 {s}:" in text for i, s in enumerate(("adapt", "mine", "finetune", "index"), 1))
@@ -237,10 +243,7 @@ def test_auto_pairs_drop_title_only_where_the_corpus_has_none(tmp_path):
 
 def test_recipe_keeps_one_checkpoint_per_training_stage(tmp_path, tiny_dir, train_pairs, adi_dir):
     out = tmp_path / "run"
-    argv = ["recipe", "--corpus", str(adi_dir / "corpus.jsonl"), "--model", tiny_dir, "--output", str(out),
-            "--pairs", str(train_pairs), "--adapt-steps", "8", "--adapt-batch-size", "2", "--chunk-tokens", "32",
-            "--finetune-steps", "8", "--batch-size", "2", "--negatives", "3", "--window", "2", "20",
-            "--max-passage-length", "48", "--device", "cpu", "--dtype", "float32", "--no-progress"]
+    argv = _argv(adi_dir, tiny_dir, out, train_pairs, adapt_steps=8, finetune_steps=8, chunk_tokens=32)
     assert main(argv) == 0
     for stage in ("adapt", "finetune"):  # saved every 2 steps, the last one kept
         assert sorted(p.name for p in (out / stage).glob("checkpoint-*")) == ["checkpoint-000008"]
