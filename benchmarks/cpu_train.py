@@ -27,7 +27,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import re
 import statistics
 import subprocess
@@ -36,6 +35,8 @@ import time
 from pathlib import Path
 
 import torch
+
+from llara.modeling.precision import cpu_name
 
 ROOT = Path(__file__).resolve().parents[1]
 DEMO = ROOT / "src" / "llara" / "data" / "demo" / "med"
@@ -157,12 +158,9 @@ def main(argv=None) -> int:
     out, work = Path(args.out), Path(args.work)
     work.mkdir(parents=True, exist_ok=True)
     result = {"command": "python benchmarks/cpu_train.py " + " ".join(argv if argv is not None else sys.argv[1:]),
-              "machine": {"cpu": platform.processor() or platform.machine(), "cores": os.cpu_count(),
+              "machine": {"cpu": cpu_name(), "cores": os.cpu_count(),
                           "threads": torch.get_num_threads(), "torch": torch.__version__},
               "sections": {}}
-    cpu_name = next((line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
-                     if line.startswith("model name")), None) if Path("/proc/cpuinfo").exists() else None
-    result["machine"]["cpu"] = cpu_name or result["machine"]["cpu"]
 
     def write():
         from llara.io import write_json

@@ -38,10 +38,9 @@ TEMPLATE_LABELS = {"bm25": "BM25", "eos": "EOS (last token)", "mean": "mean pool
 def machine() -> str:
     """The CPU (its model name), cores, torch, threads and the precision llara chooses on it (machines of
     the same name differ: with fast bf16 training runs about 3x faster than in fp32)."""
-    from llara.modeling.precision import _cpu_key, cpu_prefers_bf16
+    from llara.modeling.precision import cpu_name, cpu_prefers_bf16
 
-    name = _cpu_key().split("|", 1)[0]
-    return f"{name}, {os.cpu_count()} cores, torch {torch.__version__}, {torch.get_num_threads()} threads, " \
+    return f"{cpu_name()}, {os.cpu_count()} cores, torch {torch.__version__}, {torch.get_num_threads()} threads, " \
            f"llara precision {'bf16' if cpu_prefers_bf16() else 'fp32'}"
 
 

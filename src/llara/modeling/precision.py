@@ -60,16 +60,24 @@ def parse_dtype(dtype: "torch.dtype | str | None") -> torch.dtype | None:
         raise ValueError(f"unknown dtype {dtype!r}: use auto or one of {sorted(DTYPES)}") from None
 
 
-def _cpu_key() -> str:
-    name = platform.processor() or platform.machine()
+def cpuinfo(field: str) -> str | None:
+    """The first ``field`` of ``/proc/cpuinfo`` (e.g. "model name", "flags"); None where it cannot be read."""
     try:
         for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                name = line.split(":", 1)[1].strip()
-                break
+            if line.startswith(field):
+                return line.split(":", 1)[1].strip()
     except OSError:
         pass
-    return f"{name}|torch {torch.__version__}|threads {torch.get_num_threads()}"
+    return None
+
+
+def cpu_name() -> str:
+    """The CPU's model name, or the platform's processor / machine name where it is not known."""
+    return cpuinfo("model name") or platform.processor() or platform.machine()
+
+
+def _cpu_key() -> str:
+    return f"{cpu_name()}|torch {torch.__version__}|threads {torch.get_num_threads()}"
 
 
 def _probe(n: int = 1024, repeats: int = 4) -> float:

@@ -79,11 +79,12 @@ def int8_reduce_range(machine: str | None = None, flags: "set[str] | None" = Non
     if machine not in ("x86_64", "amd64", "i386", "i686"):
         return False  # ARM's int8 kernels do not saturate this way
     if flags is None:
-        try:
-            flags = set(next((line.split(":", 1)[1].split() for line in Path("/proc/cpuinfo").read_text().splitlines()
-                              if line.startswith("flags")), []))
-        except OSError:
+        from .precision import cpuinfo
+
+        listed = cpuinfo("flags")
+        if listed is None:
             return True
+        flags = set(listed.split())
     return not ({"avx512_vnni", "avx_vnni"} & flags)
 
 
