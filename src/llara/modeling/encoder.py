@@ -36,6 +36,7 @@ from tqdm.auto import tqdm
 from ..io import passage_text, save_npy
 from ..prompts import EncodedSide, PromptSide, Template, encode_side, get_template
 from .embed import Packed, base_model, hidden_states, normalize, pack, pad_token_id, plan_batches, pool, tokenize
+from .host_memory import keep_freed_memory
 from .loading import ensure_slot_tokens, load_model, write_llara_config
 from .runtime import load_runtime
 
@@ -293,6 +294,8 @@ class Encoder:
     ) -> list[np.ndarray]:
         t0 = time.perf_counter()
         cuda = self.device.type == "cuda"
+        if self.device.type == "cpu":
+            keep_freed_memory()  # no page faults for the activations each batch frees (host_memory.py)
         sides = [self.encoded_side(t.side(side)) for t in templates]
         plan = self._plan(texts, side, sides, batch_size, max_batch_tokens, pin=cuda)
         stats = EncodeStats(texts=len(texts))

@@ -47,6 +47,7 @@ from .checkpoint import (
     restore_rng,
     save_checkpoint,
 )
+from ..modeling.host_memory import keep_freed_memory
 from ..modeling.precision import training_kernels
 from .config import TrainConfig
 from .export import export_model
@@ -225,6 +226,8 @@ def train(
             plot_log(out_dir / LOG_FILE, out_dir / PLOT_FILE)
 
     kernels = training_kernels(precision, on_cpu=acc.device.type == "cpu")
+    if acc.device.type == "cpu":
+        keep_freed_memory()  # a quarter of a CPU step was page faults of freshly mapped tensors (host_memory.py)
     kernels.__enter__()
     try:
         while state["step"] < num_steps:
