@@ -10,9 +10,12 @@ the peak resident memory of ``llara finetune`` with its defaults.
 2. ``pretrain``: ``llara pretrain`` (full fine-tuning, precision auto) on the embedded model:
    median tokens/s after the first step; ratio = 6 x parameters x tokens/s / the matmul limit.
 3. ``finetune``: ``llara finetune`` (LoRA, its defaults but for the batch shape given: by default the
-   step of ``llara recipe``, 8 queries x 2 passages of 96 tokens, which the memory plan runs whole) on BM25-mined
-   groups of the shipped demo corpus: ratio = 4 x parameters x tokens/s / the limit (frozen base:
-   forward and activation gradients; GradCache's extra forward counts as overhead).
+   step of ``llara recipe``, 8 queries x 2 passages of 96 tokens) on BM25-mined groups of the shipped
+   demo corpus, as the memory plan runs it (whole, or GradCache chunks where the whole step would not
+   fit the memory budget: in fp32 on a CPU it does not), then ``finetune_plain``: the same step whole
+   (``--grad-cache-chunk 0``), and ``finetune_plain_no_dropout``: that step without the adapters'
+   dropout (``--lora-dropout 0``: what the masks cost). Ratio = 4 x parameters x tokens/s / the limit (frozen base: forward and
+   activation gradients; GradCache's extra forward counts as overhead, so it caps that run at 2/3).
 4. ``memory``: ``llara finetune --model default --max-steps 1 --batch-size B`` with every other option
    at its default (group 16, 160-token passages, GradCache chunk and checkpointing from the memory
    plan) for each B of ``--memory-batches``: the peak RSS the training log records and the plan chosen.
@@ -208,17 +211,23 @@ def main(argv=None) -> int:
         llara(["mine", "--method", "bm25", "--corpus", str(DEMO / "corpus.jsonl"), "--queries",
                str(DEMO / "queries.jsonl"), "--qrels", str(DEMO / "qrels" / "test.tsv"), "--window", "5", "100",
                "--negatives", "15", "--output", str(train)])
-    if "finetune" in sections:
-        run = work / "finetune"
+    # The step as the memory plan runs it (GradCache where the whole step would not fit the budget: one
+    # more forward than counted), and the same step plain (--grad-cache-chunk 0): the step's own efficiency.
+    variants = (("finetune", []), ("finetune_plain", ["--grad-cache-chunk", "0"]),
+                ("finetune_plain_no_dropout", ["--grad-cache-chunk", "0", "--lora-dropout", "0"]))
+    for name, extra in variants:
+        if name not in sections and not (name.startswith("finetune_") and "finetune" in sections):
+            continue
+        run = work / name
         argv_ = ["finetune", "--model", args.model, "--data", str(train), "--output", str(run),
                  "--batch-size", str(args.finetune_batch), "--group-size", str(args.finetune_group),
-                 "--max-passage-length", str(args.finetune_passage_length), *common]
+                 "--max-passage-length", str(args.finetune_passage_length), *extra, *common]
         subprocess.run(["rm", "-rf", str(run)])
         seconds, text = llara(argv_)
-        plan = re.findall(r"memory: .*?-> (.*)", text)
-        result["sections"]["finetune"] = {"command": "llara " + " ".join(argv_), "seconds": round(seconds, 1),
-                                          "memory_plan": plan[:1], "flops_per_token": f"4 x {PARAMS_135M}",
-                                          **summary(run, 4 * PARAMS_135M, limit)}
+        plan = re.findall(r"memory: .*?-> (.*)", text) or ["plain step (--grad-cache-chunk 0)"]
+        result["sections"][name] = {"command": "llara " + " ".join(argv_), "seconds": round(seconds, 1),
+                                    "memory_plan": [x.strip() for x in plan[:1]], "flops_per_token": f"4 x {PARAMS_135M}",
+                                    **summary(run, 4 * PARAMS_135M, limit)}
         write()
     if "memory" in sections:
         rows = {}
@@ -236,11 +245,11 @@ def main(argv=None) -> int:
     after = matmuls()
     result["sections"]["matmul_after"] = {k: round(v, 1) for k, v in after.items()}
     result["matmul_limit_gflops"] = round((before[key] + after[key]) / 2, 1)
-    for name in ("pretrain", "finetune"):
+    for name in ("pretrain", *(v for v, _ in variants)):
         sec = result["sections"].get(name)
         if sec:
             sec["ratio_to_mean_matmul_limit"] = round(sec["gflops"] / result["matmul_limit_gflops"], 3)
-            shaped = result["sections"]["model_shapes"][name]["weighted_gflops"]
+            shaped = result["sections"]["model_shapes"][name.split("_")[0]]["weighted_gflops"]
             sec["ratio_to_model_shape_matmul"] = round(sec["gflops"] / shaped, 3)
     write()
     print(json.dumps(result, indent=1)[:4000])

@@ -1,49 +1,111 @@
-"""The adapters' CPU dropout (training/lora.py: CpuFastDropout): the same distribution as nn.Dropout,
-a quarter of the random draws, seeded, and swapped into every adapter by apply_lora."""
+"""The adapters' CPU dropout (training/lora.py): the mask has nn.Dropout's distribution from a quarter of
+the random draws, seeded; apply_lora moves it into every adapter's A projection (CpuDropoutLinear), whose
+output and gradients equal peft's dropout-then-linear with the same mask, and whose backward keeps the
+1-byte mask instead of a dropped fp32 copy of the input."""
 import pytest
 import torch
 from torch import nn
 from transformers import LlamaConfig, LlamaForCausalLM
 
-from llara.training.lora import CpuFastDropout, apply_lora
+from llara.training.lora import CpuDropoutLinear, apply_lora, cpu_keep_mask
 
 
 @pytest.mark.parametrize("p", [0.1, 0.5])
 def test_drop_rate_scale_and_mean(p):
-    drop = CpuFastDropout(p).train()
     x = torch.ones(400, 1000)
-    y = drop(x)
-    kept = y != 0
-    assert abs(1 - kept.float().mean().item() - p) < 0.005  # 400k elements: sd of the rate ~0.0008
-    assert torch.allclose(y[kept], torch.full_like(y[kept], 1 / (1 - round(p * 65536) / 65536)))
-    assert abs(y.mean().item() - 1.0) < 0.01  # unbiased, as nn.Dropout
+    keep, scale = cpu_keep_mask(x, p)
+    assert keep.dtype == torch.bool and keep.shape == x.shape
+    assert abs(1 - keep.float().mean().item() - p) < 0.005  # 400k elements: sd of the rate ~0.0008
+    assert scale == 1 / (1 - round(p * 65536) / 65536)
+    assert abs((x * keep * scale).mean().item() - 1.0) < 0.01  # unbiased, as nn.Dropout
     # masks are not the same in every row (the four numbers of one draw land in different places)
-    assert len({tuple(r) for r in kept[:50].tolist()}) == 50
+    assert len({tuple(r) for r in keep[:50].tolist()}) == 50
 
 
-def test_seeded_eval_and_gradients():
-    drop = CpuFastDropout(0.1).train()
-    x = torch.randn(7, 33, requires_grad=True)  # an element count that is not a multiple of 4
+def _layer(p: float, in_f: int = 33, out_f: int = 5) -> CpuDropoutLinear:
+    layer = nn.Linear(in_f, out_f, bias=False)
+    layer.__class__ = CpuDropoutLinear
+    layer.p = p
+    return layer.train()
+
+
+@pytest.mark.parametrize("autocast", [False, True])
+def test_output_and_gradients_equal_dropout_then_linear(autocast):
+    layer = _layer(0.1)
+    x = torch.randn(3, 7, 33, requires_grad=True)  # an element count that is not a multiple of 4
+    grad = torch.randn(3, 7, 5)
+    with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
+        torch.manual_seed(3)
+        y = layer(x)
+        torch.manual_seed(3)
+        keep, scale = cpu_keep_mask(x, 0.1)  # the same draws
+        x2 = x.detach().clone().requires_grad_()
+        w2 = layer.weight.detach().clone().requires_grad_()
+        y2 = nn.functional.linear(x2 * keep * scale, w2)
+    assert y.dtype == y2.dtype
+    tol = dict(atol=2e-2, rtol=2e-2) if autocast else dict(atol=1e-6, rtol=1e-5)
+    torch.testing.assert_close(y, y2, **tol)
+    (y.float() * grad).sum().backward()
+    (y2.float() * grad).sum().backward()
+    assert x.grad.dtype == torch.float32 and layer.weight.grad.dtype == torch.float32
+    torch.testing.assert_close(x.grad, x2.grad, **tol)
+    torch.testing.assert_close(layer.weight.grad, w2.grad, **tol)
+    assert torch.equal(x.grad != 0, keep.expand_as(x.grad) & (x2.grad != 0))  # flows through kept elements only
+
+
+def test_seeded_and_plain_in_eval():
+    layer = _layer(0.1)
+    x = torch.randn(7, 33)
     torch.manual_seed(3)
-    a = drop(x)
+    a = layer(x)
     torch.manual_seed(3)
-    b = drop(x)
-    assert torch.equal(a, b)
-    a.sum().backward()
-    assert torch.equal(x.grad != 0, a != 0)  # the gradient flows through the kept elements only
-    assert torch.equal(drop.eval()(x), x)
-    assert torch.equal(CpuFastDropout(0.0).train()(x), x)
+    assert torch.equal(layer(x), a)
+    assert not torch.equal(layer(x), a)  # a new mask
+    plain = nn.functional.linear(x, layer.weight)
+    assert torch.equal(layer.eval()(x), plain)
+    off = _layer(0.0)
+    assert torch.equal(off(x), nn.functional.linear(x, off.weight))
 
 
-def test_apply_lora_swaps_every_adapter_dropout():
+def test_backward_keeps_the_mask_not_a_dropped_copy():
+    """What autograd saves for backward: the input (shared with the base projection) and a bool mask;
+    peft's nn.Dropout then nn.Linear saves the mask and a float copy of the input as well."""
+
+    def saved_bytes(fn, x):
+        seen = {}
+
+        def pack(t):
+            seen[(t.data_ptr(), t.dtype, tuple(t.shape))] = t.numel() * t.element_size()
+            return t
+
+        with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+            fn(x)
+        return sum(seen.values()) - x.numel() * x.element_size() - 64 * 576 * 4  # less the input and weight
+
+    x = torch.randn(8, 96, 576, requires_grad=True)
+    fused = _layer(0.1, 576, 64)
+    peft_way = nn.Sequential(nn.Dropout(0.1), nn.Linear(576, 64, bias=False)).train()
+    assert saved_bytes(fused, x) <= x.numel()  # the 1-byte mask
+    assert saved_bytes(peft_way, x) >= 4 * x.numel()  # a float copy (and a mask)
+
+
+def test_apply_lora_moves_every_adapter_dropout_into_its_projection():
     cfg = LlamaConfig(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
                       num_attention_heads=4, num_key_value_heads=2)
+    torch.manual_seed(0)
     model = apply_lora(LlamaForCausalLM(cfg), r=4, dropout=0.1)
-    drops = [d for m in model.modules() if isinstance(getattr(m, "lora_dropout", None), nn.ModuleDict)
-             for d in m.lora_dropout.values()]
-    assert len(drops) == 2 * 7  # q, k, v, o, gate, up, down in each of the 2 layers
-    assert all(type(d) is CpuFastDropout and d.p == 0.1 for d in drops)
+    layers = [m for m in model.modules() if isinstance(getattr(m, "lora_A", None), nn.ModuleDict)]
+    assert len(layers) == 2 * 7  # q, k, v, o, gate, up, down in each of the 2 layers
+    assert all(type(m.lora_A["default"]) is CpuDropoutLinear and m.lora_A["default"].p == 0.1 for m in layers)
+    assert all(type(m.lora_dropout["default"]) is nn.Identity for m in layers)
+    assert all("lora_A.default.weight" in k for k in model.state_dict() if ".lora_A." in k)
+    for m in layers:  # B starts at zero: give the adapters an effect
+        nn.init.normal_(m.lora_B["default"].weight)
     model.train()
     ids = torch.randint(0, 64, (2, 9))
     model(input_ids=ids).logits.sum().backward()
-    assert all(p.grad is not None for n, p in model.named_parameters() if "lora_B" in n)
+    assert all(p.grad is not None and p.grad.abs().sum() > 0 for n, p in model.named_parameters() if "lora_A" in n)
+    model.eval()
+    with torch.no_grad():
+        a, b = model(input_ids=ids).logits, model(input_ids=ids).logits
+    assert torch.equal(a, b)  # no dropout in eval

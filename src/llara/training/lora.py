@@ -23,8 +23,9 @@ logger = logging.getLogger(__name__)
 
 __all__ = [
     "ADAPTER_NAME",
-    "CpuFastDropout",
+    "CpuDropoutLinear",
     "apply_lora",
+    "cpu_keep_mask",
     "find_projection_names",
     "input_embedding_name",
     "is_peft_model",
@@ -34,39 +35,90 @@ __all__ = [
 ADAPTER_NAME = "default"
 
 
-class CpuFastDropout(nn.Dropout):
-    """``nn.Dropout`` whose mask, on CPU tensors, costs a quarter of the random draws.
+def cpu_keep_mask(x: torch.Tensor, p: float) -> tuple[torch.Tensor, float]:
+    """A dropout mask for ``x`` (bool, True = kept) and the scale of the kept values, for a CPU.
 
     A CPU draws dropout masks from one mt19937 number per element (``bernoulli_``), slower than
     the adapters' own matmuls: it was 29% of a LoRA fine-tuning step of the embedded model (batch
     8 x 2 passages, 96 tokens; ``benchmarks/results/cpu_train.md``). Here each 64-bit draw gives four
     16-bit numbers, each compared with a threshold: the drop probability is ``p`` rounded to a
     multiple of 1/65536, and the kept values are scaled by the exact inverse of the keep probability
-    (unbiased, as ``nn.Dropout``). Masks come from torch's global generator (seeded, checkpointed).
-    Other devices (a GPU's Philox generator is fast) run ``nn.Dropout`` itself."""
+    (unbiased, as ``nn.Dropout``). Masks come from torch's global generator (seeded, checkpointed)."""
+    drop = round(p * 65536)
+    if drop >= 65536:
+        return torch.zeros(x.shape, dtype=torch.bool, device=x.device), 0.0
+    n = x.numel()
+    words = torch.randint(-(2**63), 2**63 - 1, ((n + 3) // 4,), dtype=torch.int64, device=x.device)
+    return words.view(torch.int16)[:n].view(x.shape) >= drop - 32768, 65536 / (65536 - drop)
+
+
+class _DroppedProjection(torch.autograd.Function):
+    """``(x * keep * scale) @ weight.T`` that keeps ``x`` (the adapted layer's input, which the step
+    holds anyway) and the 1-byte mask for backward instead of the dropped fp32 copy of ``x``: backward
+    recomputes the masked input for the weight's gradient. The scale multiplies the small weight (and
+    the weight's gradient), not the activations."""
+
+    @staticmethod
+    @torch.amp.custom_fwd(device_type="cpu")
+    def forward(ctx, x, weight, keep, scale: float):
+        ctx.save_for_backward(x, weight, keep)
+        ctx.scale = scale
+        return nn.functional.linear(torch.where(keep, x, 0), weight * scale)
+
+    @staticmethod
+    @torch.amp.custom_bwd(device_type="cpu")
+    def backward(ctx, grad):
+        x, weight, keep = ctx.saved_tensors
+        grad_x = grad_w = None
+        if ctx.needs_input_grad[0]:
+            grad_x = torch.where(keep, grad @ (weight * ctx.scale).to(grad.dtype), 0).to(x.dtype)
+        if ctx.needs_input_grad[1]:
+            g = grad.reshape(-1, grad.shape[-1])
+            masked = torch.where(keep, x, 0).reshape(-1, x.shape[-1]).to(g.dtype)
+            grad_w = (g.t() @ masked).to(weight.dtype).mul_(ctx.scale)
+        return grad_x, grad_w, None, None
+
+
+class CpuDropoutLinear(nn.Linear):
+    """An adapter's A projection with its input dropout inside (peft's ``lora_A`` after
+    :func:`apply_lora`, which sets the adapter's own ``lora_dropout`` to identity).
+
+    On a CPU in training it draws the mask with :func:`cpu_keep_mask` (a quarter of the random draws)
+    and keeps only that 1-byte mask and the layer's input for backward. peft's ``lora_A(dropout(x))``
+    keeps, for each of a layer's seven adapters, its own fp32 dropped copy of the input besides the
+    mask: on ``llara recipe``'s step of the embedded model that was 2.2 GB of 8.6 GB peak and 17% of
+    the time (dropout 0.1 against 0; ``benchmarks/results/cpu_train_fp32.md``). Same parameters and
+    state-dict keys as ``nn.Linear``; elsewhere (eval, other devices, a bias) it is
+    ``nn.Dropout`` then ``nn.Linear``, as peft runs it."""
+
+    p: float = 0.0
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if not self.training or self.p == 0 or x.device.type != "cpu" or self.inplace:
+        if not self.training or self.p == 0:
             return super().forward(x)
-        drop = round(self.p * 65536)
-        if drop >= 65536:
-            return x * 0
-        n = x.numel()
-        words = torch.randint(-(2**63), 2**63 - 1, ((n + 3) // 4,), dtype=torch.int64, device=x.device)
-        keep = words.view(torch.int16)[:n].view(x.shape) >= drop - 32768
-        return x * keep * (65536 / (65536 - drop))
+        if x.device.type != "cpu" or self.bias is not None:
+            return super().forward(nn.functional.dropout(x, self.p, True))
+        keep, scale = cpu_keep_mask(x, self.p)
+        return _DroppedProjection.apply(x, self.weight, keep, scale)
+
+    def extra_repr(self) -> str:
+        return f"{super().extra_repr()}, dropout={self.p}"
 
 
 def _fast_dropout(peft_model: nn.Module) -> int:
-    """Swaps the adapters' ``nn.Dropout`` for :class:`CpuFastDropout` (same ``p``); returns how many."""
+    """Moves each adapter's dropout into its A projection (:class:`CpuDropoutLinear`, same ``p``, same
+    weight); returns how many."""
     swapped = 0
     for module in peft_model.modules():
-        drops = getattr(module, "lora_dropout", None)
-        if not isinstance(drops, nn.ModuleDict):
+        drops, projections = getattr(module, "lora_dropout", None), getattr(module, "lora_A", None)
+        if not isinstance(drops, nn.ModuleDict) or not isinstance(projections, nn.ModuleDict):
             continue
-        for name, drop in drops.items():
-            if type(drop) is nn.Dropout:
-                drops[name] = CpuFastDropout(drop.p)
+        for name, drop in list(drops.items()):
+            a = projections[name] if name in projections else None
+            if type(drop) is nn.Dropout and type(a) is nn.Linear:
+                a.__class__ = CpuDropoutLinear
+                a.p = float(drop.p)
+                drops[name] = nn.Identity()
                 swapped += 1
     return swapped
 
