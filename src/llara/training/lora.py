@@ -123,6 +123,65 @@ def _fast_dropout(peft_model: nn.Module) -> int:
     return swapped
 
 
+def _rows_trainable_tokens_class():
+    """peft's ``TrainableTokensLayer`` whose forward over an embedding reads the trainable rows from their
+    deltas instead of building the whole merged matrix (made on first use: peft is imported lazily)."""
+    global _RowsTrainableTokens
+    if _RowsTrainableTokens is not None:
+        return _RowsTrainableTokens
+    from peft.tuners.trainable_tokens.layer import TrainableTokensLayer
+
+    class RowsTrainableTokens(TrainableTokensLayer):
+        """peft builds ``weight.index_copy(rows, deltas)``, a copy of the whole embedding matrix
+        (49k x 576 for the embedded model, 113 MB; 262 MB for a 7B model's), on every forward, and its
+        dense gradient on every backward, to train 16 slot rows. Here the frozen matrix is looked up
+        as it is and the positions holding a trainable token take their row from the deltas: the same
+        values and the same gradients for the deltas. Anything else (several adapters, merged, a tied
+        LM head, max_norm, sparse) runs peft's own forward."""
+
+        def forward_adapters(self, x, active_adapters, *args, **kwargs):
+            base = self.base_layer
+            if (self.disable_adapters or self.merged or len(active_adapters) != 1 or args or kwargs
+                    or type(base) is not nn.Embedding or base.max_norm is not None or base.sparse
+                    or self._get_embed_scale() is not None):
+                return super().forward_adapters(x, active_adapters, *args, **kwargs)
+            name = active_adapters[0]
+            lookup = self._row_lookup(name, base.weight.shape[0], x.device)
+            slot = lookup[x]  # (...,): the delta row of each position, -1 elsewhere
+            emb = nn.functional.embedding(x, base.weight, padding_idx=base.padding_idx)
+            rows = self.trainable_tokens_delta[name].to(emb.dtype)[slot.clamp(min=0)]
+            return torch.where((slot >= 0).unsqueeze(-1), rows, emb)
+
+        def _row_lookup(self, name: str, vocab: int, device: torch.device) -> torch.Tensor:
+            cache = self.__dict__.setdefault("_llara_row_lookup", {})
+            key = (name, str(device))
+            if key not in cache:
+                lookup = torch.full((vocab,), -1, dtype=torch.long)
+                index = torch.as_tensor(list(self.token_indices[name]), dtype=torch.long)
+                lookup[index] = torch.arange(len(index))
+                cache[key] = lookup.to(device)
+            return cache[key]
+
+    _RowsTrainableTokens = RowsTrainableTokens
+    return RowsTrainableTokens
+
+
+_RowsTrainableTokens = None
+
+
+def _row_trainable_tokens(peft_model: nn.Module) -> int:
+    """Swaps peft's trainable-token layers over an input embedding for :func:`_rows_trainable_tokens_class`;
+    returns how many."""
+    from peft.tuners.trainable_tokens.layer import TrainableTokensLayer
+
+    swapped = 0
+    for module in peft_model.modules():
+        if type(module) is TrainableTokensLayer and type(module.base_layer) is nn.Embedding:
+            module.__class__ = _rows_trainable_tokens_class()
+            swapped += 1
+    return swapped
+
+
 def is_peft_model(model) -> bool:
     try:
         from peft import PeftModel
@@ -211,6 +270,7 @@ def apply_lora(
         peft_model = get_peft_model(model, config, adapter_name=ADAPTER_NAME,
                                     autocast_adapter_dtype=dtype == torch.float32)
     _fast_dropout(peft_model)
+    _row_trainable_tokens(peft_model)
     # Trainable tensors in ``dtype`` (peft creates them in the base's or in fp32). In fp32, AdamW
     # updates of ~1e-5 survive; the forward casts them to the base dtype.
     for p in peft_model.parameters():
