@@ -45,6 +45,8 @@ def _probe(**env) -> dict:
 @pytest.mark.skipif(not GLIBC, reason="glibc's malloc only")
 def test_freed_tensor_memory_is_reused_without_page_faults():
     out = _probe()
+    if out["plain"] < 1_000:
+        pytest.skip(f"fresh blocks are backed by huge pages here (transparent huge pages 'always'): {out}")
     # 4 x 64 MiB of 4 KiB pages: 65,536 faults when every block is a fresh mmap.
     assert out["plain"] > 60_000, out
     assert out["applied"] is True
@@ -55,7 +57,8 @@ def test_freed_tensor_memory_is_reused_without_page_faults():
 def test_the_user_can_keep_the_system_allocator():
     out = _probe(LLARA_MALLOC="system")
     assert out["applied"] is False
-    assert out["kept"] > 60_000, out
+    if out["plain"] >= 1_000:  # else huge pages hide the faults (see above)
+        assert out["kept"] > 60_000, out
 
 
 @pytest.mark.parametrize("env, why", [
