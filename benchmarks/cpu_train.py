@@ -218,7 +218,7 @@ def main(argv=None) -> int:
     variants = (("finetune", []), ("finetune_plain", plain),
                 ("finetune_plain_no_dropout", [*plain, "--lora-dropout", "0"]))
     for name, extra in variants:
-        if name not in sections and not (name.startswith("finetune_") and "finetune" in sections):
+        if "finetune" not in sections and name not in sections:
             continue
         run = work / name
         argv_ = ["finetune", "--model", args.model, "--data", str(train), "--output", str(run),
@@ -259,7 +259,7 @@ def main(argv=None) -> int:
     for name in ("pretrain", *(v for v, _ in variants)):
         sec = result["sections"].get(name)
         if sec:
-            sec.pop("ratio_to_matmul_limit", None)  # against the first measurement alone, while it ran
+            # (replaces the ratio to the first measurement alone, written while the runs went on)
             sec["ratio_to_matmul_limit"] = round(sec["gflops"] / result["matmul_limit_gflops"], 3)
             sec["ratio_to_mean_matmul_limit"] = round(sec["gflops"] / result["matmul_mean_gflops"], 3)
             shaped = result["sections"]["model_shapes"][name.split("_")[0]]["weighted_gflops"]

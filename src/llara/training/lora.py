@@ -12,6 +12,7 @@ Mistral, Qwen2: q, k, v, o, gate, up, down projections, the authors' choice), ne
 """
 from __future__ import annotations
 
+import functools
 import logging
 import warnings
 from collections.abc import Sequence
@@ -86,8 +87,8 @@ class CpuDropoutLinear(nn.Linear):
     On a CPU in training it draws the mask with :func:`cpu_keep_mask` (a quarter of the random draws)
     and keeps only that 1-byte mask and the layer's input for backward. peft's ``lora_A(dropout(x))``
     keeps, for each of a layer's seven adapters, its own fp32 dropped copy of the input besides the
-    mask: on ``llara recipe``'s step of the embedded model that was 2.2 GB of 8.6 GB peak and 17% of
-    the time (dropout 0.1 against 0; ``benchmarks/results/cpu_train_fp32.md``). Same parameters and
+    mask: on ``llara recipe``'s step of the embedded model in fp32 that step peaked at 8.6 GB, 6.4 GB
+    without dropout, 7.5 GB with this layer (``benchmarks/results/cpu_train_fp32.md``). Same parameters and
     state-dict keys as ``nn.Linear``; elsewhere (eval, other devices, a bias) it is
     ``nn.Dropout`` then ``nn.Linear``, as peft runs it."""
 
@@ -105,7 +106,7 @@ class CpuDropoutLinear(nn.Linear):
         return f"{super().extra_repr()}, dropout={self.p}"
 
 
-def _fast_dropout(peft_model: nn.Module) -> int:
+def _dropout_into_projections(peft_model: nn.Module) -> int:
     """Moves each adapter's dropout into its A projection (:class:`CpuDropoutLinear`, same ``p``, same
     weight); returns how many."""
     swapped = 0
@@ -123,12 +124,10 @@ def _fast_dropout(peft_model: nn.Module) -> int:
     return swapped
 
 
+@functools.cache
 def _rows_trainable_tokens_class():
     """peft's ``TrainableTokensLayer`` whose forward over an embedding reads the trainable rows from their
     deltas instead of building the whole merged matrix (made on first use: peft is imported lazily)."""
-    global _RowsTrainableTokens
-    if _RowsTrainableTokens is not None:
-        return _RowsTrainableTokens
     from peft.tuners.trainable_tokens.layer import TrainableTokensLayer
 
     class RowsTrainableTokens(TrainableTokensLayer):
@@ -162,11 +161,7 @@ def _rows_trainable_tokens_class():
                 cache[key] = lookup.to(device)
             return cache[key]
 
-    _RowsTrainableTokens = RowsTrainableTokens
     return RowsTrainableTokens
-
-
-_RowsTrainableTokens = None
 
 
 def _row_trainable_tokens(peft_model: nn.Module) -> int:
@@ -269,7 +264,7 @@ def apply_lora(
         warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*", category=FutureWarning)
         peft_model = get_peft_model(model, config, adapter_name=ADAPTER_NAME,
                                     autocast_adapter_dtype=dtype == torch.float32)
-    _fast_dropout(peft_model)
+    _dropout_into_projections(peft_model)
     _row_trainable_tokens(peft_model)
     # Trainable tensors in ``dtype`` (peft creates them in the base's or in fp32). In fp32, AdamW
     # updates of ~1e-5 survive; the forward casts them to the base dtype.
