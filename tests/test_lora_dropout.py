@@ -7,6 +7,7 @@ import torch
 from torch import nn
 from transformers import LlamaConfig, LlamaForCausalLM
 
+import llara.training.lora as lora
 from llara.training.lora import CpuDropoutLinear, apply_lora, cpu_keep_mask
 
 
@@ -20,6 +21,29 @@ def test_drop_rate_scale_and_mean(p):
     assert abs((x * keep * scale).mean().item() - 1.0) < 0.01  # unbiased, as nn.Dropout
     # masks are not the same in every row (the four numbers of one draw land in different places)
     assert len({tuple(r) for r in keep[:50].tolist()}) == 50
+
+
+def test_large_masks_are_drawn_on_two_threads_from_the_global_seed():
+    x = torch.ones(512, 1024)  # 131k words: over the threshold of the two-thread draw
+    assert x.numel() // 4 >= lora._PARALLEL_WORDS and torch.get_num_threads() >= 1
+    threads = torch.get_num_threads()
+    try:
+        torch.set_num_threads(2)
+        torch.manual_seed(5)
+        a, _ = cpu_keep_mask(x, 0.1)
+        torch.manual_seed(5)
+        b, _ = cpu_keep_mask(x, 0.1)
+        c, _ = cpu_keep_mask(x, 0.1)
+        torch.set_num_threads(1)  # one thread: torch's own draw, other numbers from the same seed
+        torch.manual_seed(5)
+        single, _ = cpu_keep_mask(x, 0.1)
+    finally:
+        torch.set_num_threads(threads)
+    assert torch.equal(a, b) and not torch.equal(b, c)  # follows the seed; the next draw differs
+    assert not torch.equal(a, single)
+    for half in (a[:256], a[256:]):  # both halves filled, each with the asked rate (sd ~0.0008)
+        assert abs(1 - half.float().mean().item() - 0.1) < 0.005
+    assert not torch.equal(a[:256], a[256:])  # two generators, two seeds
 
 
 def _layer(p: float, in_f: int = 33, out_f: int = 5) -> CpuDropoutLinear:
