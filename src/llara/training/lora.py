@@ -123,7 +123,9 @@ class CpuDropoutLinear(nn.Linear):
     mask: on ``llara recipe``'s step of the embedded model in fp32 that step peaked at 8.6 GB, 6.4 GB
     without dropout, 7.5 GB with this layer (``benchmarks/results/cpu_train_fp32.md``). Same parameters and
     state-dict keys as ``nn.Linear``; elsewhere (eval, other devices, a bias) it is
-    ``nn.Dropout`` then ``nn.Linear``, as peft runs it."""
+    ``nn.Dropout`` then ``nn.Linear``, as peft runs it. Where the adapter runs fused
+    (:func:`_fused_lora_linear_class`, the usual case) its ``p`` is read there and this forward is not
+    called; it serves peft's own forward (merged, disabled, several adapters)."""
 
     p: float = 0.0
 
@@ -218,7 +220,7 @@ def _fused_lora_linear_class():
             lora_a, lora_b, scaling = fused
             result = self.base_layer(x)
             dtype = result.dtype  # the base's, or autocast's
-            p = lora_a.p if self.training and isinstance(lora_a, CpuDropoutLinear) else 0.0
+            p = lora_a.p if lora_a.training and isinstance(lora_a, CpuDropoutLinear) else 0.0
             keep, drop_scale = None, 1.0
             if p and x.device.type == "cpu":
                 keep, drop_scale = cpu_keep_mask(x, p)
