@@ -141,11 +141,17 @@ def _timed(fn) -> float:
 def llara(argv: list[str], env: dict | None = None) -> tuple[float, str]:
     cmd = [sys.executable, "-m", "llara.cli", *argv]
     t = time.perf_counter()
-    # A wide console: the memory plan's log line is read back whole (rich wraps at the terminal's width).
-    done = subprocess.run(cmd, capture_output=True, text=True, env={**os.environ, "COLUMNS": "400", **(env or {})})
+    done = subprocess.run(cmd, capture_output=True, text=True, env={**os.environ, **(env or {})})
     if done.returncode:
         raise RuntimeError(f"{' '.join(argv)} failed:\n{done.stderr[-3000:]}")
     return time.perf_counter() - t, done.stderr + done.stdout
+
+
+def plan_lines(text: str) -> list[str]:
+    """The memory plan's log messages ("memory: ... -> ..."), whole: the log wraps long messages onto
+    indented lines; each message ends where the next log level begins."""
+    flat = " ".join(text.split())
+    return [m.strip() for m in re.findall(r"(?<!host )memory: (.*?)(?= (?:\[[^\]]*\] )?(?:INFO|WARNING|ERROR|DEBUG) |$)", flat)]
 
 
 def log_rows(run: Path) -> list[dict]:
@@ -246,7 +252,7 @@ def main(argv=None) -> int:
                  "--max-passage-length", str(args.finetune_passage_length), *extra, *common]
         subprocess.run(["rm", "-rf", str(run)])
         seconds, text = llara(argv_)
-        plan = re.findall(r"memory: .*?-> (.*)", text) or ["plain step, no checkpointing (as asked)"]
+        plan = [m.split(" -> ", 1)[-1] for m in plan_lines(text)] or ["plain step, no checkpointing (as asked)"]
         sec = {"command": "llara " + " ".join(argv_), "seconds": round(seconds, 1),
                "memory_plan": [x.strip() for x in plan[:1]], "flops_per_token": f"4 x {PARAMS_135M}",
                **summary(run, 4 * PARAMS_135M, limit)}
@@ -271,7 +277,7 @@ def main(argv=None) -> int:
                      "--batch-size", str(b), "--max-steps", "1", "--save-every", "0", "--no-export", "--no-progress"]
             seconds, text = llara(argv_)
             rows[str(b)] = {"command": "llara " + " ".join(argv_), "seconds": round(seconds, 1),
-                            "memory_plan": re.findall(r"(?<!host )memory: (.*)", text)[:2],
+                            "memory_plan": plan_lines(text)[:2],
                             "peak_rss_gb": log_rows(run)[-1]["peak_memory_gb"]}
             result["sections"]["memory"] = rows
             write()
