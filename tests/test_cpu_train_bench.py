@@ -2,17 +2,11 @@
 and the memory plan's log lines read back whole from wrapped log output."""
 from __future__ import annotations
 
-import importlib.util
-from pathlib import Path
-
-SCRIPT = Path(__file__).resolve().parents[1] / "benchmarks" / "cpu_train.py"
+from bench_scripts import load_benchmark
 
 
 def _module():
-    spec = importlib.util.spec_from_file_location("cpu_train", SCRIPT)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return load_benchmark("cpu_train")
 
 
 def test_plan_lines_are_read_whole_across_the_log_wrap():

@@ -1,18 +1,12 @@
 """benchmarks/encode_ratio.py's ``measure`` on CPU with a tiny model: both paths run the same batches."""
 from __future__ import annotations
 
-import importlib.util
-from pathlib import Path
-
+from bench_scripts import load_benchmark
 from tiny import make_model, make_tokenizer
-
-SCRIPT = Path(__file__).resolve().parents[1] / "benchmarks" / "encode_ratio.py"
 
 
 def test_measure_times_encode_and_the_raw_forward_over_the_same_batches(tmp_path):
-    spec = importlib.util.spec_from_file_location("encode_ratio", SCRIPT)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
+    module = load_benchmark("encode_ratio")
     make_tokenizer().save_pretrained(tmp_path / "tok")  # a directory, as gpu_check.py passes it
     texts = [" ".join(["the dense retrieval model"] * (1 + i % 7)) for i in range(30)]
     row = module.measure(make_model(), str(tmp_path / "tok"), texts, "cpu", None, batch_size=None, max_length=48,

@@ -1,21 +1,15 @@
 """benchmarks/gpu_check.py's plumbing on CPU with a tiny model: every section runs and writes its numbers."""
 from __future__ import annotations
 
-import importlib.util
 import json
 import math
-from pathlib import Path
 
+from bench_scripts import load_benchmark
 from tiny_index import save_model
-
-SCRIPT = Path(__file__).resolve().parents[1] / "benchmarks" / "gpu_check.py"
 
 
 def load_script():
-    spec = importlib.util.spec_from_file_location("gpu_check", SCRIPT)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return load_benchmark("gpu_check")
 
 
 def test_gpu_check_tiny_on_cpu(tmp_path):
