@@ -44,6 +44,7 @@ from pathlib import Path
 import torch
 
 from llara.modeling.precision import cpu_name
+from llara.training.config import TrainConfig
 
 ROOT = Path(__file__).resolve().parents[1]
 DEMO = ROOT / "src" / "llara" / "data" / "demo" / "med"
@@ -74,12 +75,8 @@ def matmul_gflops(dtype: torch.dtype, n: int = 2048, repeats: int = 5) -> float:
     return 2 * n**3 / best / 1e9
 
 
-def model_shape_gflops(model: str, tokens: int, lm_head: bool, repeats: int = 5,
-                       dtype: torch.dtype = torch.bfloat16) -> dict:
-    """GFLOP/s (in ``dtype``) of the model's own products at ``tokens`` rows (one micro-batch): each projection of
-    a decoder layer (and the LM head when ``lm_head``) forward (x @ W^T) and for the activation
-    gradient (g @ W), best of ``repeats``; the FLOP-weighted mean is the ceiling a training step of this
-    model on this machine can reach with its matmuls alone (the 2048-cube is a larger, easier product)."""
+def projection_shapes(model: str) -> tuple:
+    """The model's config and its decoder layer's projections as (out, in) features, LLaMA-style."""
     from transformers import AutoConfig
 
     from llara.modeling.loading import resolve_model
@@ -87,9 +84,19 @@ def model_shape_gflops(model: str, tokens: int, lm_head: bool, repeats: int = 5,
     cfg = AutoConfig.from_pretrained(resolve_model(model).path)
     h, i = cfg.hidden_size, cfg.intermediate_size
     head_dim = getattr(cfg, "head_dim", None) or h // cfg.num_attention_heads
-    kv = cfg.num_key_value_heads * head_dim
-    shapes = {"q_proj": (h, h), "k_proj": (kv, h), "v_proj": (kv, h), "o_proj": (h, h),
-              "gate_proj": (i, h), "up_proj": (i, h), "down_proj": (h, i)}
+    q, kv = cfg.num_attention_heads * head_dim, cfg.num_key_value_heads * head_dim
+    return cfg, {"q_proj": (q, h), "k_proj": (kv, h), "v_proj": (kv, h), "o_proj": (h, q),
+                 "gate_proj": (i, h), "up_proj": (i, h), "down_proj": (h, i)}
+
+
+def model_shape_gflops(model: str, tokens: int, lm_head: bool, repeats: int = 5,
+                       dtype: torch.dtype = torch.bfloat16) -> dict:
+    """GFLOP/s (in ``dtype``) of the model's own products at ``tokens`` rows (one micro-batch): each projection of
+    a decoder layer (and the LM head when ``lm_head``) forward (x @ W^T) and for the activation
+    gradient (g @ W), best of ``repeats``; the FLOP-weighted mean is the ceiling a training step of this
+    model on this machine can reach with its matmuls alone (the 2048-cube is a larger, easier product)."""
+    cfg, shapes = projection_shapes(model)
+    h = cfg.hidden_size
     if lm_head:
         shapes["lm_head"] = (cfg.vocab_size, h)
     rows, flops, seconds = {}, 0.0, 0.0
@@ -112,16 +119,8 @@ def adapter_params(model: str, r: int) -> int:
     """Parameters of LoRA rank ``r`` on every projection of the decoder layers (llara's targets): their
     products (forward, input and weight gradients: 6 FLOPs per parameter and token) are not in the
     issue's count of 4 x the frozen model's parameters."""
-    from transformers import AutoConfig
-
-    from llara.modeling.loading import resolve_model
-
-    cfg = AutoConfig.from_pretrained(resolve_model(model).path)
-    h, i = cfg.hidden_size, cfg.intermediate_size
-    head_dim = getattr(cfg, "head_dim", None) or h // cfg.num_attention_heads
-    q, kv = cfg.num_attention_heads * head_dim, cfg.num_key_value_heads * head_dim
-    per_layer = (h + q) + 2 * (h + kv) + (q + h) + 2 * (h + i) + (i + h)
-    return r * per_layer * cfg.num_hidden_layers
+    cfg, shapes = projection_shapes(model)
+    return r * sum(out_f + in_f for out_f, in_f in shapes.values()) * cfg.num_hidden_layers
 
 
 def combined(parts: list[dict]) -> dict:
@@ -256,8 +255,8 @@ def main(argv=None) -> int:
         sec = {"command": "llara " + " ".join(argv_), "seconds": round(seconds, 1),
                "memory_plan": [x.strip() for x in plan[:1]], "flops_per_token": f"4 x {PARAMS_135M}",
                **summary(run, 4 * PARAMS_135M, limit)}
-        # Beside the issue's count: the adapters' own products (LoRA r 64 on all seven projections).
-        adapters = adapter_params(args.model, 64)
+        # Beside the issue's count: the adapters' own products (LoRA on all seven projections).
+        adapters = adapter_params(args.model, TrainConfig.__dataclass_fields__["lora_r"].default)  # the default rank
         sec["flops_per_token_with_adapters"] = f"4 x {PARAMS_135M} + 6 x {adapters}"
         sec["gflops_with_adapters"] = round(sec["gflops"] * (4 * PARAMS_135M + 6 * adapters) / (4 * PARAMS_135M), 1)
         result["sections"][name] = sec

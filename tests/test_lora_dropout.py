@@ -1,4 +1,4 @@
-"""The adapters' CPU dropout (training/lora.py): the mask has nn.Dropout's distribution from a quarter of
+"""The adapters' CPU dropout (training/lora_layers.py): the mask has nn.Dropout's distribution from a quarter of
 the random draws, seeded; apply_lora moves it into every adapter's A projection (CpuDropoutLinear), whose
 output and gradients equal peft's dropout-then-linear with the same mask, and whose backward keeps the
 1-byte mask instead of a dropped fp32 copy of the input."""
@@ -7,7 +7,7 @@ import torch
 from torch import nn
 from transformers import LlamaConfig, LlamaForCausalLM
 
-import llara.training.lora as lora
+import llara.training.lora_layers as lora
 from llara.training.lora import CpuDropoutLinear, apply_lora, cpu_keep_mask
 
 

@@ -11,7 +11,7 @@ from torch import nn
 from torch.utils._python_dispatch import TorchDispatchMode
 from transformers import LlamaConfig, LlamaForCausalLM
 
-import llara.training.lora as lora
+import llara.training.lora_layers as lora
 from llara.training.lora import apply_lora
 
 peft_layer = pytest.importorskip("peft.tuners.lora.layer")

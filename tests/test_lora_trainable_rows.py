@@ -1,11 +1,12 @@
-"""The slot rows' trainable-token layer after apply_lora (training/lora.py: RowsTrainableTokens): the same
+"""The slot rows' trainable-token layer after apply_lora (training/lora_layers.py: RowsTrainableTokens): the same
 embeddings and the same gradients for the trainable rows as peft's own layer, without building a copy
 of the whole embedding matrix per forward."""
 import torch
 from torch import nn
 from transformers import LlamaConfig, LlamaForCausalLM
 
-from llara.training.lora import _rows_trainable_tokens_class, apply_lora
+from llara.training.lora import apply_lora
+from llara.training.lora_layers import _rows_trainable_tokens_class
 
 
 def _model(tie: bool):
