@@ -8,7 +8,8 @@ from torch import nn
 from transformers import LlamaConfig, LlamaForCausalLM
 
 import llara.training.lora_layers as lora
-from llara.training.lora import CpuDropoutLinear, apply_lora, cpu_keep_mask
+from llara.training.lora import apply_lora
+from llara.training.lora_layers import CpuDropoutLinear, cpu_keep_mask
 
 
 @pytest.mark.parametrize("p", [0.1, 0.5])

@@ -20,15 +20,13 @@ from collections.abc import Sequence
 import torch
 from torch import nn
 
-from llara.training.lora_layers import CpuDropoutLinear, cpu_keep_mask, swap_layers
+from .lora_layers import swap_layers
 
 logger = logging.getLogger(__name__)
 
 __all__ = [
     "ADAPTER_NAME",
-    "CpuDropoutLinear",
     "apply_lora",
-    "cpu_keep_mask",
     "find_projection_names",
     "input_embedding_name",
     "is_peft_model",
