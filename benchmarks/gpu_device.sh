@@ -7,9 +7,10 @@
 #              weights (98 MB GGUF) do not travel, so a model of the same shape with random weights is
 #              built there; throughput, memory and equivalence checks are valid on it, losses are not.
 #   OUT=/some/dir bash benchmarks/gpu_device.sh [gpu_check.py options]
+# benchmarks/gpu_prepare.sh builds .gpu/ (and rehearses this script on a CPU).
 set -uo pipefail
 cd "$(dirname "$0")/.."
-G=$PWD/.gpu
+G=${GPU_DIR:-$PWD/.gpu}
 OUT=${OUT:-/tmp/gpu_out}
 PY=${PY:-python3}
 mkdir -p "$OUT"
