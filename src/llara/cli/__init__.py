@@ -3,6 +3,7 @@
 - ``commands.py``: what each command does (read its flags, call one library function, print the outcome);
 - ``configs.py``: one config dataclass per command; its fields are the flags, its ``__post_init__``
   checks the input before any work;
+- ``options.py``: the flags several commands share (the option classes the configs inherit);
 - ``args.py``: the parser, generated from the configs;
 - ``console.py``: logging, tables, styled lines and one-line errors.
 """
