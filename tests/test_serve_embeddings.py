@@ -302,7 +302,7 @@ def test_ready_is_503_until_loaded(searcher):
 def test_the_api_key_is_checked_while_loading(searcher):
     # `llara serve --api-key`: a wrong or missing key gets 401 at once, not 503 until the model is
     # loaded and 401 after; the open paths stay open.
-    from llara.serve.app import front
+    from llara.serve.server import front
 
     release, metrics = threading.Event(), Metrics()
 

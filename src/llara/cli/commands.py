@@ -141,7 +141,7 @@ def cmd_check_index(args) -> int:
 
 def cmd_serve(args) -> int:
     """HTTP search service (loopback by default)."""
-    from ..serve.app import run
+    from ..serve.server import run
 
     cfg = args.config
     run(cfg.location, backend=cfg.backend, collection=cfg.collection, host=cfg.host, port=cfg.port,

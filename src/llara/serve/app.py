@@ -29,33 +29,28 @@ Every error is ``{"error": "<what is wrong>"}`` (OpenAI's ``{"error": {"message"
 a wrong API key (401), an unknown model (404), a body not received within ``body_timeout`` (408),
 over ``max_body_bytes`` (413), not JSON (415), wrong types, unknown fields, empty or over-long
 queries, ``k`` out of range (422), wrong method (405). Read deadlines and limits against slow
-clients, and the API key, are in :mod:`llara.serve.limits`. The service binds to loopback unless
-told otherwise, and no endpoint touches a file named in a request.
+clients, and the API key, are in :mod:`llara.serve.limits`; :func:`llara.serve.server.run` listens, loads
+and serves. No endpoint touches a file named in a request.
 """
 
 import base64
-import ipaddress
 import json
 import logging
-import os
 import time
 from contextlib import asynccontextmanager
 
 import numpy as np
 
-from .batching import MicroBatcher, Saturated
-from .readiness import Service
+from .batching import MicroBatcher, Saturated, check_limits
 
 log = logging.getLogger(__name__)
 
-__all__ = ["create_app", "run"]
+__all__ = ["ROUTES", "create_app", "route_of"]
 
 DEFAULT_MAX_QUERY_CHARS = 2048
 DEFAULT_MAX_K = 1000
 DEFAULT_MAX_BODY_BYTES = 1 << 20
-DEFAULT_HEAD_TIMEOUT = 10.0  # seconds for a request head (from connect or the previous response)
 DEFAULT_BODY_TIMEOUT = 10.0  # seconds for a whole request body (from its head)
-DEFAULT_KEEP_ALIVE = 5  # seconds an idle keep-alive connection stays open after a response
 
 # Every path the service answers (a test checks this against the app's routes); the metrics label
 # any other path "other".
@@ -94,21 +89,6 @@ def _describe(errors, text: str = "query", example: str = '{"query": "...", "k":
         field = ".".join(names)
         parts.append(f"{field}: {msg}" if field else f"request body: {msg}")
     return "; ".join(parts) or "invalid request", (params[0] if params else None)
-
-
-def _check_limits(max_batch: int, max_pending: int | None, max_queries: int | None, max_inputs: int | None) -> tuple:
-    """(max_pending, max_queries, max_inputs) with their defaults; ValueError for limits that cannot hold."""
-    if max_batch < 1:
-        raise ValueError(f"max_batch must be >= 1, got {max_batch}")
-    max_pending = max_pending or 8 * max_batch
-    if max_pending < max_batch:
-        raise ValueError(f"max_pending ({max_pending}) must be >= max_batch ({max_batch})")
-    max_queries = max_queries or max_batch
-    max_inputs = max_inputs or max_pending
-    for name, value in (("max_queries", max_queries), ("max_inputs", max_inputs)):
-        if not 1 <= value <= max_pending:  # a larger request could never be admitted
-            raise ValueError(f"{name} ({value}) must be between 1 and max_pending ({max_pending})")
-    return max_pending, max_queries, max_inputs
 
 
 def _encoder_info(encoder) -> dict:
@@ -173,7 +153,7 @@ def create_app(
     if searcher is None and encoder is None:
         raise ValueError("give a searcher, an encoder, or both")
     encoder = encoder if encoder is not None else getattr(searcher, "encoder", None)
-    max_pending, max_queries, max_inputs = _check_limits(max_batch, max_pending, max_queries, max_inputs)
+    max_pending, max_queries, max_inputs = check_limits(max_batch, max_pending, max_queries, max_inputs)
     default_input_type = default_input_type or DEFAULT_INPUT_TYPE
     if default_input_type not in ("query", "passage"):
         raise ValueError(f"default_input_type must be 'query' or 'passage', got {default_input_type!r}")
@@ -354,107 +334,3 @@ def create_app(
         app.add_middleware(MetricsMiddleware, metrics=metrics, route_of=route_of)
         metrics.ready.set(1)
     return app
-
-
-def _is_loopback(host: str) -> bool:
-    if host == "localhost":
-        return True
-    try:
-        return ipaddress.ip_address(host).is_loopback
-    except ValueError:
-        return False
-
-
-def front(service: Service, metrics, api_key: str | None = None):
-    """The ASGI app ``llara serve`` runs around its :class:`~llara.serve.readiness.Service`: metrics of
-    every request and, with an API key, the key checked first, also while the model is still loading
-    (a wrong key gets 401 at once, not 503 and then 401)."""
-    from .limits import BearerAuth
-    from .metrics import MetricsMiddleware
-
-    return MetricsMiddleware(BearerAuth(service, api_key=api_key) if api_key else service, metrics, route_of)
-
-
-def run(
-    index_dir: "str | os.PathLike | None",
-    host: str = "127.0.0.1",
-    port: int = 8000,
-    *,
-    model: str | None = None,
-    device: str | None = None,
-    params: str | None = None,
-    runtime: str | None = None,
-    verify: bool = True,
-    head_timeout: float = DEFAULT_HEAD_TIMEOUT,
-    keep_alive: int = DEFAULT_KEEP_ALIVE,
-    backend: str = "faiss",
-    collection: str | None = None,
-    api_key: str | None = None,
-    max_batch_tokens: int | None = None,
-    **app_kwargs,
-) -> None:
-    """Listen at once, load the index and its model in a thread (``/ready`` says when), then serve
-    until interrupted (binds to loopback by default). Without ``index_dir``, ``model`` is loaded and
-    served for embeddings only; with both, ``model`` replaces the one the index's manifest names.
-    ``api_key`` (default: the environment variable ``LLARA_API_KEY``) turns on Bearer authentication.
-    ``max_batch_tokens`` bounds the padded tokens of one forward pass: a micro-batch over it runs as
-    several passes (:meth:`~llara.modeling.encoder.Encoder.set_max_batch_tokens`).
-
-    uvicorn's ``limit_concurrency`` is left off on purpose: it counts open connections, so idle
-    sockets would turn real requests away; load is bounded by ``max_pending`` instead, and idle or
-    slow connections by the head, body and keep-alive timeouts (see :mod:`llara.serve.limits`)."""
-    import uvicorn
-
-    from .limits import head_deadline_protocol
-    from .metrics import Metrics
-
-    if index_dir is None and model is None:
-        raise ValueError("give an index (--index DIR) or a model to serve embeddings only (--model)")
-    if api_key is None:
-        api_key = os.environ.get("LLARA_API_KEY")
-    if api_key is not None and not api_key.strip():
-        raise ValueError("the API key is empty (--api-key or $LLARA_API_KEY)")
-    # fail before listening on limits that cannot hold
-    _check_limits(app_kwargs.get("max_batch", 32), app_kwargs.get("max_pending"), app_kwargs.get("max_queries"),
-                  app_kwargs.get("max_inputs"))
-    if not _is_loopback(host) and not api_key:
-        log.warning("serving on %s: reachable from other machines, without an API key (--api-key)", host)
-
-    def load():
-        if index_dir is None:
-            from ..modeling.encoder import Encoder
-
-            encoder = Encoder.from_pretrained(model, device=device, runtime=runtime or "torch", show_progress=False)
-            return encoder.set_max_batch_tokens(max_batch_tokens)
-        from ..retrieval.searcher import Searcher
-
-        searcher = Searcher.from_index(index_dir, device=device, model=model, params=params, verify=verify,
-                                       backend=backend, collection=collection, runtime=runtime)
-        searcher.encoder.set_max_batch_tokens(max_batch_tokens)
-        return searcher
-
-    metrics = Metrics()
-
-    def build(loaded):
-        if index_dir is None:
-            app = create_app(None, encoder=loaded, metrics=metrics, api_key=api_key, **app_kwargs)
-            log.info("serving embeddings from %s on http://%s:%d", loaded.model_id, host, port)
-        else:
-            app = create_app(loaded, metrics=metrics, api_key=api_key, **app_kwargs)
-            log.info("serving %d passages on http://%s:%d", len(loaded.index), host, port)
-        return app
-
-    service = Service(load, build, metrics)
-    config = uvicorn.Config(front(service, metrics, api_key), host=host, port=port, log_level="warning",
-                            access_log=False, workers=1, http=head_deadline_protocol(head_timeout),
-                            timeout_keep_alive=keep_alive, lifespan="on")
-    server = uvicorn.Server(config)
-
-    def stop() -> None:
-        server.should_exit = True
-
-    service.on_error = stop
-    log.info("listening on http://%s:%d; loading %s", host, port, index_dir or model)
-    server.run()
-    if service.error is not None:
-        raise service.error

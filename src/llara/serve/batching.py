@@ -19,6 +19,22 @@ import numpy as np
 
 log = logging.getLogger(__name__)
 
+
+def check_limits(max_batch: int, max_pending: int | None, max_queries: int | None, max_inputs: int | None) -> tuple:
+    """(max_pending, max_queries, max_inputs) of a :class:`MicroBatcher` and the requests it admits, with their
+    defaults; ValueError for limits that cannot hold."""
+    if max_batch < 1:
+        raise ValueError(f"max_batch must be >= 1, got {max_batch}")
+    max_pending = max_pending or 8 * max_batch
+    if max_pending < max_batch:
+        raise ValueError(f"max_pending ({max_pending}) must be >= max_batch ({max_batch})")
+    max_queries = max_queries or max_batch
+    max_inputs = max_inputs or max_pending
+    for name, value in (("max_queries", max_queries), ("max_inputs", max_inputs)):
+        if not 1 <= value <= max_pending:  # a larger request could never be admitted
+            raise ValueError(f"{name} ({value}) must be between 1 and max_pending ({max_pending})")
+    return max_pending, max_queries, max_inputs
+
 __all__ = ["Embedded", "Job", "MicroBatcher", "Saturated", "token_counts"]
 
 
