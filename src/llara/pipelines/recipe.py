@@ -32,12 +32,13 @@ from typing import Any, Callable
 from ..data.pretrain import PretrainDataConfig
 from ..data.shipped import SHIPPED_PAIRS, shipped_pairs
 from ..io import iter_jsonl, write_json, write_text
-from ..retrieval.corpus_pairs import CORPUS_SOURCES, PairsConfig, build_pairs, check_titles, parse_mix
+from ..retrieval.corpus_pairs import PairsConfig, build_pairs, check_titles, parse_mix
 from ..retrieval.index import build_index
 from ..retrieval.mining import MiningConfig, mine
 from ..training.finetune import FINETUNE_TRAIN_DEFAULTS, FinetuneConfig, finetune, finetune_train_config
 from ..training.config import TrainConfig
 from ..training.pretrain import pretrain
+from .recipe_eval import eval_files, eval_table, evaluate_index
 
 STAGES = ("adapt", "mine", "finetune", "index")
 # The default pair mix, chosen by benchmarks/recipe.py --stage compare (benchmarks/results/recipe_compare.md).
@@ -103,7 +104,7 @@ class RecipeConfig:
         if self.d2q_docs < 1:
             raise ValueError(f"d2q_docs must be >= 1, got {self.d2q_docs}")
         if self.eval:
-            _eval_files(self.eval)
+            eval_files(self.eval)
         self.window = list(self.window)
 
 
@@ -134,57 +135,6 @@ def _pairs_source(pairs: str) -> dict[str, Any]:
     if len(mix) == 1 and next(iter(mix)) in SHIPPED_PAIRS:
         return {k: str(v) for k, v in shipped_pairs(next(iter(mix))).items()}
     return {"mix": mix}
-
-
-def _eval_files(directory: str) -> tuple[Path, Path]:
-    """(queries.jsonl, qrels/test.tsv) of an --eval directory, or a ValueError naming what is missing."""
-    d = Path(directory)
-    queries, qrels = d / "queries.jsonl", d / "qrels" / "test.tsv"
-    missing = [str(x) for x in (queries, qrels) if not x.is_file()]
-    if missing:
-        raise ValueError(f"--eval {directory}: missing {', '.join(missing)} (a BEIR directory with queries and "
-                         "test judgments of the corpus)")
-    return queries, qrels
-
-
-def evaluate_index(searcher, directory: str, k: int = 100) -> list[dict]:
-    """nDCG@10 and Recall@100 of ``searcher`` (dense, BM25, hybrid) on an --eval directory's test queries."""
-    from ..data.beir import load_qrels, load_queries
-    from ..evaluation.metrics import evaluate_run
-
-    queries_path, qrels_path = _eval_files(directory)
-    qrels = {q: {d: s for d, s in rel.items() if s > 0} for q, rel in load_qrels(qrels_path).items()}
-    queries = load_queries(queries_path)
-    missing = [q for q in qrels if q not in queries]
-    if missing:
-        raise ValueError(f"{qrels_path}: query id {missing[0]!r} is not in {queries_path}")
-    ids = set(searcher.index.ids)
-    judged = {d for rel in qrels.values() for d in rel}
-    if not judged & ids:
-        raise ValueError(f"--eval {directory}: none of its judged documents is in the index: another corpus?")
-    qids = [q for q in qrels if qrels[q]]
-    rows = []
-    for mode in searcher.modes:
-        t0 = time.perf_counter()
-        hits = searcher.search([queries[q] for q in qids], k=k, mode=mode)
-        run = {q: {h.doc_id: h.score for h in hs} for q, hs in zip(qids, hits)}
-        m = evaluate_run(qrels, run, ndcg_at=10, recall_at=100)
-        rows.append({"mode": mode, "ndcg@10": m["ndcg@10"], "recall@100": m["recall@100"],
-                     "queries": m["num_queries"], "seconds": round(time.perf_counter() - t0, 1)})
-    if len(judged - ids):
-        rows[0]["note"] = f"{len(judged - ids)} judged documents are not in the index"
-    return rows
-
-
-def eval_table(rows: list[dict], directory: str) -> str:
-    bm25 = next((r["ndcg@10"] for r in rows if r["mode"] == "bm25"), None)
-    lines = [f"nDCG@10 and Recall@100 on {directory} ({rows[0]['queries']} judged queries), the index this run built:",
-             "", "| mode | nDCG@10 | Recall@100 | nDCG@10 / BM25 |", "|---|---|---|---|"]
-    for r in rows:
-        ratio = f"{r['ndcg@10'] / bm25:.2f}x" if bm25 else "-"
-        lines.append(f"| {r['mode']} | {r['ndcg@10']:.3f} | {r['recall@100']:.3f} | {ratio} |")
-    notes = [r["note"] for r in rows if "note" in r]
-    return "\n".join(lines + ([""] + notes if notes else [])) + "\n"
 
 
 PROBE_STEPS = 3  # fine-tuning steps of the budget's probe run (not run when finetune_steps is no more)
