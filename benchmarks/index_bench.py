@@ -36,7 +36,8 @@ import torch
 
 from llara.io import passage_text
 from llara.modeling.encoder import Encoder
-from llara.retrieval.index import build_index, new_faiss_index
+from llara.retrieval.faiss_index import new_faiss_index
+from llara.retrieval.index import build_index
 from llara.retrieval.store import iter_corpus
 
 ROOT = Path(__file__).resolve().parents[1]

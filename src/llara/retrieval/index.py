@@ -26,20 +26,18 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Iterator, Sequence
 
-import faiss
 import numpy as np
 
 from .. import __version__
 from ..io import DataError, atomic_path, passage_text, write_json
 from ..training.logging_utils import JsonlLog
-from .store import (BUILD_LOG, FAISS_FILE, FORMAT, FORMAT_VERSION, MANIFEST, SHARD_DIR, iter_corpus, load_embeddings,
-                    parse_shard_spec, read_ids, read_manifest, setting_differences, sha256_file, verify_shard,
-                    write_shard)
+from .faiss_index import build_faiss, check_factory
+from .store import (BUILD_LOG, FORMAT, FORMAT_VERSION, MANIFEST, SHARD_DIR, iter_corpus, parse_shard_spec, read_ids,
+                    read_manifest, setting_differences, verify_shard, write_shard)
 
 log = logging.getLogger(__name__)
 
-__all__ = ["build_index", "merge_indexes", "new_faiss_index", "LocalEngine", "ShardJob",
-           "ShardResult"]
+__all__ = ["build_index", "merge_indexes", "LocalEngine", "ShardJob", "ShardResult"]
 
 DEFAULT_SHARD_SIZE = 10_000
 DEFAULT_TRAIN_SIZE = 200_000
@@ -167,7 +165,7 @@ def build_index(
     if shard_size < 1:
         raise ValueError(f"shard_size must be >= 1, got {shard_size}")
     config = getattr(getattr(encoder, "model", None), "config", None)
-    _check_factory(factory, getattr(config, "hidden_size", None))
+    check_factory(factory, getattr(config, "hidden_size", None))
     manifest_path = out / MANIFEST
     wanted = json.loads(json.dumps({  # as it reads back from the manifest (tuples become lists)
         "model": _model_settings(encoder, model_spec),
@@ -265,7 +263,7 @@ def build_index(
     if manifest["dimension"] is None and not part:
         raise DataError(corpus_path, None, "no documents to index")
     if part is None and faiss_index:
-        manifest["faiss"] = _build_faiss(out, manifest, train_size=train_size, seed=seed)
+        manifest["faiss"] = build_faiss(out, manifest, train_size=train_size, seed=seed)
     if bm25 and part is None:
         _add_bm25(out, corpus_path, manifest, total_docs, ids_digest.hexdigest(), fusion)
     manifest["complete"] = True
@@ -290,67 +288,6 @@ def _add_bm25(out: Path, corpus_path: Path, manifest: dict, documents: int, dige
     if fusion is not None or not manifest.get("fusion"):
         fusion = fusion if isinstance(fusion, FusionConfig) else FusionConfig.from_dict(fusion)
         manifest["fusion"] = fusion.to_dict()
-
-
-def _check_factory(factory: str, dim: int | None) -> None:
-    """Fail before encoding, not after, on a factory string FAISS rejects for this dimension."""
-    if not dim:
-        return
-    try:
-        faiss.index_factory(int(dim), factory, faiss.METRIC_INNER_PRODUCT)
-    except RuntimeError as e:
-        msg = str(e).strip().splitlines()[-1] if str(e).strip() else repr(e)
-        raise ValueError(f"invalid FAISS factory string {factory!r}: {msg}") from None
-
-
-def _sample_rows(manifest: dict, index_dir: Path, n: int, seed: int) -> np.ndarray:
-    """``n`` rows drawn without replacement (seeded) from all shards, read through memory maps."""
-    count = manifest["count"]
-    rows = np.sort(np.random.default_rng(seed).choice(count, size=min(n, count), replace=False))
-    out = np.empty((len(rows), manifest["dimension"]), dtype=np.float32)
-    offset = filled = 0
-    for s in manifest["shards"]:
-        sel = rows[(rows >= offset) & (rows < offset + s["rows"])] - offset
-        if len(sel):
-            out[filled : filled + len(sel)] = load_embeddings(index_dir, s)[sel]
-            filled += len(sel)
-        offset += s["rows"]
-    return out
-
-
-def new_faiss_index(dim: int, factory: str) -> "faiss.Index":
-    """``faiss.index_factory`` with inner product, minus IVF-PQ's polysemous training: it serves
-    only Hamming-filtered search (``polysemous_ht``, off by default) and took 90% of the training
-    time of IVF1024,PQ64 on 576-d vectors here."""
-    index = faiss.index_factory(dim, factory, faiss.METRIC_INNER_PRODUCT)
-    inner = faiss.downcast_index(index.index) if isinstance(index, faiss.IndexPreTransform) else index
-    if isinstance(inner, faiss.IndexIVFPQ):
-        inner.do_polysemous_training = False
-    return index
-
-
-def _build_faiss(index_dir: Path, manifest: dict, *, train_size: int, seed: int) -> dict:
-    dim, factory = manifest["dimension"], manifest["factory"]
-    index = new_faiss_index(dim, factory)
-    trained_on = 0
-    if not index.is_trained:
-        t = time.perf_counter()
-        sample = _sample_rows(manifest, index_dir, train_size, seed)
-        log.info("training %s on %d of %d vectors", factory, len(sample), manifest["count"])
-        try:
-            index.train(sample)
-        except RuntimeError as e:
-            raise ValueError(f"cannot train {factory!r} on {len(sample)} vectors: "
-                             f"{str(e).strip().splitlines()[-1]}") from None
-        trained_on = len(sample)
-        log.info("trained in %.1f s", time.perf_counter() - t)
-    for s in manifest["shards"]:
-        index.add(np.ascontiguousarray(load_embeddings(index_dir, s, mmap=False)))
-    path = index_dir / FAISS_FILE
-    with atomic_path(path) as tmp:
-        faiss.write_index(index, str(tmp))
-    return {"path": FAISS_FILE, "sha256": sha256_file(path), "bytes": path.stat().st_size,
-            "ntotal": int(index.ntotal), "trained_on": trained_on}
 
 
 # ----------------------------------------------------------------------------------------------
@@ -425,10 +362,10 @@ def merge_indexes(
                     complete=False, faiss=None, merged_from=[str(Path(d).resolve()) for d, _ in manifests],
                     llara_version=__version__)
     if factory is not None:
-        _check_factory(factory, manifest["dimension"])
+        check_factory(factory, manifest["dimension"])
         manifest["factory"] = factory
     write_json(out / MANIFEST, manifest)
-    manifest["faiss"] = _build_faiss(out, manifest, train_size=train_size, seed=seed)
+    manifest["faiss"] = build_faiss(out, manifest, train_size=train_size, seed=seed)
     corpus = Path((manifest.get("corpus") or {}).get("path") or "")
     if bm25 and corpus.is_file():
         from .lexical import ids_sha256
