@@ -11,8 +11,9 @@ The pipeline of ``encode``: texts are sorted by characters (free), tokenised a w
 thread (``prefetch`` batches ahead; the tokenizer releases the GIL) tokenises and pads batch i+1
 while the model runs batch i; on CUDA the batches are pinned and copied with ``non_blocking=True``,
 and the pooled vectors come back by non-blocking copies into pinned memory, read once their CUDA
-event has passed: no host synchronisation per batch. Vectors are returned in the input order and
-a text's vector does not depend on its batch (the invariance tests), so the plan changes speed only.
+event has passed: no host synchronisation per batch (these parts: :mod:`llara.modeling.encode_pipeline`).
+Vectors are returned in the input order and a text's vector does not depend on its batch (the
+invariance tests), so the plan changes speed only.
 """
 from __future__ import annotations
 
@@ -20,10 +21,7 @@ import hashlib
 import json
 import logging
 import os
-import queue
-import threading
 import time
-from collections import deque
 from contextlib import nullcontext
 from dataclasses import dataclass
 from pathlib import Path
@@ -36,6 +34,7 @@ from tqdm.auto import tqdm
 from ..io import passage_text, save_npy
 from ..prompts import EncodedSide, PromptSide, Template, encode_side, get_template
 from .embed import Packed, base_model, hidden_states, normalize, pack, pad_token_id, plan_batches, pool, tokenize
+from .encode_pipeline import ModelClock, PlannedBatch, Prefetch, ToHost
 from .host_memory import keep_freed_memory
 from .loading import ensure_slot_tokens, load_model, write_llara_config
 from .runtime import load_runtime
@@ -273,7 +272,7 @@ class Encoder:
             self._forward = load_runtime(self.runtime, base_model(self.model), self.fingerprint)  # new vocabulary
 
     def _plan(self, texts: Sequence[str], side: str, sides: Sequence[EncodedSide], batch_size: int | None,
-              max_batch_tokens: int | None, pin: bool) -> Iterator["_Batch"]:
+              max_batch_tokens: int | None, pin: bool) -> Iterator["PlannedBatch"]:
         """The batches of prepared ``texts``, lazily: sorted by characters, tokenised a window at a
         time, each window sorted by tokens and cut by ``plan_batches``; ``sides`` share input ids."""
         rows_cap, budget = self.limits(side, batch_size, max_batch_tokens)
@@ -285,7 +284,7 @@ class Encoder:
             lengths = [len(ids) for ids, _, _ in built]
             for k, part in enumerate(plan_batches(lengths, rows_cap, budget, self.pad_to_multiple_of)):
                 packed = pack([built[j] for j in part], sides, pad_id, self.pad_to_multiple_of)
-                yield _Batch(window[part], packed.pin_memory() if pin else packed,
+                yield PlannedBatch(window[part], packed.pin_memory() if pin else packed,
                              sum(lengths[j] for j in part), truncated if k == 0 else 0)
 
     def _encode_group(
@@ -301,12 +300,12 @@ class Encoder:
         stats = EncodeStats(texts=len(texts))
         dim = self.model.config.hidden_size
         outs = [np.zeros((len(texts), dim), dtype=np.float32) for _ in templates]
-        sink, clock = _ToHost(outs, cuda), _Clock(cuda)
+        sink, clock = ToHost(outs, cuda), ModelClock(cuda)
         bar = tqdm(total=len(texts), desc="encode queries" if side == "query" else "encode passages", unit="text",
                    disable=not self.show_progress, leave=False)
         # One batch (a service's micro-batch, a query) has nothing to overlap: no thread for it.
         rows_cap, _ = self.limits(side, batch_size, max_batch_tokens)
-        ahead = (_Background(plan, self.prefetch) if self.prefetch > 0 and len(texts) > (rows_cap or 1)
+        ahead = (Prefetch(plan, self.prefetch) if self.prefetch > 0 and len(texts) > (rows_cap or 1)
                  else nullcontext(plan))
         # the CUDA events and copies go to the model's device, whichever device is current
         on_device = torch.cuda.device(self.device) if cuda else nullcontext()
@@ -357,127 +356,3 @@ class Encoder:
         if key is None:
             return
         save_npy(self.cache_dir / f"{key}.npy", arr)
-
-
-# ----------------------------------------------------------------------------------------------
-# the pipeline's parts
-# ----------------------------------------------------------------------------------------------
-@dataclass
-class _Batch:
-    rows: np.ndarray  # rows of the texts, in the batch's order
-    packed: Packed
-    tokens: int  # real (unpadded) tokens
-    truncated: int  # texts cut to max_length (the window's count, on its first batch)
-
-
-class _Background:
-    """Iterates ``items`` in a daemon thread, up to ``depth`` items ahead of the consumer.
-
-    An exception raised by ``items`` is raised again in the consumer (with its traceback); leaving
-    the ``with`` block early (an error in the consumer, a break) stops the thread after its current
-    item, so nothing waits forever on a full queue."""
-
-    def __init__(self, items: Iterator, depth: int):
-        self._queue: queue.Queue = queue.Queue(maxsize=max(depth, 1))
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._run, args=(items,), name="llara-encode-prefetch", daemon=True)
-
-    def __enter__(self) -> Iterator:
-        self._thread.start()
-        return self._consume()
-
-    def __exit__(self, *exc) -> None:
-        self._stop.set()
-        self._thread.join()
-
-    def _run(self, items: Iterator) -> None:
-        try:
-            for item in items:
-                if not self._put((True, item)):
-                    return
-        except BaseException as e:  # noqa: BLE001 -- handed to the consumer, raised there
-            self._put((False, e))
-            return
-        self._put((False, None))
-
-    def _put(self, entry) -> bool:
-        while not self._stop.is_set():
-            try:
-                self._queue.put(entry, timeout=0.1)
-                return True
-            except queue.Full:
-                continue
-        return False
-
-    def _consume(self) -> Iterator:
-        while True:
-            ok, item = self._queue.get()
-            if ok:
-                yield item
-            elif item is None:
-                return
-            else:
-                raise item
-
-
-class _ToHost:
-    """Writes each batch's (P, B, H) vectors into ``outs[p][rows]``. On CUDA without a host sync per
-    batch: a non-blocking copy into pinned memory and an event, read back once the event has passed
-    (``pending`` batches at most in flight; the rest at ``finish``)."""
-
-    def __init__(self, outs: list[np.ndarray], cuda: bool, pending: int = 8):
-        self.outs, self.cuda, self.max_pending = outs, cuda, pending
-        self.pending: deque = deque()
-
-    def add(self, rows: np.ndarray, vecs: torch.Tensor) -> None:
-        if not self.cuda:
-            self._write(rows, vecs.cpu())
-            return
-        host = torch.empty(vecs.shape, dtype=vecs.dtype, pin_memory=True)
-        host.copy_(vecs, non_blocking=True)
-        done = torch.cuda.Event()
-        done.record()
-        self.pending.append((rows, host, done))
-        while self.pending and (len(self.pending) > self.max_pending or self.pending[0][2].query()):
-            self._pop()
-
-    def finish(self) -> None:
-        while self.pending:
-            self._pop()
-
-    def _pop(self) -> None:
-        rows, host, done = self.pending.popleft()
-        done.synchronize()
-        self._write(rows, host)
-
-    def _write(self, rows: np.ndarray, vecs: torch.Tensor) -> None:
-        arr = vecs.numpy()
-        for p, out in enumerate(self.outs):
-            out[rows] = arr[p]
-
-
-class _Clock:
-    """Seconds spent in the model (``with clock:`` around each batch): the host clock on a CPU, CUDA
-    events on a GPU (read once, at the end, when every batch has run)."""
-
-    def __init__(self, cuda: bool):
-        self.cuda, self.total, self.events = cuda, 0.0, []
-
-    def __enter__(self):
-        if self.cuda:
-            self.events.append((torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)))
-            self.events[-1][0].record()
-        else:
-            self._t = time.perf_counter()
-
-    def __exit__(self, *exc) -> None:
-        if self.cuda:
-            self.events[-1][1].record()
-        else:
-            self.total += time.perf_counter() - self._t
-
-    def seconds(self, device: torch.device) -> float:
-        if self.cuda:
-            torch.cuda.synchronize(device)
-            return sum(a.elapsed_time(b) for a, b in self.events) / 1000
-        return self.total
