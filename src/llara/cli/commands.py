@@ -6,7 +6,6 @@ from __future__ import annotations
 import json
 import sys
 import time
-from pathlib import Path
 
 from .args import train_config
 from .console import ConsoleReport, console, print_hits, print_side_by_side, print_table, styled

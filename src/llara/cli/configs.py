@@ -25,8 +25,13 @@ from ..retrieval.store import MANIFEST, parse_shard_spec
 from ..training.config import config_from_args, option
 from .checks import (check_beir_dir, check_corpus, check_index_dir, check_jsonl, check_port_free, existing_file,
                      not_negative, positive)
-from .options import (AUTO_DTYPES, DEMO_DIR, DTYPES, NO_VERIFY_HELP, BackendOptions, Checked, EncoderOptions,
-                      FusionOptions, IndexLocation, like)
+from .options import (AUTO_DTYPES, DTYPES, BackendOptions, Checked, EncoderOptions, FusionOptions, IndexLocation,
+                      like)
+
+DEMO_DIR = Path(__file__).parents[1] / "data" / "demo"
+NO_VERIFY_HELP = ("hash the embeddings and FAISS file when opening; --no-verify: only the light check of "
+                  "'llara check-index' (sizes, line counts, .npy headers, the id/title files' sha256), for large "
+                  "indexes")
 
 
 @dataclass(kw_only=True)

@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import sys
 from dataclasses import dataclass
-from pathlib import Path
 
 from ..io import cache_root
 from ..modeling.encoder import DEFAULT_MAX_PASSAGE_LENGTH, DEFAULT_MAX_QUERY_LENGTH, Encoder
@@ -18,13 +17,9 @@ from ..retrieval.fusion import DEFAULT_ALPHA, DEFAULT_DEPTH, DEFAULT_RRF_K, FUSI
 from ..training.config import option
 from .checks import check_index_dir, positive
 
-DEMO_DIR = Path(__file__).parents[1] / "data" / "demo"
 DTYPES = ("float32", "bfloat16", "float16")
 AUTO_DTYPES = ("auto", *DTYPES)
 INDEX_ELSE = "the index's for search, else "  # the fusion flags' defaults
-NO_VERIFY_HELP = ("hash the embeddings and FAISS file when opening; --no-verify: only the light check of "
-                  "'llara check-index' (sizes, line counts, .npy headers, the id/title files' sha256), for large "
-                  "indexes")
 
 
 def like(cls, name: str, help: str | None = None, **kw):

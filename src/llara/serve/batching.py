@@ -19,6 +19,8 @@ import numpy as np
 
 log = logging.getLogger(__name__)
 
+__all__ = ["Embedded", "Job", "MicroBatcher", "Saturated", "check_limits", "token_counts"]
+
 
 def check_limits(max_batch: int, max_pending: int | None, max_queries: int | None, max_inputs: int | None) -> tuple:
     """(max_pending, max_queries, max_inputs) of a :class:`MicroBatcher` and the requests it admits, with their
@@ -34,8 +36,6 @@ def check_limits(max_batch: int, max_pending: int | None, max_queries: int | Non
         if not 1 <= value <= max_pending:  # a larger request could never be admitted
             raise ValueError(f"{name} ({value}) must be between 1 and max_pending ({max_pending})")
     return max_pending, max_queries, max_inputs
-
-__all__ = ["Embedded", "Job", "MicroBatcher", "Saturated", "token_counts"]
 
 
 class Saturated(Exception):
