@@ -8,7 +8,8 @@ from tiny import make_model, make_tokenizer
 
 from llara.cli import build_parser, main
 from llara.modeling.encoder import Encoder
-from llara.pipelines.recipe import _pairs_source, budget_fit
+from llara.pipelines.recipe import _pairs_source
+from llara.pipelines.recipe_budget import budget_fit
 from llara.training.finetune import FINETUNE_TRAIN_DEFAULTS, finetune_train_config
 
 

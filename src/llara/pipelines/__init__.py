@@ -1,6 +1,7 @@
 """Pipelines: the stages (training, retrieval, evaluation) composed into one job each.
 
 - ``recipe.py``: ``llara recipe``, adapt on a corpus, mine and fine-tune, index; resumable;
+- ``recipe_budget.py``: ``llara recipe --budget-minutes``, the fine-tuning steps the time budget affords;
 - ``recipe_eval.py``: ``llara recipe --eval``, the built index scored on a BEIR directory's test queries;
 - ``demo.py``: ``llara demo``, evaluate the embedded model, adapt it, evaluate again.
 

@@ -8,8 +8,9 @@ the embedding matrix is frozen. The caller passes the ids of the tokens that mus
 * ``trainable_tokens="embedding"``: the whole input embedding becomes a ``modules_to_save`` copy.
 
 The layers it swaps into peft's model for speed and memory (fused adapters, the CPU dropout, the slot
-rows) are in :mod:`llara.training.lora_layers`. Targets are found from the model itself: every ``nn.Linear`` inside the decoder layers (for LLaMA,
-Mistral, Qwen2: q, k, v, o, gate, up, down projections, the authors' choice), never from a hub id.
+rows) are in :mod:`llara.training.lora_layers`. Targets are found from the model itself: every
+``nn.Linear`` inside the decoder layers (for LLaMA, Mistral, Qwen2: q, k, v, o, gate, up, down
+projections, the authors' choice), never from a hub id.
 """
 from __future__ import annotations
 
