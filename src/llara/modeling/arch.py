@@ -56,6 +56,11 @@ class ArchSpec:
     """Attention kernels that apply a custom 4D additive mask exactly."""
     softcap_attr: str | None = None
     """Config attribute of attention-logit soft-capping; sdpa refuses it, eager is then required."""
+    shared_input_projections: tuple[tuple[str, ...], ...] = (("q_proj", "k_proj", "v_proj"), ("gate_proj", "up_proj"))
+    """Leaf names of the projections in one module that the stock forward calls with the same input
+    tensor: their LoRA adapters share one dropout mask and one product with their stacked A matrices
+    (``llara.training.lora_layers``). Names a model lacks (phi3's fused ``qkv_proj``) group nothing;
+    the grouping checks the tensor at run time, so a wrong entry costs speed, never correctness."""
 
     def __post_init__(self):
         if self.sliding not in (SLIDING_NONE, SLIDING_CONFIG, SLIDING_LAYER_TYPES):

@@ -21,6 +21,7 @@ from collections.abc import Sequence
 import torch
 from torch import nn
 
+from ..modeling.arch import ARCHITECTURES
 from .lora_layers import swap_layers
 
 logger = logging.getLogger(__name__)
@@ -124,7 +125,8 @@ def apply_lora(
         warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*", category=FutureWarning)
         peft_model = get_peft_model(model, config, adapter_name=ADAPTER_NAME,
                                     autocast_adapter_dtype=dtype == torch.float32)
-    swap_layers(peft_model)
+    spec = ARCHITECTURES.get(getattr(getattr(model, "config", None), "model_type", None))
+    swap_layers(peft_model, spec.shared_input_projections if spec else ())
     # Trainable tensors in ``dtype`` (peft creates them in the base's or in fp32). In fp32, AdamW
     # updates of ~1e-5 survive; the forward casts them to the base dtype.
     for p in peft_model.parameters():

@@ -2,17 +2,20 @@
 on every device and especially on a CPU (``benchmarks/results/cpu_train_fp32.md``):
 
 * :class:`FusedLoraLinear` (made by :func:`_fused_lora_linear_class`): each adapter's product
-  accumulates into its frozen projection's output (:class:`_AdapterDelta`);
+  accumulates into its frozen projection's output (:class:`_AddAdapter`), and the adapters of
+  projections that read one input (q, k, v; gate, up) share one dropout mask and one product with
+  their stacked A matrices (:class:`_InputGroup`);
 * :class:`CpuDropoutLinear`: an adapter's dropout inside its A projection, with a 1-byte mask
   (:func:`cpu_keep_mask`) on a CPU, for the cases that run peft's own forward;
 * ``RowsTrainableTokens`` (:func:`_rows_trainable_tokens_class`): the slot rows without a copy of the
   embedding matrix per forward.
 
-Same parameters and state-dict keys as peft's layers; :func:`swap_layers` installs all three.
+Same parameters and state-dict keys as peft's layers; :func:`swap_layers` installs them.
 """
 from __future__ import annotations
 
 import functools
+import weakref
 
 import numpy as np
 import torch
@@ -116,56 +119,96 @@ def _bytes(keep: torch.Tensor) -> torch.Tensor:
     return keep.view(torch.uint8)
 
 
-class _AdapterDelta(torch.autograd.Function):
-    """``result += scaling * ((x * keep * drop_scale) @ A.T) @ B.T`` in place, one adapter of a LoRA
-    projection (``result`` is the frozen base projection's output, which nothing saved for backward).
+class _AddAdapter(torch.autograd.Function):
+    """``result += scaling * h @ B.T`` in place: an adapter's second product accumulates into its frozen
+    projection's output (``result``, which nothing saved for backward); ``h`` is the rank-r product of
+    the (dropped) input and ``A`` (:class:`_DroppedProjection`, or a slice of its input group's).
 
     peft computes ``result + lora_B(lora_A(dropout(x))) * scaling``: two more passes over the
-    projection's output in forward (a product and a sum, each a new tensor) and one in backward, and
-    with dropout an fp32 dropped copy of ``x`` kept per adapter. Here the second product accumulates
-    into ``result`` (``addmm_``: the GEMM adds, no pass of its own) and the scales multiply the small
-    ``A`` and ``B`` (r rows or columns), never the activations. ``keep`` (bool, from
-    :func:`cpu_keep_mask`) or None (no dropout, or ``x`` already dropped); backward keeps ``x``, the
-    1-byte mask and the rank-r product, and recomputes the masked input for ``A``'s gradient. All tensors
-    share one dtype (the caller casts): nothing is cast inside."""
+    projection's output in forward (a product and a sum, each a new tensor) and one in backward. Here
+    the GEMM adds (``addmm_``: no pass of its own) and the scale multiplies the small ``B``; backward
+    keeps ``h`` (rank r) and ``B``. Both share ``result``'s dtype (the caller casts)."""
 
     @staticmethod
-    def _masked(x, keep):
-        """The (tokens, in) input with the dropped elements zeroed (unscaled), or ``x`` itself."""
-        x2 = x.reshape(-1, x.shape[-1])
-        return x2 if keep is None else x2 * _bytes(keep).reshape(x2.shape)
-
-    @staticmethod
-    def _scaled_a(weight_a, drop_scale: float):
-        return weight_a if drop_scale == 1.0 else weight_a * drop_scale
-
-    @staticmethod
-    def forward(ctx, result, x, keep, drop_scale: float, weight_a, weight_b, scaling: float):
-        h = _AdapterDelta._masked(x, keep) @ _AdapterDelta._scaled_a(weight_a, drop_scale).t()  # (tokens, r)
-        result.view(-1, result.shape[-1]).addmm_(h, weight_b.t(), alpha=scaling)
+    def forward(ctx, result, h, weight_b, scaling: float):
+        h2 = h.reshape(-1, h.shape[-1])
+        result.view(-1, result.shape[-1]).addmm_(h2, weight_b.t(), alpha=scaling)
         ctx.mark_dirty(result)
-        ctx.save_for_backward(x, keep, h, weight_a, weight_b)
-        ctx.drop_scale, ctx.scaling = drop_scale, scaling
+        ctx.save_for_backward(h2, weight_b)
+        ctx.h_shape, ctx.scaling = h.shape, scaling
         return result
 
     @staticmethod
     def backward(ctx, grad):
-        x, keep, h, weight_a, weight_b = ctx.saved_tensors
+        h2, weight_b = ctx.saved_tensors
         g = grad.reshape(-1, grad.shape[-1])
-        grad_h = g @ (weight_b * ctx.scaling)  # (tokens, r)
-        grad_x = grad_a = grad_b = None
+        grad_h = grad_b = None
         if ctx.needs_input_grad[1]:
-            grad_x = grad_h @ _AdapterDelta._scaled_a(weight_a, ctx.drop_scale)
-            if keep is not None:
-                grad_x.mul_(_bytes(keep).reshape(grad_x.shape))
-            grad_x = grad_x.view(x.shape)
-        if ctx.needs_input_grad[4]:
-            grad_a = grad_h.t() @ _AdapterDelta._masked(x, keep)
-            if ctx.drop_scale != 1.0:
-                grad_a.mul_(ctx.drop_scale)
-        if ctx.needs_input_grad[5]:
-            grad_b = (g.t() @ h).mul_(ctx.scaling)
-        return grad, grad_x, None, None, grad_a, grad_b, None
+            grad_h = (g @ (weight_b * ctx.scaling)).view(ctx.h_shape)
+        if ctx.needs_input_grad[2]:
+            grad_b = (g.t() @ h2).mul_(ctx.scaling)
+        return grad, grad_h, grad_b, None
+
+
+def _rank_product(x: torch.Tensor, weight_a: torch.Tensor, p: float) -> torch.Tensor:
+    """``dropout(x, p) @ A.T`` as the fused path runs it: on a CPU with a 1-byte mask
+    (:func:`cpu_keep_mask`, :class:`_DroppedProjection` keeps ``x`` and the mask), elsewhere
+    ``nn.functional.dropout``; ``x`` and ``A`` share one dtype (the caller casts)."""
+    if not p:
+        return nn.functional.linear(x, weight_a)
+    if x.device.type != "cpu":
+        return nn.functional.linear(nn.functional.dropout(x, p, True), weight_a)
+    keep, drop_scale = cpu_keep_mask(x, p)
+    return _DroppedProjection.apply(x, weight_a, keep, drop_scale)
+
+
+class _InputGroup:
+    """Adapted projections of one module that read the same input tensor (a LLaMA layer's q, k and v,
+    or gate and up: ``ArchSpec.shared_input_projections``). The first of them to run draws one dropout
+    mask and computes one product with their stacked ``A`` matrices for all of them; the others take
+    their rank-r slice when they are called with that very tensor (same object, unchanged), and compute
+    their own otherwise, so a model that feeds them different inputs gets what peft computes.
+
+    Against peft: one dropout mask per input instead of one per adapter, as peft itself does where a
+    model fuses q, k and v into one projection (each adapter still sees its input dropped at rate p);
+    one GEMM of r x members columns instead of a thin one per adapter, and one masked input and one
+    input gradient per group. A LLaMA layer's seven adapters draw four masks instead of seven."""
+
+    def __init__(self, members: list[nn.Module]):
+        self.members = members
+        self._pending: dict[int, torch.Tensor] = {}  # id(member) -> its slice of the last group product
+        self._key: tuple | None = None  # (weakref to the input, its version, dtype, grad mode, p)
+
+    def __getstate__(self):  # copies and pickles of the model carry the members, not a pending product
+        return {"members": self.members}
+
+    def __setstate__(self, state):
+        self.__init__(state["members"])
+
+    def rank_product(self, member: nn.Module, x: torch.Tensor, dtype: torch.dtype, p: float) -> torch.Tensor | None:
+        """``member``'s rank-r product of ``x``, or None (then it computes its own, as for a tensor made
+        under ``torch.inference_mode``, which keeps no version counter to tell a change by)."""
+        if x.is_inference():
+            return None
+        key = (x._version, dtype, torch.is_grad_enabled(), p)
+        if self._key is not None and self._key[0]() is x and self._key[1:] == key and id(member) in self._pending:
+            h = self._pending.pop(id(member))
+            if not self._pending:
+                self._key = None
+            return h
+        adapters = [m._fused_adapter((), {}) for m in self.members]
+        if any(a is None or _dropout_p(a[0]) != p for a in adapters):
+            return None
+        h = _rank_product(x.to(dtype), torch.cat([a[0].weight.to(dtype) for a in adapters]), p)
+        slices = h.split([a[0].weight.shape[0] for a in adapters], dim=-1)
+        self._pending = {id(m): s for m, s in zip(self.members, slices) if m is not member}
+        self._key = (weakref.ref(x), *key) if self._pending else None
+        return slices[self.members.index(member)]
+
+
+def _dropout_p(lora_a: nn.Module) -> float:
+    """The dropout rate the fused path applies before an A projection (0 in eval)."""
+    return lora_a.p if lora_a.training and isinstance(lora_a, CpuDropoutLinear) else 0.0
 
 
 def _whole(weight: torch.Tensor) -> bool:
@@ -176,13 +219,14 @@ def _whole(weight: torch.Tensor) -> bool:
 
 @functools.cache
 def _fused_lora_linear_class():
-    """peft's LoRA ``Linear`` whose forward runs each plain adapter as :class:`_AdapterDelta` (made on
+    """peft's LoRA ``Linear`` whose forward runs each plain adapter as :class:`_AddAdapter` (made on
     first use: peft is imported lazily)."""
     from peft.tuners.lora.layer import Linear as LoraLinear
 
     class FusedLoraLinear(LoraLinear):
         """One vanilla adapter over a frozen ``nn.Linear`` (llara's LoRA): the adapter's product
-        accumulates into the base projection's output (:class:`_AdapterDelta`). Anything else (adapters
+        accumulates into the base projection's output (:class:`_AddAdapter`); its rank-r product comes
+        from its :class:`_InputGroup` where it has one. Anything else (adapters
         disabled, merged, several active, DoRA or another variant, per-example adapter names, a bias on
         the adapter, a trainable or non-``nn.Linear`` base) runs peft's own forward."""
 
@@ -193,15 +237,13 @@ def _fused_lora_linear_class():
             lora_a, lora_b, scaling = fused
             result = self.base_layer(x)
             dtype = result.dtype  # the base's, or autocast's
-            p = lora_a.p if lora_a.training and isinstance(lora_a, CpuDropoutLinear) else 0.0
-            keep, drop_scale = None, 1.0
-            if p and x.device.type == "cpu":
-                keep, drop_scale = cpu_keep_mask(x, p)
-            elif p:
-                x = nn.functional.dropout(x, p, True)
+            p = _dropout_p(lora_a)
+            group = self.__dict__.get("_llara_input_group")
             with torch.autocast(x.device.type, enabled=False):
-                return _AdapterDelta.apply(result, x.to(dtype), keep, drop_scale, lora_a.weight.to(dtype),
-                                           lora_b.weight.to(dtype), float(scaling))
+                h = group.rank_product(self, x, dtype, p) if group is not None else None
+                if h is None:
+                    h = _rank_product(x.to(dtype), lora_a.weight.to(dtype), p)
+                return _AddAdapter.apply(result, h, lora_b.weight.to(dtype), float(scaling))
 
         def _fused_adapter(self, args, kwargs):
             names = self.active_adapters
@@ -302,8 +344,26 @@ def _row_trainable_tokens(peft_model: nn.Module) -> int:
     return swapped
 
 
-def swap_layers(peft_model: nn.Module) -> dict[str, int]:
-    """Installs this module's layers in a peft LoRA model (in place); returns how many of each."""
+def _group_inputs(peft_model: nn.Module, shared_inputs) -> int:
+    """Joins the fused adapters of each module named in one of ``shared_inputs`` (tuples of leaf names
+    of projections that read the same input) into an :class:`_InputGroup`; returns how many groups."""
+    fused, groups = _fused_lora_linear_class(), 0
+    for module in peft_model.modules():
+        for names in shared_inputs:
+            members = [m for n in names if type(m := getattr(module, n, None)) is fused]
+            if len(members) > 1:
+                group = _InputGroup(members)
+                for m in members:
+                    m.__dict__["_llara_input_group"] = group
+                groups += 1
+    return groups
+
+
+def swap_layers(peft_model: nn.Module, shared_inputs=()) -> dict[str, int]:
+    """Installs this module's layers in a peft LoRA model (in place); returns how many of each.
+    ``shared_inputs``: tuples of leaf names of projections that read the same input
+    (``ArchSpec.shared_input_projections``): their adapters share one mask and one A product."""
     return {"dropout_in_projection": _dropout_into_projections(peft_model),
             "fused_adapters": _fuse_adapters(peft_model),
+            "input_groups": _group_inputs(peft_model, shared_inputs),
             "rows_trainable_tokens": _row_trainable_tokens(peft_model)}

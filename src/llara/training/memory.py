@@ -28,7 +28,7 @@ GiB): its many smaller passes leave the allocator holding more than their larges
 8.51 GiB (an AVX2-only AMD EPYC): 6.8 bytes per counted element. Since the adapters' dropout keeps a
 1-byte mask instead of a dropped fp32 copy of each adapter's input (``lora_layers.CpuDropoutLinear``) it peaked at
 7.61 GiB (6.0 bytes per element), and since each adapter's product accumulates into the base
-projection's output (``lora_layers._AdapterDelta``: no product and sum over the output per adapter) at 6.12 GiB
+projection's output (``lora_layers._AddAdapter``: no product and sum over the output per adapter) at 6.12 GiB
 (7 steps at exactly 8 x 64 + 16 x 96 tokens): 4.8 bytes per element, within the 7 GiB default budget,
 so the plan runs the recipe's step whole. (The bf16 figures were measured before both changes and now
 overestimate; not re-measured: this machine has no bf16 kernels.)
