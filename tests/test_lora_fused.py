@@ -12,7 +12,8 @@ import pytest
 import torch
 from torch import nn
 from torch.utils._python_dispatch import TorchDispatchMode
-from transformers import LlamaConfig, LlamaForCausalLM
+from transformers import (LlamaConfig, LlamaForCausalLM, MistralConfig, MistralForCausalLM, Qwen2Config,
+                          Qwen2ForCausalLM)
 
 import llara.training.lora_layers as lora
 from llara.training.lora import apply_lora
@@ -20,11 +21,16 @@ from llara.training.lora import apply_lora
 peft_layer = pytest.importorskip("peft.tuners.lora.layer")
 
 
-def _model(p: float, seed: int = 0):
+_ARCHS = {"llama": (LlamaConfig, LlamaForCausalLM), "mistral": (MistralConfig, MistralForCausalLM),
+          "qwen2": (Qwen2Config, Qwen2ForCausalLM)}  # qwen2: q, k and v have a bias
+
+
+def _model(p: float, seed: int = 0, arch: str = "llama"):
     torch.manual_seed(seed)
-    cfg = LlamaConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
-                      num_key_value_heads=2, vocab_size=100)
-    model = apply_lora(LlamaForCausalLM(cfg), r=4, alpha=8, dropout=p, trainable_token_ids=[5, 6])
+    config_class, model_class = _ARCHS[arch]
+    cfg = config_class(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+                       num_key_value_heads=2, vocab_size=100)
+    model = apply_lora(model_class(cfg), r=4, alpha=8, dropout=p, trainable_token_ids=[5, 6])
     for name, param in model.named_parameters():
         if "lora_B" in name:  # peft starts B at zero: give the adapters something to add
             nn.init.normal_(param, std=0.1)
@@ -71,11 +77,11 @@ def test_apply_lora_swaps_every_adapted_projection():
         assert groups["o"] is None and groups["down"] is None
 
 
-@pytest.mark.parametrize("p", [0.0, 0.1])
-def test_same_values_and_gradients_as_peft_given_the_shared_masks(p, monkeypatch):
+@pytest.mark.parametrize(("p", "arch"), [(0.0, "llama"), (0.1, "llama"), (0.1, "mistral"), (0.1, "qwen2")])
+def test_same_values_and_gradients_as_peft_given_the_shared_masks(p, arch, monkeypatch):
     """In float64 (the two paths sum in different orders, which fp32 rounds differently): the fused path
     equals peft's forward run with the masks the fused path drew, q/k/v and gate/up sharing theirs."""
-    model = _model(p).double()
+    model = _model(p, arch=arch).double()
     ids = torch.randint(0, 100, (3, 7))
     drawn = []
 
