@@ -254,6 +254,7 @@ def test_a_group_member_called_with_another_tensor_computes_its_own(monkeypatch)
         calls.clear()
         q, k = attn.q_proj(x), attn.k_proj(x2)  # another tensor: k computes its own (and a new group's)
         assert calls == [12, 12]
+        torch.testing.assert_close(q, expected(attn.q_proj, x))
         torch.testing.assert_close(k, expected(attn.k_proj, x2))
         calls.clear()
         attn.q_proj(x)
