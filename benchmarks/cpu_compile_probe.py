@@ -5,7 +5,8 @@ projections, dropout 0.1, fp32:
 * ``eager``: llara's own LoRA (``apply_lora``: adapters fused into their projection, 1-byte dropout masks);
 * ``compiled``: peft's stock LoRA layers, each decoder layer compiled by inductor (regional compilation,
   ``layer.compile()``), so that inductor can fuse the dropout, the adapters' sums and the elementwise
-  ops (llara's own layers call a thread pool and in-place autograd functions, which dynamo cannot trace).
+  ops (llara's own layers used in-place autograd functions and, when this probe ran, a thread pool for
+  their masks: dynamo cannot trace them).
 
     python benchmarks/cpu_compile_probe.py --out /tmp/compile_probe.json
 

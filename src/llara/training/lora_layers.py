@@ -50,8 +50,10 @@ def _random_words(n: int, device: torch.device) -> torch.Tensor:
     another on one thread: most of the dropout masks' cost in a LoRA step of the embedded model. A large
     draw on a CPU takes one seed from torch's global generator (so masks follow its seed and
     checkpointed state) and fills the words from numpy's SFC64 (the small fast generator of PractRand's
-    author; numpy keeps its stream fixed for a given seed), on one thread: a whole 1536 x 576 mask in
-    1.5 ms against 2.3 ms for torch's draw split over two threads, 1536 x 1536 in 2.7 against 4.5 ms."""
+    author; numpy keeps its stream fixed for a given seed), on one thread: a whole 1536 x 576 mask
+    (:func:`cpu_keep_mask`) in 1.0-1.2 ms against 1.8-2.1 ms for torch's draw split over two threads,
+    1536 x 1536 in 2.1-2.2 against 3.9-4.0 ms (medians of 30, the 2-core AVX2 EPYC of
+    ``benchmarks/results/cpu_train_fp32.md``)."""
     if device.type != "cpu" or n < _FAST_WORDS:
         return torch.randint(-(2**63), 2**63 - 1, (n,), dtype=torch.int64, device=device)
     seed = int(torch.randint(0, 2**62, (1,), dtype=torch.int64))
@@ -102,12 +104,9 @@ class CpuDropoutLinear(nn.Linear):
     p: float = 0.0
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if not self.training or self.p == 0:
-            return super().forward(x)
-        if x.device.type != "cpu" or self.bias is not None:
-            return super().forward(nn.functional.dropout(x, self.p, True))
-        keep, scale = cpu_keep_mask(x, self.p)
-        return _DroppedProjection.apply(x, self.weight, keep, scale)
+        if self.bias is not None:
+            return super().forward(nn.functional.dropout(x, self.p, self.training))
+        return _rank_product(x, self.weight, self.p if self.training else 0.0)
 
     def extra_repr(self) -> str:
         return f"{super().extra_repr()}, dropout={self.p}"
