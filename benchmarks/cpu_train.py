@@ -14,8 +14,9 @@ the peak resident memory of ``llara finetune`` with its defaults.
    step of ``llara recipe``, 8 queries x 2 passages of 96 tokens) on BM25-mined groups of the shipped
    demo corpus, as the memory plan runs it (whole, or GradCache chunks where the whole step would not
    fit the memory budget: in fp32 on a CPU it does not), then ``finetune_plain``: the same step whole
-   (``--grad-cache-chunk 0 --gradient-checkpointing false``), and ``finetune_plain_no_dropout``: that step without the adapters'
-   dropout (``--lora-dropout 0``: what the masks cost). Ratio = 4 x parameters x tokens/s / the limit (frozen base: forward and
+   (``--grad-cache-chunk 0 --gradient-checkpointing false``), ``finetune_plain_no_dropout``: that step without the adapters'
+   dropout (``--lora-dropout 0``: what the masks cost), and ``finetune_plain_unpacked``: that step with one
+   right-padded row per text (``--no-packing``: what packing gains; the default packs texts into shared rows). Ratio = 4 x parameters x tokens/s / the limit (frozen base: forward and
    activation gradients; GradCache's extra forward counts as overhead, so it caps that run at 2/3). Beside it,
    ``ratio_with_adapters_to_matmul_limit`` adds the adapters' own products (6 x their parameters: r 64 on
    every projection is 19.5M parameters, 117M FLOPs per token for the embedded model), which the issue's
@@ -180,9 +181,10 @@ def main(argv=None) -> int:
     p.add_argument("--finetune-group", type=int, default=2, help="passages per query (2: `llara recipe`'s step)")
     p.add_argument("--finetune-passage-length", type=int, default=96, help="tokens per passage (96: the recipe's)")
     p.add_argument("--memory-batches", default="2,8,32")
-    p.add_argument("--finetune-rows", default="512,1536",
+    p.add_argument("--finetune-rows", default="1984",
                    help="rows of each forward pass of a fine-tuning step, for the model-shape ceiling (the "
-                        "recipe's plain step: 8 queries x 64 tokens, then 16 passages x 96)")
+                        "recipe's plain step packed: one pass of 1,920-2,016 rows; unpacked it was two, "
+                        "512,1536: 8 queries x 64 tokens, then 16 passages x 96)")
     args = p.parse_args(argv)
     out, work = Path(args.out), Path(args.work)
     work.mkdir(parents=True, exist_ok=True)
@@ -241,7 +243,8 @@ def main(argv=None) -> int:
     # more forward than counted), and the same step plain (--grad-cache-chunk 0): the step's own efficiency.
     plain = ["--grad-cache-chunk", "0", "--gradient-checkpointing", "false"]
     variants = (("finetune", []), ("finetune_plain", plain),
-                ("finetune_plain_no_dropout", [*plain, "--lora-dropout", "0"]))
+                ("finetune_plain_no_dropout", [*plain, "--lora-dropout", "0"]),
+                ("finetune_plain_unpacked", [*plain, "--no-packing"]))
     for name, extra in variants:
         if "finetune" not in sections and name not in sections:
             continue

@@ -62,13 +62,14 @@ SMOLLM2_135M = dict(hidden_size=576, intermediate_size=1536, num_hidden_layers=3
 
 def test_cpu_plan_of_the_recipe_step_follows_the_precision():
     # llara recipe's step, 8 queries of 64 tokens + 16 passages of 96, LoRA on the embedded model: measured
-    # 6.19 GiB peak under bf16 autocast, 6.12 GiB in fp32 (memory.py's docstring). The default budget is 7 GiB.
+    # 6.19 GiB peak under bf16 autocast, 6.12 GiB in fp32 padded, 6.76 packed (memory.py's docstring). The
+    # default budget is 7 GiB.
     model = _Shape(134_515_008, dtype=torch.float32, **SMOLLM2_135M)
     bf16 = plan_for(model, "cpu", precision="bf16", lora=True, memory_gb=7)
     fp32 = plan_for(model, "cpu", precision="fp32", lora=True, memory_gb=7)
     assert bf16.need(2048, 96, checkpointing=False) / GiB == pytest.approx(6.19, rel=0.05) and bf16.fits(2048, 96, False)
-    assert fp32.need(2048, 96, checkpointing=False) / GiB == pytest.approx(6.12, rel=0.05)
-    assert fp32.need(2048, 96, checkpointing=False) / GiB >= 6.12  # never under the measured peak
+    assert fp32.need(2048, 96, checkpointing=False) / GiB == pytest.approx(6.76, rel=0.05)
+    assert fp32.need(2048, 96, checkpointing=False) / GiB >= 6.76  # never under the measured peak
     assert fp32.fits(2048, 96, False) and choose_chunk(fp32, 24, 96, 2048) == 0  # the whole step
     small = plan_for(model, "cpu", precision="fp32", lora=True, memory_gb=5)  # a smaller budget: GradCache
     chunk = choose_chunk(small, 24, 96, 2048)

@@ -176,10 +176,17 @@ def pack(built: Sequence[Built], sides: Sequence[EncodedSide], pad_id: int, mult
 
 
 # ------------------------------------------------------------------------------ vectors
-def hidden_states(model, input_ids: Tensor, attention_mask: Tensor) -> Tensor:
-    """Final hidden states (B, L, H) of the stock model (without its LM head) on the model's device."""
+def hidden_states(model, input_ids: Tensor, attention_mask: Tensor | None = None,
+                  position_ids: Tensor | None = None) -> Tensor:
+    """Final hidden states (B, L, H) of the stock model (without its LM head) on the model's device.
+
+    ``attention_mask``: the 2-D padding mask (1 = real token); ``position_ids`` without a mask: packed
+    rows (:mod:`llara.modeling.packing`). No key/value cache is built (nothing generates here)."""
     dev = next(model.parameters()).device
-    return base_model(model)(input_ids=input_ids.to(dev), attention_mask=attention_mask.to(dev)).last_hidden_state
+    extra = {} if position_ids is None else {"position_ids": position_ids.to(dev)}
+    mask = None if attention_mask is None else attention_mask.to(dev)
+    return base_model(model)(input_ids=input_ids.to(dev), attention_mask=mask, use_cache=False,
+                             **extra).last_hidden_state
 
 
 def pool(weights: Tensor, hidden: Tensor) -> Tensor:
@@ -198,8 +205,15 @@ def normalize(emb: Tensor, on: "bool | Tensor") -> Tensor:
 
 
 def embed(model, batch: dict[str, Tensor]) -> Tensor:
-    """(B, H) float32 embeddings of a ``Packed.side_batch`` (the training collators' batches), with
-    gradients when they are enabled; normalised as the batch's template says."""
+    """(B, H) float32 embeddings of a ``Packed.side_batch`` (the training collators' batches), or (N, H)
+    of a packed pass (``llara.modeling.packing.pack_texts``: N texts in fewer rows), with gradients
+    when they are enabled; normalised as the batch's template says."""
+    if "position_ids" in batch:
+        hidden = hidden_states(model, batch["input_ids"], position_ids=batch["position_ids"])
+        flat = hidden.reshape(-1, hidden.size(-1))
+        index = batch["pool_index"].to(flat.device)
+        picked = flat.index_select(0, index.reshape(-1)).reshape(*index.shape, -1)  # (N, K, H)
+        return normalize(pool(batch["pool_weight"], picked), batch["normalize"])
     hidden = hidden_states(model, batch["input_ids"], batch["attention_mask"])
     return normalize(pool(batch["pool"], hidden), batch["normalize"])
 

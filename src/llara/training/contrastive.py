@@ -20,6 +20,7 @@ from torch import Tensor
 from ..io import DataError, iter_jsonl
 from .losses import info_nce
 from ..modeling.embed import embed, pack, pad_token_id, tokenize
+from ..modeling.packing import PackedText, pack_texts, plain_or_packed
 from ..prompts import encode_side, get_template
 
 
@@ -96,10 +97,17 @@ class ContrastiveCollator:
     """Groups -> query batch (NEXT prompt by default) and passage batch (SELF prompt), each with the
     pooling weights of its template side and the template's normalisation (``embed`` reads both),
     built by :mod:`llara.modeling.embed` as the Encoder builds them. Passages are laid out query by
-    query, positive first."""
+    query, positive first.
+
+    With ``packing`` the texts are packed into rows (:mod:`llara.modeling.packing`), here on the host
+    before the batch goes to the device: ``{"passes": [...], "num_queries", "num_tokens"}`` for a
+    plain step (one pass over queries and passages, or one per side when that computes fewer
+    positions), or ``{"query": [...], "passage": [...], "num_tokens"}`` with one packed pass per
+    ``grad_cache_chunk`` texts of a side for GradCache. Without it, one right-padded batch per side."""
 
     def __init__(self, tokenizer, template="llara", *, group_size: int = 16, max_query_length: int = 64,
-                 max_passage_length: int = 160, pad_to_multiple_of: int = 8, seed: int = 0):
+                 max_passage_length: int = 160, pad_to_multiple_of: int = 8, seed: int = 0,
+                 packing: bool = False, grad_cache_chunk: int = 0):
         self.tok = tokenizer
         self.template = get_template(template)
         self.q_side = encode_side(tokenizer, self.template.query)
@@ -110,6 +118,8 @@ class ContrastiveCollator:
         self.seed = seed
         self.epoch = 0
         self.pad_id = pad_token_id(tokenizer)
+        self.packing = packing
+        self.grad_cache_chunk = grad_cache_chunk
 
     def set_epoch(self, epoch: int) -> None:
         self.epoch = epoch
@@ -130,10 +140,26 @@ class ContrastiveCollator:
         neg = rng.sample(g.neg, k) if len(g.neg) >= k else [rng.choice(g.neg) for _ in range(k)]
         return [pos] + neg
 
-    def __call__(self, groups: Sequence[Group]) -> dict[str, dict[str, Tensor]]:
+    def _texts(self, texts: list[str], side) -> list[PackedText]:
+        name = "query" if side is self.q_side else "passage"
+        built, _ = tokenize(self.tok, side, self.template.prepare(texts), self.max_len[name])
+        return [(ids, side.pool_positions(len(ids), start, end), self.template.normalize)
+                for ids, start, end in built]
+
+    def __call__(self, groups: Sequence[Group]) -> dict:
+        queries = [g.query for g in groups]
         passages = [p for g in groups for p in self.sample_passages(g, g.query)]
-        return {"query": self._side_batch([g.query for g in groups], self.q_side),
-                "passage": self._side_batch(passages, self.p_side)}
+        if not self.packing:
+            return {"query": self._side_batch(queries, self.q_side),
+                    "passage": self._side_batch(passages, self.p_side)}
+        q, p = self._texts(queries, self.q_side), self._texts(passages, self.p_side)
+        tokens = torch.tensor(sum(len(ids) for ids, _, _ in q + p))
+        if self.grad_cache_chunk:
+            n = self.grad_cache_chunk
+            return {side: [pack_texts(texts[i : i + n], self.pad_id, self.multiple) for i in range(0, len(texts), n)]
+                    for side, texts in (("query", q), ("passage", p))} | {"num_tokens": tokens}
+        return {"passes": plain_or_packed([q, p], self.pad_id, self.multiple), "num_queries": len(q),
+                "num_tokens": tokens}
 
 
 def gather_with_grad(x: Tensor) -> tuple[Tensor, int]:
@@ -187,21 +213,29 @@ def grad_cache_step(model, batch: dict, temperature: float, chunk_size: int, *,
     1. embeddings of every chunk without graphs; 2. loss and its gradient w.r.t. the embeddings;
     3. per chunk, recompute the embeddings with a graph (same dropout) and backpropagate the cached
     gradient. ``no_sync`` (e.g. DDP's) is entered for all but the last chunk. ``scale`` multiplies
-    the gradients (1 / gradient-accumulation steps)."""
+    the gradients (1 / gradient-accumulation steps). A side is one padded batch (cut here into
+    chunks of ``chunk_size`` texts) or a list of packed passes, one per chunk (the collator's, with
+    ``packing``)."""
     dev = next(model.parameters()).device
+    chunks = {side: batch[side] if isinstance(batch[side], list) else _chunks(batch[side], chunk_size)
+              for side in ("query", "passage")}
     states, embs = {}, {}
     with torch.no_grad():
         for side in ("query", "passage"):
             states[side], parts = [], []
-            for c in _chunks(batch[side], chunk_size):
+            for c in chunks[side]:
                 states[side].append(_RandState(dev))
                 parts.append(embed(model, c))
             embs[side] = torch.cat(parts).requires_grad_(True)
     loss = contrastive_loss(embs["query"], embs["passage"], temperature, cross_device)
     (loss * scale).backward()
-    work = [(side, c, s, embs[side].grad[i * chunk_size : i * chunk_size + c["input_ids"].size(0)])
-            for side in ("query", "passage")
-            for i, (c, s) in enumerate(zip(_chunks(batch[side], chunk_size), states[side]))]
+    work = []
+    for side in ("query", "passage"):
+        start = 0
+        for c, s in zip(chunks[side], states[side]):
+            n = c["normalize"].size(0)  # texts in the chunk (a shape: no read from the device)
+            work.append((side, c, s, embs[side].grad[start : start + n]))
+            start += n
     for n, (side, c, state, grad) in enumerate(work):
         ctx = no_sync() if (no_sync is not None and n < len(work) - 1) else nullcontext()
         with ctx:

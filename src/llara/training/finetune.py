@@ -50,6 +50,11 @@ class FinetuneConfig:
                                                               "-1: chosen from the memory budget, --memory-gb: a "
                                                               "plain step when the whole batch fits)"})
     data_seed: int = field(default=0, metadata={"help": "seed of batch composition and negative sampling"})
+    packing: bool = field(default=True, metadata={"help": "pack several texts into each row of a forward pass "
+                                                       "(no padding between them; the same states as padded "
+                                                       "rows) where the model's attention keeps packed texts "
+                                                       "apart (checked once on the model); else one padded "
+                                                       "row per text"})
 
     def __post_init__(self):
         if self.group_size < 1 or self.temperature <= 0 or self.grad_cache_chunk < -1:
@@ -88,6 +93,8 @@ class _Batches:
 
 def _num_tokens(batch) -> torch.Tensor:
     """Real tokens of a step's queries and passages, left on the device (the loop reads it once per step)."""
+    if "num_tokens" in batch:  # packed: counted by the collator
+        return batch["num_tokens"]
     return batch["query"]["attention_mask"].sum() + batch["passage"]["attention_mask"].sum()
 
 
@@ -132,10 +139,29 @@ def make_loss_fn(cfg: FinetuneConfig, grad_accum: int = 1):
         return compute_loss
 
     def compute_loss(model, batch):
-        q, p = embed(model, batch["query"]), embed(model, batch["passage"])
+        if "passes" in batch:  # packed by the collator: queries first, then passages
+            both = torch.cat([embed(model, rows) for rows in batch["passes"]])
+            q, p = both[: batch["num_queries"]], both[batch["num_queries"] :]
+        else:
+            q, p = embed(model, batch["query"]), embed(model, batch["passage"])
         return {"loss": contrastive_loss(q, p, cfg.temperature, cfg.cross_device), "num_tokens": _num_tokens(batch)}
 
     return compute_loss
+
+
+def _packs(model, tokenizer, group) -> bool:
+    """Whether the model keeps packed texts apart (:func:`llara.modeling.packing.packing_supported`),
+    probed with the tokens of the first training line; logged either way."""
+    from ..modeling.packing import packing_supported
+
+    ids = tokenizer(" ".join([group.query, *group.pos]), add_special_tokens=False)["input_ids"]
+    if len(ids) < 4:
+        log.info("packing off: the first training line has too few tokens to check the model with")
+        return False
+    ok = packing_supported(model, ids)
+    log.info("packing %s: %s", "on" if ok else "off", "texts share rows, no padding between them" if ok else
+             "this model's attention does not keep packed texts apart; one padded row per text")
+    return ok
 
 
 def finetune(model_spec: str, data_path: str, train_cfg: TrainConfig, cfg: FinetuneConfig | None = None,
@@ -170,17 +196,17 @@ def finetune(model_spec: str, data_path: str, train_cfg: TrainConfig, cfg: Finet
     template = get_template(cfg.template or checkpoint_template or "llara")
     log.info("fine-tuning with template %r", template.name)
     ensure_slot_tokens(tokenizer, model, template.slot_tokens)
+    chunk, tokens, seq, choice = memory_plan(model, train_cfg, cfg)
+    cfg = replace(cfg, grad_cache_chunk=chunk, packing=cfg.packing and _packs(model, tokenizer, groups[0]))
     collator = ContrastiveCollator(tokenizer, template, group_size=cfg.group_size,
                                    max_query_length=cfg.max_query_length,
-                                   max_passage_length=cfg.max_passage_length, seed=cfg.data_seed)
+                                   max_passage_length=cfg.max_passage_length, seed=cfg.data_seed,
+                                   packing=cfg.packing, grad_cache_chunk=chunk)
     sampler = UniquePositiveBatches(groups, train_cfg.batch_size, seed=cfg.data_seed)
     data = _Batches(groups, sampler, collator)
     slot_ids = tokenizer.convert_tokens_to_ids(list(template.slot_tokens)) if template.slot_tokens else []
     extra = {"finetune": asdict(cfg), "finetune_data": str(data_path), "base_model": model_spec,
              "max_query_length": cfg.max_query_length, "max_passage_length": cfg.max_passage_length}
-    chunk, tokens, seq, choice = memory_plan(model, train_cfg, cfg)
-    cfg = replace(cfg, grad_cache_chunk=chunk)
-    extra["finetune"] = asdict(cfg)
     return train(model, tokenizer, data, make_loss_fn(cfg, train_cfg.grad_accum), train_cfg, template=template,
                  trainable_token_ids=slot_ids, export_extra=extra,
                  step_shape=StepShape(tokens, seq, chunked=chunk > 0, choice=choice))

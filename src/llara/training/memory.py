@@ -29,8 +29,11 @@ GiB): its many smaller passes leave the allocator holding more than their larges
 1-byte mask instead of a dropped fp32 copy of each adapter's input (``lora_layers.CpuDropoutLinear``) it peaked at
 7.61 GiB (6.0 bytes per element), and since each adapter's product accumulates into the base
 projection's output (``lora_layers._AddAdapter``: no product and sum over the output per adapter) at 6.12 GiB
-(7 steps at exactly 8 x 64 + 16 x 96 tokens): 4.8 bytes per element, within the 7 GiB default budget,
-so the plan runs the recipe's step whole. (The bf16 figures were measured before both changes and now
+(7 steps at exactly 8 x 64 + 16 x 96 tokens): 4.8 bytes per element. Packed (``llara.modeling.packing``),
+the steps' shapes differ from step to step and glibc's heap keeps its high-water mark: the same step
+rose to 6.67 GiB by step 10 and stayed there to step 20 (6.76 in another run of 10 steps, where the
+padded layout reached 6.06): 5.4 bytes per element, still within the 7 GiB default budget, so the
+plan runs the recipe's step whole. (The bf16 figures were measured before both changes and now
 overestimate; not re-measured: this machine has no bf16 kernels.)
 """
 from __future__ import annotations
@@ -194,12 +197,12 @@ def plan_for(model: nn.Module, device: torch.device | str, *, precision: str, lo
     # fine-tuning keeps 5.5 (an earlier calibration, not re-measured since).
     # In fp32 (a CPU without fast bf16) the products' saved inputs are fp32 too: the same LoRA step
     # measured 6.12 GiB with the 1-byte dropout masks and the fused adapters (4.8 per element; 8.51 / 6.8
-    # and 7.61 / 6.0 before them), the chunk factor is assumed unchanged; full fine-tuning with
-    # checkpointing measured within 3% of the 5.5 estimate in fp32 as well.
+    # and 7.61 / 6.0 before them), 6.76 packed (5.4: steps of varying shapes), the chunk factor is assumed
+    # unchanged; full fine-tuning with checkpointing measured within 3% of the 5.5 estimate in fp32 as well.
     if on_gpu:
         act_bytes, chunk_factor = (2.0 if precision == "bf16" else 4.0), 1.0
     elif lora:
-        act_bytes, chunk_factor = (4.7 if precision == "bf16" else 4.8), 6.0 / 4.7
+        act_bytes, chunk_factor = (4.7 if precision == "bf16" else 5.4), 6.0 / 4.7
     else:
         act_bytes, chunk_factor = 5.5, 1.0
     if math_attention is None:
