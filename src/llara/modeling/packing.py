@@ -2,15 +2,16 @@
 
 A training step of random texts pads every row to its longest text: the recipe's step (8 queries of
 ~40 tokens padded to 64, 16 passages of 96) computes 2,048 positions for ~1,850 real tokens, in two
-passes. Packed, the same texts fill 20 rows of 96 in one pass. Rows are filled best-fit, longest text
+passes. Packed, the same texts fill 20-21 rows of 96 in one pass (7 x 64 + 16 x 96 in two when the
+queries are long: :func:`plain_or_packed`). Rows are filled best-fit, longest text
 first, to the width of the longest text (rounded up to ``multiple``); each text's position ids
 restart at 0 and a row's free tail is one more run of padding with its own positions from 0.
 
 The stock Hugging Face model does the rest: given ``position_ids`` and no attention mask, it attends
 within each run of consecutive positions only (``transformers.masking_utils.find_packed_sequence_indices``
-builds the block-diagonal causal mask for eager and SDPA attention; flash-attention 2 runs the runs as
-variable-length sequences). Every token then sees what it sees in a padded batch of its own: the same
-positions, the same keys. :func:`packing_supported` checks that on the model itself once, so an
+builds the block-diagonal causal mask for eager and SDPA attention; its flash-attention 2 path reads the
+same position ids as variable-length sequences, which llara has not run: no GPU here). Every token
+then sees what it sees in a padded batch of its own: the same positions, the same keys. :func:`packing_supported` checks that on the model itself once, so an
 architecture whose code ignores packed position ids is never given packed rows.
 
 A packed pass is a dict (``embed`` reads it): ``input_ids`` and ``position_ids`` (R, W) long;
@@ -36,12 +37,6 @@ __all__ = ["PackedText", "best_fit_rows", "pack_texts", "packed_positions", "pac
 PackedText = tuple[Sequence[int], Sequence[int], bool]
 
 
-def _width(lengths: Sequence[int], multiple: int | None) -> int:
-    w = max(lengths)
-    m = multiple if multiple and multiple > 1 else 1
-    return -(-w // m) * m
-
-
 def best_fit_rows(lengths: Sequence[int], width: int) -> list[list[int]]:
     """Indices of ``lengths`` per row, no row longer than ``width``: longest first, each into the
     fullest row it still fits (best-fit decreasing; ties by input order, so the layout is
@@ -65,18 +60,27 @@ def best_fit_rows(lengths: Sequence[int], width: int) -> list[list[int]]:
     return rows
 
 
+def _layout(lengths: Sequence[int], multiple: int | None) -> tuple[int, list[list[int]]]:
+    """(width, rows) of a packed pass over texts of these lengths: the longest rounded up to ``multiple``."""
+    if not lengths:
+        raise ValueError("nothing to pack")
+    m = multiple if multiple and multiple > 1 else 1
+    width = -(-max(lengths) // m) * m
+    return width, best_fit_rows(lengths, width)
+
+
+def _lengths(texts: Sequence[PackedText]) -> list[int]:
+    return [len(ids) for ids, _, _ in texts]
+
+
 def packed_positions(lengths: Sequence[int], multiple: int | None = 8) -> int:
     """Positions (rows x width) a packed pass over texts of these lengths computes."""
-    return len(best_fit_rows(lengths, _width(lengths, multiple))) * _width(lengths, multiple)
+    width, rows = _layout(lengths, multiple)
+    return len(rows) * width
 
 
-def pack_texts(texts: Sequence[PackedText], pad_id: int, multiple: int | None = 8) -> dict[str, torch.Tensor]:
-    """One packed pass over ``texts`` (module docstring: the layout and the dict's fields)."""
-    if not texts:
-        raise ValueError("nothing to pack")
-    lengths = [len(ids) for ids, _, _ in texts]
-    width = _width(lengths, multiple)
-    rows = best_fit_rows(lengths, width)
+def _fill(texts: Sequence[PackedText], pad_id: int, width: int, rows: list[list[int]]) -> dict[str, torch.Tensor]:
+    """The packed pass's tensors for ``texts`` laid out in ``rows`` of ``width`` (:func:`_layout`)."""
     input_ids = torch.full((len(rows), width), pad_id, dtype=torch.long)
     position_ids = torch.zeros((len(rows), width), dtype=torch.long)
     k = max(len(pool) for _, pool, _ in texts)
@@ -99,6 +103,11 @@ def pack_texts(texts: Sequence[PackedText], pad_id: int, multiple: int | None = 
             "pool_weight": pool_weight, "normalize": torch.tensor([bool(x) for _, _, x in texts])}
 
 
+def pack_texts(texts: Sequence[PackedText], pad_id: int, multiple: int | None = 8) -> dict[str, torch.Tensor]:
+    """One packed pass over ``texts`` (module docstring: the layout and the dict's fields)."""
+    return _fill(texts, pad_id, *_layout(_lengths(texts), multiple))
+
+
 def plain_or_packed(groups: Sequence[Sequence[PackedText]], pad_id: int, multiple: int | None = 8
                     ) -> list[dict[str, torch.Tensor]]:
     """The passes of one step over ``groups`` of texts (queries, passages): one packed pass over all
@@ -107,10 +116,12 @@ def plain_or_packed(groups: Sequence[Sequence[PackedText]], pad_id: int, multipl
     out in the groups' order either way."""
     groups = [g for g in groups if len(g)]
     joint = [t for g in groups for t in g]
-    alone = sum(packed_positions([len(t[0]) for t in g], multiple) for g in groups)
-    if len(groups) > 1 and alone < packed_positions([len(t[0]) for t in joint], multiple):
-        return [pack_texts(g, pad_id, multiple) for g in groups]
-    return [pack_texts(joint, pad_id, multiple)]
+    together = _layout(_lengths(joint), multiple)
+    if len(groups) > 1:
+        alone = [_layout(_lengths(g), multiple) for g in groups]
+        if sum(w * len(rows) for w, rows in alone) < together[0] * len(together[1]):
+            return [_fill(g, pad_id, *lay) for g, lay in zip(groups, alone)]
+    return [_fill(joint, pad_id, *together)]
 
 
 @torch.no_grad()

@@ -124,10 +124,12 @@ class ContrastiveCollator:
     def set_epoch(self, epoch: int) -> None:
         self.epoch = epoch
 
-    def _side_batch(self, texts: list[str], side) -> dict[str, Tensor]:
+    def _built(self, texts: list[str], side):
         name = "query" if side is self.q_side else "passage"
-        built, _ = tokenize(self.tok, side, self.template.prepare(texts), self.max_len[name])
-        return pack(built, [side], self.pad_id, self.multiple).side_batch(self.template)
+        return tokenize(self.tok, side, self.template.prepare(texts), self.max_len[name])[0]
+
+    def _side_batch(self, texts: list[str], side) -> dict[str, Tensor]:
+        return pack(self._built(texts, side), [side], self.pad_id, self.multiple).side_batch(self.template)
 
     def sample_passages(self, g: Group, key: str) -> list[str]:
         rng = random.Random(f"{self.seed}:{self.epoch}:{key}")
@@ -141,10 +143,8 @@ class ContrastiveCollator:
         return [pos] + neg
 
     def _texts(self, texts: list[str], side) -> list[PackedText]:
-        name = "query" if side is self.q_side else "passage"
-        built, _ = tokenize(self.tok, side, self.template.prepare(texts), self.max_len[name])
         return [(ids, side.pool_positions(len(ids), start, end), self.template.normalize)
-                for ids, start, end in built]
+                for ids, start, end in self._built(texts, side)]
 
     def __call__(self, groups: Sequence[Group]) -> dict:
         queries = [g.query for g in groups]
