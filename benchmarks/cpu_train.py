@@ -29,6 +29,15 @@ the peak resident memory of ``llara finetune`` with its defaults.
 
 Each section is written as soon as it ends; every command runs in its own process (so peak RSS is that
 command's own).
+
+**Paired limit.** This VM's matmul rate moves by up to a tenth between minutes (two runs of one step a
+minute apart differed by 10%), so the training runs of sections 2 and 3 also time the matmul beside
+each step: their process times a 2048-cube product (best of 3) right after every optimizer step
+(``_paired``; the products' 32 MB stay allocated, in the peak RSS), and each step's own time runs from the
+end of one such probe to the start of the next. ``paired``: per step (after the first), its tokens / its
+own time, and its FLOP rate over the better of the two probes around it; the medians over the steps.
+``tokens_per_s`` and the run-level ratios use the steps' own times too (the log's tokens/s would count
+the probes).
 """
 from __future__ import annotations
 
@@ -147,6 +156,66 @@ def llara(argv: list[str], env: dict | None = None) -> tuple[float, str]:
     return time.perf_counter() - t, done.stderr + done.stdout
 
 
+def _mm_rate(a: torch.Tensor, b: torch.Tensor, repeats: int) -> float:
+    return 2 * a.shape[0] * a.shape[1] * b.shape[1] / min(_timed(lambda: torch.mm(a, b)) for _ in range(repeats)) / 1e9
+
+
+def paired_child(argv: list[str]) -> int:
+    """``_paired RECORD DTYPE ARGS...``: runs ``llara ARGS`` in this process and times a 2048-cube matmul in
+    DTYPE (best of 3) after every optimizer step; writes ``[[probe start, probe end, GFLOP/s], ...]`` (one
+    per step, perf_counter seconds) to RECORD."""
+    from torch.optim.optimizer import register_optimizer_step_post_hook
+
+    from llara.cli import main as llara_main
+    from llara.io import write_json
+
+    record, dtype, args = Path(argv[0]), getattr(torch, argv[1]), argv[2:]
+    a, b = torch.randn(2048, 2048, dtype=dtype), torch.randn(2048, 2048, dtype=dtype)
+    torch.mm(a, b)
+    marks: list[list[float]] = []
+
+    def probe(*_):
+        start = time.perf_counter()
+        rate = _mm_rate(a, b, 3)
+        marks.append([start, time.perf_counter(), rate])
+
+    handle = register_optimizer_step_post_hook(probe)
+    try:
+        code = llara_main(args)
+    finally:
+        handle.remove()
+        write_json(record, marks)
+    return code or 0
+
+
+def llara_paired(argv: list[str], record: Path, dtype: torch.dtype) -> tuple[float, str]:
+    """``llara argv`` in its own process with the matmul probe after each step (:func:`paired_child`)."""
+    cmd = [sys.executable, str(Path(__file__).resolve()), "_paired", str(record), str(dtype).split(".")[-1], *argv]
+    t = time.perf_counter()
+    done = subprocess.run(cmd, capture_output=True, text=True)
+    if done.returncode:
+        raise RuntimeError(f"{' '.join(argv)} failed:\n{done.stderr[-3000:]}")
+    return time.perf_counter() - t, done.stderr + done.stdout
+
+
+def paired_steps(rows: list[dict], marks: list[list[float]], flops_per_token: float) -> dict:
+    """Per step after the first: tokens / the step's own time (end of the probe before it to the start of
+    the probe after it) and that FLOP rate over the better of those two probes' matmul rates."""
+    if len(marks) != len(rows):
+        raise ValueError(f"{len(marks)} matmul probes for {len(rows)} logged steps")
+    tps, ratios, limits = [], [], []
+    for k in range(1, len(rows)):
+        seconds = marks[k][0] - marks[k - 1][1]
+        rate = (rows[k]["tokens"] - rows[k - 1]["tokens"]) / seconds
+        limit = max(marks[k - 1][2], marks[k][2])
+        tps.append(round(rate, 1))
+        limits.append(round(limit, 1))
+        ratios.append(round(flops_per_token * rate / 1e9 / limit, 3))
+    return {"tokens_per_s_by_step": tps, "matmul_gflops_by_step": limits, "ratio_by_step": ratios,
+            "tokens_per_s": round(statistics.median(tps), 1), "matmul_gflops": round(statistics.median(limits), 1),
+            "ratio": round(statistics.median(ratios), 3)}
+
+
 def plan_lines(text: str) -> list[str]:
     """The memory plan's log messages ("memory: ... -> ..."), whole: the log wraps long messages onto
     indented lines; each message ends where the next log level begins."""
@@ -158,17 +227,33 @@ def log_rows(run: Path) -> list[dict]:
     return [json.loads(line) for line in (run / "train_log.jsonl").read_text().splitlines() if line.strip()]
 
 
-def summary(run: Path, flops_per_token: float, limit_gflops: float | None) -> dict:
+def summary(run: Path, flops_per_token: float, limit_gflops: float | None, marks: list | None = None) -> dict:
+    """Median tokens/s after the first step (the steps' own times where ``marks`` of :func:`paired_child`
+    are given, else the log's), its GFLOP/s and ratio to ``limit_gflops``, and ``paired`` from the marks."""
     rows = log_rows(run)
-    tps = statistics.median(r["tokens_per_s"] for r in rows[1:]) if len(rows) > 1 else rows[0]["tokens_per_s"]
+    paired = paired_steps(rows, marks, flops_per_token) if marks and len(rows) > 1 else None
+    if paired:
+        tps = paired["tokens_per_s"]
+    else:
+        tps = statistics.median(r["tokens_per_s"] for r in rows[1:]) if len(rows) > 1 else rows[0]["tokens_per_s"]
     out = {"steps": len(rows), "tokens_per_s": round(tps, 1), "tokens_per_s_by_step": [r["tokens_per_s"] for r in rows],
            "peak_memory_gb": rows[-1].get("peak_memory_gb"), "gflops": round(flops_per_token * tps / 1e9, 1)}
+    if paired:
+        out["tokens_per_s_by_step"] = paired.pop("tokens_per_s_by_step")  # the log's would count the probes
+        out["paired"] = paired
     if limit_gflops:
         out["ratio_to_matmul_limit"] = round(flops_per_token * tps / 1e9 / limit_gflops, 3)
     return out
 
 
+def _marks(path: Path) -> list:
+    return json.loads(path.read_text())
+
+
 def main(argv=None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    if argv[:1] == ["_paired"]:
+        return paired_child(argv[1:])
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--out", default=str(ROOT / "benchmarks" / "results" / "cpu_train.json"))
     p.add_argument("--work", default="/tmp/llara-cpu-train")
@@ -188,7 +273,7 @@ def main(argv=None) -> int:
     args = p.parse_args(argv)
     out, work = Path(args.out), Path(args.work)
     work.mkdir(parents=True, exist_ok=True)
-    result = {"command": "python benchmarks/cpu_train.py " + " ".join(argv if argv is not None else sys.argv[1:]),
+    result = {"command": "python benchmarks/cpu_train.py " + " ".join(argv),
               "machine": {"cpu": cpu_name(), "cores": os.cpu_count(),
                           "threads": torch.get_num_threads(), "torch": torch.__version__},
               "sections": {}}
@@ -229,10 +314,10 @@ def main(argv=None) -> int:
                  "--batch-size", str(args.pretrain_batch), "--chunk-tokens", str(args.chunk_tokens), "--lr", "5e-5",
                  *common]
         subprocess.run(["rm", "-rf", str(run)])
-        seconds, _ = llara(argv_)
+        seconds, _ = llara_paired(argv_, work / "pretrain_probes.json", dtype)
         result["sections"]["pretrain"] = {"command": "llara " + " ".join(argv_), "seconds": round(seconds, 1),
                                           "flops_per_token": f"6 x {PARAMS_135M}",
-                                          **summary(run, 6 * PARAMS_135M, limit)}
+                                          **summary(run, 6 * PARAMS_135M, limit, _marks(work / "pretrain_probes.json"))}
         write()
     train = work / "train.jsonl"
     if ("finetune" in sections or "memory" in sections) and not train.exists():
@@ -253,11 +338,11 @@ def main(argv=None) -> int:
                  "--batch-size", str(args.finetune_batch), "--group-size", str(args.finetune_group),
                  "--max-passage-length", str(args.finetune_passage_length), *extra, *common]
         subprocess.run(["rm", "-rf", str(run)])
-        seconds, text = llara(argv_)
+        seconds, text = llara_paired(argv_, work / f"{name}_probes.json", dtype)
         plan = [m.split(" -> ", 1)[-1] for m in plan_lines(text)] or ["plain step, no checkpointing (as asked)"]
         sec = {"command": "llara " + " ".join(argv_), "seconds": round(seconds, 1),
                "memory_plan": [x.strip() for x in plan[:1]], "flops_per_token": f"4 x {PARAMS_135M}",
-               **summary(run, 4 * PARAMS_135M, limit)}
+               **summary(run, 4 * PARAMS_135M, limit, _marks(work / f"{name}_probes.json"))}
         # Beside the issue's count: the adapters' own products (LoRA on all seven projections).
         adapters = adapter_params(args.model, TrainConfig.__dataclass_fields__["lora_r"].default)  # the default rank
         sec["flops_per_token_with_adapters"] = f"4 x {PARAMS_135M} + 6 x {adapters}"

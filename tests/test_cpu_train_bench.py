@@ -1,7 +1,8 @@
-"""benchmarks/cpu_train.py's own arithmetic: the adapters' parameter count of the embedded model's shape
-and the memory plan's log lines read back whole from wrapped log output."""
+"""benchmarks/cpu_train.py's own arithmetic: the adapters' parameter count of the embedded model's shape,
+the memory plan's log lines read back whole from wrapped log output, and each step timed between its matmul probes."""
 from __future__ import annotations
 
+import pytest
 from bench_scripts import load_benchmark
 
 
@@ -37,3 +38,31 @@ def test_adapter_parameters_of_a_llama_shape(monkeypatch, tmp_path):
     monkeypatch.setattr("llara.modeling.loading.resolve_model", lambda model: _Resolved)
     assert module.adapter_params("default", 64) == 64 * 30 * (2 * (576 + 576) + 2 * (576 + 192) + 3 * (576 + 1536))
     assert module.adapter_params("default", 64) == 19_537_920
+
+
+def test_paired_steps_time_each_step_between_the_probes_and_use_the_better_probe():
+    module = _module()
+    rows = [{"tokens": 1000}, {"tokens": 3000}, {"tokens": 4000}]
+    # probe k: [start, end, GFLOP/s]; step 2 runs from 11.0 to 21.0 (10 s), step 3 from 22.0 to 27.0 (5 s)
+    marks = [[10.0, 11.0, 100.0], [21.0, 22.0, 200.0], [27.0, 28.0, 150.0]]
+    out = module.paired_steps(rows, marks, flops_per_token=1e9)
+    assert out["tokens_per_s_by_step"] == [200.0, 200.0]
+    assert out["matmul_gflops_by_step"] == [200.0, 200.0]  # the better of the probes before and after
+    assert out["ratio_by_step"] == [1.0, 1.0]
+    assert out["tokens_per_s"] == 200.0 and out["ratio"] == 1.0
+    with pytest.raises(ValueError, match="2 matmul probes for 3 logged steps"):
+        module.paired_steps(rows, marks[:2], flops_per_token=1e9)
+
+
+def test_summary_counts_the_steps_own_time_not_the_logs(tmp_path):
+    import json
+
+    module = _module()
+    log = [{"step": 1, "tokens": 100, "tokens_per_s": 50.0, "peak_memory_gb": 1.0},
+           {"step": 2, "tokens": 300, "tokens_per_s": 80.0, "peak_memory_gb": 1.5}]
+    (tmp_path / "train_log.jsonl").write_text("".join(json.dumps(r) + "\n" for r in log))
+    marks = [[0.0, 0.5, 10.0], [2.5, 3.0, 10.0]]  # step 2: 200 tokens in 2.0 s of its own
+    out = module.summary(tmp_path, 1e9, 20.0, marks)
+    assert out["tokens_per_s"] == 100.0 and out["tokens_per_s_by_step"] == [100.0]
+    assert out["ratio_to_matmul_limit"] == 5.0 and out["paired"]["ratio"] == 10.0
+    assert module.summary(tmp_path, 1e9, 20.0)["tokens_per_s"] == 80.0  # without probes: the log's
