@@ -77,12 +77,7 @@ def limit_dtype() -> torch.dtype:
 def matmul_gflops(dtype: torch.dtype, n: int = 2048, repeats: int = 5) -> float:
     a, b = torch.randn(n, n, dtype=dtype), torch.randn(n, n, dtype=dtype)
     torch.mm(a, b)
-    best = float("inf")
-    for _ in range(repeats):
-        t = time.perf_counter()
-        torch.mm(a, b)
-        best = min(best, time.perf_counter() - t)
-    return 2 * n**3 / best / 1e9
+    return _mm_rate(a, b, repeats)
 
 
 def projection_shapes(model: str) -> tuple:
@@ -147,10 +142,13 @@ def _timed(fn) -> float:
     return time.perf_counter() - t
 
 
-def llara(argv: list[str], env: dict | None = None) -> tuple[float, str]:
-    cmd = [sys.executable, "-m", "llara.cli", *argv]
+def llara(argv: list[str], env: dict | None = None, probes: tuple[Path, torch.dtype] | None = None) -> tuple[float, str]:
+    """``llara argv`` in its own process: (seconds, its output). ``probes`` (record, dtype): with the
+    matmul probe after each step (:func:`paired_child`)."""
+    head = [sys.executable, "-m", "llara.cli"] if probes is None else [
+        sys.executable, str(Path(__file__).resolve()), "_paired", str(probes[0]), str(probes[1]).split(".")[-1]]
     t = time.perf_counter()
-    done = subprocess.run(cmd, capture_output=True, text=True, env={**os.environ, **(env or {})})
+    done = subprocess.run([*head, *argv], capture_output=True, text=True, env={**os.environ, **(env or {})})
     if done.returncode:
         raise RuntimeError(f"{' '.join(argv)} failed:\n{done.stderr[-3000:]}")
     return time.perf_counter() - t, done.stderr + done.stdout
@@ -186,16 +184,6 @@ def paired_child(argv: list[str]) -> int:
         handle.remove()
         write_json(record, marks)
     return code or 0
-
-
-def llara_paired(argv: list[str], record: Path, dtype: torch.dtype) -> tuple[float, str]:
-    """``llara argv`` in its own process with the matmul probe after each step (:func:`paired_child`)."""
-    cmd = [sys.executable, str(Path(__file__).resolve()), "_paired", str(record), str(dtype).split(".")[-1], *argv]
-    t = time.perf_counter()
-    done = subprocess.run(cmd, capture_output=True, text=True)
-    if done.returncode:
-        raise RuntimeError(f"{' '.join(argv)} failed:\n{done.stderr[-3000:]}")
-    return time.perf_counter() - t, done.stderr + done.stdout
 
 
 def paired_steps(rows: list[dict], marks: list[list[float]], flops_per_token: float) -> dict:
@@ -314,7 +302,7 @@ def main(argv=None) -> int:
                  "--batch-size", str(args.pretrain_batch), "--chunk-tokens", str(args.chunk_tokens), "--lr", "5e-5",
                  *common]
         subprocess.run(["rm", "-rf", str(run)])
-        seconds, _ = llara_paired(argv_, work / "pretrain_probes.json", dtype)
+        seconds, _ = llara(argv_, probes=(work / "pretrain_probes.json", dtype))
         result["sections"]["pretrain"] = {"command": "llara " + " ".join(argv_), "seconds": round(seconds, 1),
                                           "flops_per_token": f"6 x {PARAMS_135M}",
                                           **summary(run, 6 * PARAMS_135M, limit, _marks(work / "pretrain_probes.json"))}
@@ -338,7 +326,7 @@ def main(argv=None) -> int:
                  "--batch-size", str(args.finetune_batch), "--group-size", str(args.finetune_group),
                  "--max-passage-length", str(args.finetune_passage_length), *extra, *common]
         subprocess.run(["rm", "-rf", str(run)])
-        seconds, text = llara_paired(argv_, work / f"{name}_probes.json", dtype)
+        seconds, text = llara(argv_, probes=(work / f"{name}_probes.json", dtype))
         plan = [m.split(" -> ", 1)[-1] for m in plan_lines(text)] or ["plain step, no checkpointing (as asked)"]
         sec = {"command": "llara " + " ".join(argv_), "seconds": round(seconds, 1),
                "memory_plan": [x.strip() for x in plan[:1]], "flops_per_token": f"4 x {PARAMS_135M}",
