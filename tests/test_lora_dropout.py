@@ -1,7 +1,7 @@
 """The adapters' CPU dropout (training/lora_layers.py): the mask has nn.Dropout's distribution from a quarter of
 the random draws, seeded; apply_lora moves it into every adapter's A projection (CpuDropoutLinear), whose
 output and gradients equal peft's dropout-then-linear with the same mask, and whose backward keeps the
-1-byte mask instead of a dropped fp32 copy of the input."""
+1-byte mask and the dropped input, not the input besides them."""
 import pytest
 import torch
 from torch import nn
@@ -88,26 +88,38 @@ def test_seeded_and_plain_in_eval():
     assert torch.equal(off(x), nn.functional.linear(x, off.weight))
 
 
-def test_backward_keeps_the_mask_not_a_dropped_copy():
-    """What autograd saves for backward: the input (shared with the base projection) and a bool mask;
-    peft's nn.Dropout then nn.Linear saves the mask and a float copy of the input as well."""
+def test_backward_keeps_the_dropped_input_and_the_mask_not_the_input_too():
+    """What autograd saves for backward: a fresh input's dropped fp32 copy and a bool mask, not the input
+    besides them; a view (which the op that made its base may keep, as SDPA keeps its output) is kept
+    itself with the mask (its dropped copy is recomputed in backward). peft's nn.Dropout then nn.Linear
+    saves the mask and a float copy for each adapter."""
 
-    def saved_bytes(fn, x):
+    def saved(fn, x):
         seen = {}
 
         def pack(t):
-            seen[(t.data_ptr(), t.dtype, tuple(t.shape))] = t.numel() * t.element_size()
+            seen[t.untyped_storage().data_ptr()] = (str(t.dtype), t.untyped_storage().nbytes())
             return t
 
         with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-            fn(x)
-        return sum(seen.values()) - x.numel() * x.element_size() - 64 * 576 * 4  # less the input and weight
+            fn(x).sum().backward()
+        return seen
 
     x = torch.randn(8, 96, 576, requires_grad=True)
     fused = _layer(0.1, 576, 64)
+    weight = fused.weight.untyped_storage().data_ptr()
+    fresh = x * 1.0
+    kept = saved(fused, fresh)
+    kept.pop(weight, None)
+    assert fresh.untyped_storage().data_ptr() not in kept
+    assert sorted(kept.values()) == [("torch.bool", x.numel()), ("torch.float32", 4 * x.numel())]
+    view = x.view(-1, 576).view(8, 96, 576)
+    kept = saved(fused, view)
+    kept.pop(weight, None)
+    assert kept == {x.untyped_storage().data_ptr(): ("torch.float32", 4 * x.numel()),
+                    **{k: v for k, v in kept.items() if v[0] == "torch.bool"}} and len(kept) == 2
     peft_way = nn.Sequential(nn.Dropout(0.1), nn.Linear(576, 64, bias=False)).train()
-    assert saved_bytes(fused, x) <= x.numel()  # the 1-byte mask
-    assert saved_bytes(peft_way, x) >= 4 * x.numel()  # a float copy (and a mask)
+    assert sum(n for _, n in saved(peft_way, x * 1.0).values()) >= 5 * x.numel()  # a float copy and a mask
 
 
 def test_apply_lora_moves_every_adapter_dropout_into_its_projection():
@@ -130,3 +142,22 @@ def test_apply_lora_moves_every_adapter_dropout_into_its_projection():
     with torch.no_grad():
         a, b = model(input_ids=ids).logits, model(input_ids=ids).logits
     assert torch.equal(a, b)  # no dropout in eval
+
+
+def _mask_rate_in_child(_):
+    torch.manual_seed(1)
+    keep, _ = cpu_keep_mask(torch.ones(512, 1024), 0.1)
+    return 1 - keep.float().mean().item()
+
+
+def test_large_masks_in_a_forked_child():
+    """The second half of a large mask is drawn on a helper thread; a forked child (a data-loader worker)
+    has no copy of that thread and makes its own."""
+    import multiprocessing
+
+    cpu_keep_mask(torch.ones(512, 1024), 0.1)  # the parent's helper thread exists
+    with multiprocessing.get_context("fork").Pool(1) as pool:
+        rate = pool.map(_mask_rate_in_child, [0])[0]
+    assert abs(rate - 0.1) < 0.005
+    torch.manual_seed(1)
+    assert _mask_rate_in_child(0) == rate  # the same draws in the child as here

@@ -176,12 +176,17 @@ def test_no_pass_over_the_projection_output(p):
 
 
 @pytest.mark.parametrize("name", ["down_proj", "gate_proj"])
-def test_saves_the_input_the_mask_and_the_rank_r_product_only(name):
+@pytest.mark.parametrize("view", [False, True])
+def test_saves_one_input_copy_the_mask_and_the_rank_r_product_only(name, view):
     """down_proj has an adapter of its own; gate_proj's group (gate, up) computes both adapters' rank-r
-    products at once (and keeps their stacked A, r x 2 rows)."""
+    products at once (and keeps their stacked A, r x 2 rows). A fresh input (what a norm or the MLP's
+    product hands over, which nothing else keeps) is kept as its dropped copy, not besides it; a view
+    (o_proj's input is a view of SDPA's output, which SDPA keeps) is kept itself, and its dropped copy
+    recomputed in backward."""
     model = _model(0.1)
     layer = getattr(model.base_model.model.model.layers[0].mlp, name)
     x = torch.randn(2, 10, layer.in_features, requires_grad=True)
+    x_in = x.view(20, layer.in_features).view(2, 10, layer.in_features) if view else x * 1.0
     saved = []
 
     def pack(t):
@@ -189,15 +194,20 @@ def test_saves_the_input_the_mask_and_the_rank_r_product_only(name):
         return t
 
     with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-        out = layer(x)
+        out = layer(x_in)
     assert out.shape == (2, 10, layer.out_features)
-    held = {x.untyped_storage().data_ptr()} | {q.untyped_storage().data_ptr() for q in model.parameters()}
-    activations = [t for t in saved if t.untyped_storage().data_ptr() not in held]
-    # peft keeps a dropped fp32 copy of x (and B's input); here: the 1-byte mask and the rank-r product
-    expected = [("torch.bool", (2, 10, layer.in_features)), ("torch.float32", (20, 4))]
+    params = {q.untyped_storage().data_ptr() for q in model.parameters()}
+    activations = [t for t in saved if t.untyped_storage().data_ptr() not in params]
+    # peft keeps, per adapter, a dropped fp32 copy of x, the mask and B's input; here one of each
+    expected = [("torch.bool", (2, 10, layer.in_features)), ("torch.float32", (2, 10, layer.in_features)),
+                ("torch.float32", (20, 4))]
     if name == "gate_proj":
-        expected.insert(1, ("torch.float32", (8, 32)))  # the group's stacked A
+        expected.insert(2, ("torch.float32", (8, 32)))  # the group's stacked A
     assert sorted((str(t.dtype), tuple(t.shape)) for t in activations) == expected, [(t.dtype, t.shape) for t in activations]
+    copy = next(t for t in activations if t.dtype == torch.float32 and t.shape == x.shape)
+    assert (copy.untyped_storage().data_ptr() == x_in.untyped_storage().data_ptr()) is view
+    out.sum().backward()  # both ways give the same gradients (the finite-difference test checks the values)
+    assert x.grad is not None and x.grad.abs().sum() > 0
 
 
 def test_gradients_of_the_fused_functions_by_finite_differences():

@@ -15,7 +15,9 @@ Same parameters and state-dict keys as peft's layers; :func:`swap_layers` instal
 from __future__ import annotations
 
 import functools
+import os
 import weakref
+from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 import torch
@@ -33,57 +35,81 @@ def cpu_keep_mask(x: torch.Tensor, p: float) -> tuple[torch.Tensor, float]:
     16-bit numbers, each compared with a threshold: the drop probability is ``p`` rounded to a
     multiple of 1/65536, and the kept values are scaled by the exact inverse of the keep probability
     (unbiased, as ``nn.Dropout``). Masks follow torch's global generator (seeded, checkpointed); large
-    ones are drawn from a faster generator seeded by it (:func:`_random_words`)."""
+    ones are drawn from a faster generator seeded by it, in two halves at once (:func:`_fill_keep`)."""
     drop = round(p * 65536)
     if drop >= 65536:
         return torch.zeros(x.shape, dtype=torch.bool, device=x.device), 0.0
-    n = x.numel()
-    words = _random_words((n + 3) // 4, x.device)
-    return words.view(torch.int16)[:n].view(x.shape) >= drop - 32768, 65536 / (65536 - drop)
+    n, scale = x.numel(), 65536 / (65536 - drop)
+    if x.device.type == "cpu" and (n + 3) // 4 >= _FAST_WORDS:
+        keep = torch.empty(x.shape, dtype=torch.bool)
+        _fill_keep(keep.view(-1).numpy(), drop - 32768)
+        return keep, scale
+    words = torch.randint(-(2**63), 2**63 - 1, ((n + 3) // 4,), dtype=torch.int64, device=x.device)
+    return words.view(torch.int16)[:n].view(x.shape) >= drop - 32768, scale
 
 
 _FAST_WORDS = 1 << 15  # from here on numpy's SFC64 (torch's own draw is quicker below ~12k words: seeding SFC64 costs ~30 us)
+_helper: dict[int, ThreadPoolExecutor] = {}  # pid -> the one helper thread (a forked child makes its own)
 
 
-def _random_words(n: int, device: torch.device) -> torch.Tensor:
-    """``n`` uniform 64-bit words. torch draws random integers on a CPU from mt19937, one number after
-    another on one thread: most of the dropout masks' cost in a LoRA step of the embedded model. A large
-    draw on a CPU takes one seed from torch's global generator (so masks follow its seed and
-    checkpointed state) and fills the words from numpy's SFC64 (the small fast generator of PractRand's
-    author; numpy keeps its stream fixed for a given seed), on one thread: a whole 1536 x 576 mask
-    (:func:`cpu_keep_mask`) in 1.0-1.2 ms against 1.8-2.1 ms for torch's draw split over two threads,
-    1536 x 1536 in 2.1-2.2 against 3.9-4.0 ms (medians of 30, the 2-core AVX2 EPYC of
-    ``benchmarks/results/cpu_train_fp32.md``)."""
-    if device.type != "cpu" or n < _FAST_WORDS:
-        return torch.randint(-(2**63), 2**63 - 1, (n,), dtype=torch.int64, device=device)
-    seed = int(torch.randint(0, 2**62, (1,), dtype=torch.int64))
-    return torch.from_numpy(np.random.SFC64(seed).random_raw(n).view(np.int64))
+def _fill_keep(out: np.ndarray, threshold: int) -> None:
+    """Fills a flat bool array with ``16-bit uniform >= threshold``. torch draws random integers on a
+    CPU from mt19937, one number after another on one thread: most of the dropout masks' cost in a
+    LoRA step of the embedded model. Here two seeds come from torch's global generator (so masks
+    follow its seed and checkpointed state) and each fills one half of the mask from numpy's SFC64
+    (the small fast generator of PractRand's author; numpy keeps its stream fixed for a given seed),
+    the second half on a helper thread (numpy draws and compares without the GIL): a 1920 x 576 mask
+    in 0.55 ms against 1.1-1.4 ms drawn on one thread, 1920 x 1536 in 1.2 against 2.6-3.1 ms (the
+    2-core AVX2 EPYC of ``benchmarks/results/cpu_train_fp32.md``; torch's own draw split over two
+    threads was slower still). The halves and their seeds do not depend on the number of cores."""
+    half = (len(out) // 2 + 3) // 4 * 4  # whole 64-bit words on each side
+    seeds = torch.randint(0, 2**62, (2,), dtype=torch.int64).tolist()
+    helper = _helper.get(os.getpid())
+    if helper is None:
+        helper = _helper[os.getpid()] = ThreadPoolExecutor(1, thread_name_prefix="llara-dropout")
+    other = helper.submit(_fill_from_seed, out[half:], seeds[1], threshold)
+    _fill_from_seed(out[:half], seeds[0], threshold)
+    other.result()
+
+
+def _fill_from_seed(out: np.ndarray, seed: int, threshold: int) -> None:
+    if len(out):
+        words = np.random.SFC64(seed).random_raw((len(out) + 3) // 4)
+        np.greater_equal(words.view(np.int16)[:len(out)], threshold, out=out)
 
 
 class _DroppedProjection(torch.autograd.Function):
-    """``(x * keep * scale) @ weight.T`` that keeps ``x`` (the adapted layer's input, which the step
-    holds anyway) and the 1-byte mask for backward instead of the dropped fp32 copy of ``x``: backward
-    recomputes the masked input for the weight's gradient. The scale multiplies the small weight (and
-    the weight's gradient), not the activations."""
+    """``(x * keep * scale) @ weight.T`` that keeps the 1-byte mask and, for backward's weight
+    gradient, the dropped input: no other op of the step keeps a projection's own input (the base
+    projection is frozen; the norm's and the MLP's products keep their inputs), so backward does not
+    recompute it. Where ``x`` is a view of another tensor (o_proj's input is a view of what SDPA
+    returns and keeps for its own backward) it keeps ``x`` instead and recomputes the dropped input:
+    no second copy. The scale multiplies the small weight (and the weight's gradient), not the
+    activations."""
 
     @staticmethod
     @torch.amp.custom_fwd(device_type="cpu")
     def forward(ctx, x, weight, keep, scale: float):
-        ctx.save_for_backward(x, weight, keep)
+        dropped = x * _bytes(keep)
+        ctx.recompute = x._base is not None
+        ctx.save_for_backward(x if ctx.recompute else dropped, weight, keep)
         ctx.scale = scale
-        return nn.functional.linear(x * _bytes(keep), weight * scale)
+        return nn.functional.linear(dropped, weight * scale)
 
     @staticmethod
     @torch.amp.custom_bwd(device_type="cpu")
     def backward(ctx, grad):
-        x, weight, keep = ctx.saved_tensors
+        kept, weight, keep = ctx.saved_tensors
         grad_x = grad_w = None
         if ctx.needs_input_grad[0]:
-            grad_x = (grad @ (weight * ctx.scale).to(grad.dtype)).mul_(_bytes(keep)).to(x.dtype)
+            grad_x = (grad @ (weight * ctx.scale).to(grad.dtype)).mul_(_bytes(keep)).to(kept.dtype)
         if ctx.needs_input_grad[1]:
             g = grad.reshape(-1, grad.shape[-1])
-            masked = (x * _bytes(keep)).reshape(-1, x.shape[-1]).to(g.dtype)
-            grad_w = (g.t() @ masked).to(weight.dtype).mul_(ctx.scale)
+            dropped = kept * _bytes(keep) if ctx.recompute else kept
+            d = dropped.reshape(-1, dropped.shape[-1]).to(g.dtype)
+            # As (d^T g)^T: MKL runs this long, thin product (rows of the step x rank r) at 109-148
+            # against 88-133 GFLOP/s for g^T d on the 2-core EPYC (r x inputs of 64 x 1536 to 192 x 576).
+            grad_w = (d.t() @ g).t().contiguous().to(weight.dtype).mul_(ctx.scale)
         return grad_x, grad_w, None, None
 
 
@@ -92,10 +118,11 @@ class CpuDropoutLinear(nn.Linear):
     :func:`apply_lora`, which sets the adapter's own ``lora_dropout`` to identity).
 
     On a CPU in training it draws the mask with :func:`cpu_keep_mask` (a quarter of the random draws)
-    and keeps only that 1-byte mask and the layer's input for backward. peft's ``lora_A(dropout(x))``
-    keeps, for each of a layer's seven adapters, its own fp32 dropped copy of the input besides the
-    mask: on ``llara recipe``'s step of the embedded model in fp32 that step peaked at 8.6 GB, 6.4 GB
-    without dropout, 7.5 GB with this layer (``benchmarks/results/cpu_train_fp32.md``). Same parameters and
+    and keeps that 1-byte mask and the dropped input for backward (:class:`_DroppedProjection`).
+    peft's ``lora_A(dropout(x))`` keeps a mask and a dropped fp32 copy for each of a layer's seven
+    adapters; on ``llara recipe``'s step of the embedded model in fp32 that step peaked at 8.6 GB,
+    6.4 GB without dropout, 7.5 GB with this layer (``benchmarks/results/cpu_train_fp32.md``), less
+    where the fused path keeps one per input group (:class:`_InputGroup`). Same parameters and
     state-dict keys as ``nn.Linear``; elsewhere (eval, other devices, a bias) it is
     ``nn.Dropout`` then ``nn.Linear``, as peft runs it. Where the adapter runs fused
     (:func:`_fused_lora_linear_class`, the usual case) its ``p`` is read there and this forward is not
