@@ -39,13 +39,13 @@ def cpu_keep_mask(x: torch.Tensor, p: float) -> tuple[torch.Tensor, float]:
     drop = round(p * 65536)
     if drop >= 65536:
         return torch.zeros(x.shape, dtype=torch.bool, device=x.device), 0.0
-    n, scale = x.numel(), 65536 / (65536 - drop)
+    n, scale, threshold = x.numel(), 65536 / (65536 - drop), drop - 32768  # on signed 16-bit numbers
     if x.device.type == "cpu" and (n + 3) // 4 >= _FAST_WORDS:
         keep = torch.empty(x.shape, dtype=torch.bool)
-        _fill_keep(keep.view(-1).numpy(), drop - 32768)
+        _fill_keep(keep.view(-1).numpy(), threshold)
         return keep, scale
     words = torch.randint(-(2**63), 2**63 - 1, ((n + 3) // 4,), dtype=torch.int64, device=x.device)
-    return words.view(torch.int16)[:n].view(x.shape) >= drop - 32768, scale
+    return words.view(torch.int16)[:n].view(x.shape) >= threshold, scale
 
 
 _FAST_WORDS = 1 << 15  # from here on numpy's SFC64 (torch's own draw is quicker below ~12k words: seeding SFC64 costs ~30 us)
