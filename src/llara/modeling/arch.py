@@ -61,6 +61,12 @@ class ArchSpec:
     tensor: their LoRA adapters share one dropout mask and one product with their stacked A matrices
     (``llara.training.lora_layers``). Names a model lacks (phi3's fused ``qkv_proj``) group nothing;
     the grouping checks the tensor at run time, so a wrong entry costs speed, never correctness."""
+    position_wise_modules: tuple[str, ...] = ("self_attn.o_proj", "mlp")
+    """Dotted names, inside each decoder layer (``model.layers[i]``), of modules that the stock forward
+    calls with one tensor (..., hidden) and that act on each position alone, returning one tensor:
+    where a caller reads the final states at a few positions only, and where rows hold pad, they run
+    at the rows that matter (``llara.modeling.read_rows``). Names a model lacks are skipped; a module
+    that mixes positions must not be listed (the rows that matter would change)."""
 
     def __post_init__(self):
         if self.sliding not in (SLIDING_NONE, SLIDING_CONFIG, SLIDING_LAYER_TYPES):

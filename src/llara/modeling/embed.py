@@ -28,6 +28,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from ..prompts import EncodedSide, Template
+from .read_rows import live_rows, read_rows, rows_read_by
 
 __all__ = [
     "Built",
@@ -119,19 +120,26 @@ def pooling_weights(sides: Sequence[EncodedSide], built: Sequence[Built], L: int
 @dataclass
 class Packed:
     """A right-padded batch: input_ids and attention_mask (B, L) long; pool (P, B, L) float32, the
-    weights of each of P template sides that share these ids (``Template.side(..).input_signature``)."""
+    weights of each of P template sides that share these ids (``Template.side(..).input_signature``);
+    read (M,) long, the flat positions any side pools, and live (T,) long, those of real tokens
+    (``hidden_states``'s ``read`` and ``live``), or None."""
 
     input_ids: Tensor
     attention_mask: Tensor
     pool: Tensor
+    read: Tensor | None = None
+    live: Tensor | None = None
+
+    def _map(self, fn) -> "Packed":
+        return Packed(*(None if t is None else fn(t)
+                        for t in (self.input_ids, self.attention_mask, self.pool, self.read, self.live)))
 
     def pin_memory(self) -> "Packed":
         """The same batch in page-locked host memory (CUDA copies from it can be non-blocking)."""
-        return Packed(self.input_ids.pin_memory(), self.attention_mask.pin_memory(), self.pool.pin_memory())
+        return self._map(lambda t: t.pin_memory())
 
     def to(self, device: "torch.device | str", non_blocking: bool = False) -> "Packed":
-        return Packed(*(t.to(device, non_blocking=non_blocking)
-                        for t in (self.input_ids, self.attention_mask, self.pool)))
+        return self._map(lambda t: t.to(device, non_blocking=non_blocking))
 
     def side_batch(self, template: Template, p: int = 0) -> dict[str, Tensor]:
         """The dict ``embed`` takes, for side ``p`` pooled and normalised as ``template`` says."""
@@ -172,21 +180,29 @@ def plan_batches(lengths: Sequence[int], batch_size: int | None = None, max_batc
 def pack(built: Sequence[Built], sides: Sequence[EncodedSide], pad_id: int, multiple: int | None = 1) -> Packed:
     """Pad ``built`` texts (``tokenize`` output) on the right, with the pooling weights of ``sides``."""
     input_ids, attention = pad_right([ids for ids, _, _ in built], pad_id, multiple)
-    return Packed(input_ids, attention, pooling_weights(sides, built, input_ids.size(1)))
+    weights = pooling_weights(sides, built, input_ids.size(1))
+    flat = torch.arange(input_ids.numel()).view(input_ids.shape)
+    return Packed(input_ids, attention, weights, rows_read_by(flat, weights.ne(0).any(0)), live_rows(attention))
 
 
 # ------------------------------------------------------------------------------ vectors
 def hidden_states(model, input_ids: Tensor, attention_mask: Tensor | None = None,
-                  position_ids: Tensor | None = None) -> Tensor:
+                  position_ids: Tensor | None = None, read: Tensor | None = None,
+                  live: Tensor | None = None) -> Tensor:
     """Final hidden states (B, L, H) of the stock model (without its LM head) on the model's device.
 
     ``attention_mask``: the 2-D padding mask (1 = real token); ``position_ids`` without a mask: packed
-    rows (:mod:`llara.modeling.packing`). No key/value cache is built (nothing generates here)."""
+    rows (:mod:`llara.modeling.packing`). ``read``: the flat positions (into B x L, unique) the caller
+    will read; ``live``: those of real tokens (no pad). Each layer's position-wise work then runs at
+    ``live`` and the last layer's at ``read`` only; other positions are not the model's states
+    (:mod:`llara.modeling.read_rows`). No key/value cache is built (nothing generates here)."""
     dev = next(model.parameters()).device
     extra = {} if position_ids is None else {"position_ids": position_ids.to(dev)}
     mask = None if attention_mask is None else attention_mask.to(dev)
-    return base_model(model)(input_ids=input_ids.to(dev), attention_mask=mask, use_cache=False,
-                             **extra).last_hidden_state
+    base = base_model(model)
+    read, live = (None if t is None else t.to(dev) for t in (read, live))
+    with read_rows(base, input_ids.numel(), read, live):
+        return base(input_ids=input_ids.to(dev), attention_mask=mask, use_cache=False, **extra).last_hidden_state
 
 
 def pool(weights: Tensor, hidden: Tensor) -> Tensor:
@@ -209,7 +225,8 @@ def embed(model, batch: dict[str, Tensor]) -> Tensor:
     of a packed pass (``llara.modeling.packing.pack_texts``: N texts in fewer rows), with gradients
     when they are enabled; normalised as the batch's template says."""
     if "position_ids" in batch:
-        hidden = hidden_states(model, batch["input_ids"], position_ids=batch["position_ids"])
+        hidden = hidden_states(model, batch["input_ids"], position_ids=batch["position_ids"],
+                               read=batch.get("read"), live=batch.get("live"))
         flat = hidden.reshape(-1, hidden.size(-1))
         index = batch["pool_index"].to(flat.device)
         picked = flat.index_select(0, index.reshape(-1)).reshape(*index.shape, -1)  # (N, K, H)

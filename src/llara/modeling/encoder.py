@@ -256,7 +256,7 @@ class Encoder:
         """Final hidden states (B, L, H) of a batch: the stock model, or the runtime it was loaded with."""
         if self._forward is not None:
             return self._forward(batch.input_ids, batch.attention_mask)
-        return hidden_states(self.model, batch.input_ids, batch.attention_mask)
+        return hidden_states(self.model, batch.input_ids, batch.attention_mask, read=batch.read, live=batch.live)
 
     # ------------------------------------------------------------------ internals
     def _ensure_slots(self, template: Template) -> None:

@@ -17,7 +17,10 @@ architecture whose code ignores packed position ids is never given packed rows.
 A packed pass is a dict (``embed`` reads it): ``input_ids`` and ``position_ids`` (R, W) long;
 ``pool_index`` (N, K) long, flat indices into the R x W positions of the K positions each of the N
 texts pools (shorter lists end in index 0 with weight 0); ``pool_weight`` (N, K) float32, each row
-summing to 1; ``normalize`` (N,) bool. Texts keep their input order in the pooled output.
+summing to 1; ``read`` (M,) long, the flat positions the pooling reads (sorted, unique: the last layer's
+position-wise work runs there only, :mod:`llara.modeling.read_rows`); ``live`` (T,) long, the flat
+positions of the texts' tokens (not the tails: the other layers' position-wise work runs there only);
+``normalize`` (N,) bool. Texts keep their input order in the pooled output.
 """
 from __future__ import annotations
 
@@ -28,6 +31,7 @@ from typing import Sequence
 import torch
 
 from .embed import hidden_states
+from .read_rows import live_rows, rows_read_by
 
 log = logging.getLogger(__name__)
 
@@ -86,6 +90,7 @@ def _fill(texts: Sequence[PackedText], pad_id: int, width: int, rows: list[list[
     k = max(len(pool) for _, pool, _ in texts)
     pool_index = torch.zeros((len(texts), k), dtype=torch.long)
     pool_weight = torch.zeros((len(texts), k), dtype=torch.float32)
+    live = torch.zeros((len(rows), width), dtype=torch.bool)
     for r, members in enumerate(rows):
         at = 0
         for i in members:
@@ -97,10 +102,12 @@ def _fill(texts: Sequence[PackedText], pad_id: int, width: int, rows: list[list[
             position_ids[r, at : at + n] = torch.arange(n)
             pool_index[i, : len(pool)] = torch.as_tensor(list(pool), dtype=torch.long) + (r * width + at)
             pool_weight[i, : len(pool)] = 1.0 / len(pool)
+            live[r, at : at + n] = True
             at += n
         position_ids[r, at:] = torch.arange(width - at)  # the tail: a run of its own
     return {"input_ids": input_ids, "position_ids": position_ids, "pool_index": pool_index,
-            "pool_weight": pool_weight, "normalize": torch.tensor([bool(x) for _, _, x in texts])}
+            "pool_weight": pool_weight, "read": rows_read_by(pool_index, pool_weight), "live": live_rows(live),
+            "normalize": torch.tensor([bool(x) for _, _, x in texts])}
 
 
 def pack_texts(texts: Sequence[PackedText], pad_id: int, multiple: int | None = 8) -> dict[str, torch.Tensor]:
