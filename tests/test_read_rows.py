@@ -8,12 +8,20 @@ from tiny import make_model, make_tokenizer
 
 from llara.modeling.embed import base_model, embed, hidden_states, pack
 from llara.modeling.packing import pack_texts
-from llara.modeling.read_rows import live_rows, read_rows, rows_read_by
+from llara.modeling import read_rows as read_rows_module
+from llara.modeling.read_rows import _pays, live_rows, read_rows, rows_read_by
 from llara.prompts import encode_side, get_template
 from llara.training.lora import apply_lora
 
 ARCHS = [("llama", "sdpa"), ("mistral", "sdpa"), ("qwen2", "sdpa"), ("gemma", "sdpa"), ("gemma2", "eager"),
          ("gemma3_text", "sdpa")]
+
+
+@pytest.fixture(autouse=True)
+def slice_every_module(monkeypatch):
+    """The tiny models' modules are too small for slicing to pay (read_rows._pays): slice them all,
+    to check the mechanics; test_slicing_only_where_the_products_saved_outweigh_the_copies checks the rule."""
+    monkeypatch.setattr(read_rows_module, "COPY_COST", 0)
 
 
 def packed_batch(vocab=100, seed=0):
@@ -135,3 +143,24 @@ def test_batches_carry_the_positions_their_pooling_reads():
     assert p.read.tolist() == expect.tolist() and 0 < len(p.read) < p.input_ids.numel()
     assert p.live.tolist() == torch.nonzero(p.attention_mask.view(-1)).squeeze(1).tolist() and len(p.live) < p.input_ids.numel()
     assert p.to("cpu").read.tolist() == p.read.tolist() and p.to("cpu").live.tolist() == p.live.tolist()
+
+
+def test_slicing_only_where_the_products_saved_outweigh_the_copies(monkeypatch):
+    class MLP(torch.nn.Module):  # the embedded model's shapes (SmolLM2-135M), no memory (meta device)
+        def __init__(self):
+            super().__init__()
+            self.up, self.gate = (torch.nn.Linear(576, 1536, bias=False, device="meta") for _ in range(2))
+            self.down = torch.nn.Linear(1536, 576, bias=False, device="meta")
+    monkeypatch.undo()  # the shipped COPY_COST, not the fixture's 0
+    mlp, o_proj = MLP(), torch.nn.Linear(576, 576, bias=False, device="meta")
+    positions, read, pad = 1920, 192, 92  # the recipe's packed step: 8 slots of 24 texts read, 92 pad
+    assert _pays(mlp, positions - read, positions, 576) and _pays(o_proj, positions - read, positions, 576)
+    assert _pays(mlp, pad, positions, 576) and not _pays(o_proj, pad, positions, 576)
+    assert not _pays(mlp, 0, positions, 576) and not _pays(mlp, 30, positions, 576)  # 1.6%: under break-even
+    # and in a forward: with the cost rule the tiny model's modules stay whole but the last MLP
+    model = make_model("llama", vocab_size=100)
+    b, seen = packed_batch(), rows_seen(model)
+    with torch.no_grad():
+        hidden_states(model, b["input_ids"], position_ids=b["position_ids"], read=b["read"], live=b["live"])
+    positions = b["input_ids"].numel()
+    assert seen == {"mlp0": [positions], "o_proj0": [positions], "mlp-1": [len(b["read"])], "o_proj-1": [positions]}

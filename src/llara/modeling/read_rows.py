@@ -62,7 +62,9 @@ def read_rows(base: nn.Module, positions: int, read: Tensor | None = None, live:
     from .arch import ARCHITECTURES
 
     layers = _layers(base)
-    spec = ARCHITECTURES.get(getattr(getattr(base, "config", None), "model_type", None))
+    config = getattr(base, "config", None)
+    spec = ARCHITECTURES.get(getattr(config, "model_type", None))
+    width = getattr(config, "hidden_size", 0)
     plan = []
     if layers and spec is not None:
         for i, layer in enumerate(layers):
@@ -72,9 +74,11 @@ def read_rows(base: nn.Module, positions: int, read: Tensor | None = None, live:
                 continue
             for name in spec.position_wise_modules:
                 try:
-                    plan.append((layer.get_submodule(name), rows))
+                    module = layer.get_submodule(name)
                 except AttributeError:
                     continue
+                if _pays(module, positions - rows.numel(), positions, width):
+                    plan.append((module, rows))
     handles = []
     try:
         for module, rows in plan:
@@ -85,6 +89,22 @@ def read_rows(base: nn.Module, positions: int, read: Tensor | None = None, live:
     finally:
         for h in handles:
             h.remove()
+
+
+COPY_COST = 50
+"""Multiply-adds of a module's products per element its gather and scatter copy, where the two cost
+the same on the 2-core AVX2 EPYC of ``benchmarks/results/cpu_train_fp32.md`` (about 4 passes over the
+rows kept in forward and backward against the products at ~170 GFLOP/s)."""
+
+
+def _pays(module: nn.Module, dropped: int, positions: int, width: int) -> bool:
+    """Whether running ``module`` at ``positions - dropped`` rows saves more than its gather and scatter
+    cost: the products saved (its parameters x the rows dropped) against ``COPY_COST`` x the elements
+    copied (its input and output, ``width`` each, at every position). The last layer's output
+    projection and MLP pay with 90% of their rows unread; with a packed step's ~5% of pad rows the
+    embedded model's MLP pays (it breaks even at ~2%) and its output projection does not (~17%)."""
+    params = sum(p.numel() for p in module.parameters())
+    return dropped > 0 and dropped * params >= COPY_COST * positions * 2 * width
 
 
 def _hooks(rows: Tensor, positions: int):
