@@ -9,7 +9,8 @@ import yaml
 from tiny import WORDS, make_model, make_tokenizer
 
 from llara.cli import main
-from llara.modeling.embed import normalize, pack, pad_right, pool, tokenize
+from llara.modeling.embed import normalize, pack, pool, tokenize
+from llara.modeling.masks import pad_right
 from llara.modeling.encoder import Encoder
 from llara.modeling.loading import load_model
 from llara.prompts import encode_side, get_template

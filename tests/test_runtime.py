@@ -78,12 +78,15 @@ def test_hidden_states_match_at_every_shape():
 
 def test_pooling_positions_are_the_encoders_own():
     """The runtime only replaces the forward: with a runtime that *is* the torch forward, the
-    vectors are identical to the torch encoder's, bit for bit, for every template."""
+    vectors are the torch encoder's for every template (to float rounding: the torch encoder runs
+    its last layer's position-wise modules at the pooled rows only, ``llara.modeling.read_rows``, so
+    its products round over fewer rows; a wrong pooled position would differ by far more)."""
     for template in ("llara", "eos", "mean", "prompteol"):
         a, b = _pair(template=template)  # one export, then the cache
         model = base_model(b.model)
         b._forward = lambda ids, mask: model(input_ids=ids, attention_mask=mask).last_hidden_state
-        np.testing.assert_array_equal(a.encode(TEXTS, "passage", batch_size=3), b.encode(TEXTS, "passage", batch_size=3))
+        np.testing.assert_allclose(a.encode(TEXTS, "passage", batch_size=3), b.encode(TEXTS, "passage", batch_size=3),
+                                   rtol=1e-5, atol=1e-6)
 
 
 def test_export_is_cached_by_fingerprint(monkeypatch, tmp_path):

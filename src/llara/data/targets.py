@@ -15,7 +15,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from ..modeling.embed import pad_right
+from ..modeling.masks import pad_right
 
 logger = logging.getLogger(__name__)
 

@@ -28,6 +28,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from ..prompts import EncodedSide, Template
+from .masks import pad_right
 from .read_rows import live_rows, read_rows, rows_read_by
 
 __all__ = [
@@ -39,7 +40,6 @@ __all__ = [
     "hidden_states",
     "normalize",
     "pack",
-    "pad_right",
     "pad_token_id",
     "plan_batches",
     "pool",
@@ -90,23 +90,6 @@ def tokenize(tokenizer, side: EncodedSide, texts: Sequence[str], max_length: int
 
 
 # ------------------------------------------------------------------------------ batches
-def pad_right(seqs: Sequence[Sequence[int]], pad_id: int, multiple: int | None = 1,
-              min_length: int = 0) -> tuple[Tensor, Tensor]:
-    """(input_ids, attention_mask), both (B, L) long: the rows on the left, ``pad_id`` after them.
-
-    L is the longest row (at least ``min_length``) rounded up to a multiple of ``multiple``."""
-    L = max([min_length, *(len(s) for s in seqs)])
-    if multiple and multiple > 1:
-        L = -(-L // multiple) * multiple
-    input_ids = torch.full((len(seqs), L), pad_id, dtype=torch.long)
-    attention = torch.zeros((len(seqs), L), dtype=torch.long)
-    for r, s in enumerate(seqs):
-        if len(s):
-            input_ids[r, : len(s)] = torch.as_tensor(list(s), dtype=torch.long)
-            attention[r, : len(s)] = 1
-    return input_ids, attention
-
-
 def pooling_weights(sides: Sequence[EncodedSide], built: Sequence[Built], L: int) -> Tensor:
     """(P, B, L) float32 weights, one row per side and text, summing to 1 over the pooled positions."""
     w = torch.zeros(len(sides), len(built), L)

@@ -2,8 +2,8 @@
 
 Pure tensor functions: no model, no tokenizer. The collator builds these once per batch; a stock
 Hugging Face causal LM consumes them (see ``llara.modeling.arch`` for what each architecture needs).
-Right padding (``pad_right``) and reading states at positions (``gather_positions``) are
-:mod:`llara.modeling.embed`'s.
+Right padding (``pad_right``: the joint batches', the targets' and :mod:`llara.modeling.embed`'s
+encoder batches) is here; reading states at positions (``gather_positions``) is embed's.
 
 Layout of one joint sequence (right padding)::
 
@@ -23,7 +23,6 @@ from typing import Sequence
 import torch
 from torch import Tensor
 
-from .embed import pad_right
 
 __all__ = [
     "JointBatch",
@@ -33,8 +32,26 @@ __all__ = [
     "build_joint_batch",
     "build_single_batch",
     "lm_positions",
+    "pad_right",
     "sliding_window_blocked",
 ]
+
+
+def pad_right(seqs: Sequence[Sequence[int]], pad_id: int, multiple: int | None = 1,
+              min_length: int = 0) -> tuple[Tensor, Tensor]:
+    """(input_ids, attention_mask), both (B, L) long: the rows on the left, ``pad_id`` after them.
+
+    L is the longest row (at least ``min_length``) rounded up to a multiple of ``multiple``."""
+    L = max([min_length, *(len(s) for s in seqs)])
+    if multiple and multiple > 1:
+        L = -(-L // multiple) * multiple
+    input_ids = torch.full((len(seqs), L), pad_id, dtype=torch.long)
+    attention = torch.zeros((len(seqs), L), dtype=torch.long)
+    for r, s in enumerate(seqs):
+        if len(s):
+            input_ids[r, : len(s)] = torch.as_tensor(list(s), dtype=torch.long)
+            attention[r, : len(s)] = 1
+    return input_ids, attention
 
 
 def allowed_keys(valid: Tensor, blocked: Tensor | None = None) -> Tensor:
