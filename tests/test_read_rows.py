@@ -9,7 +9,7 @@ from tiny import make_model, make_tokenizer
 from llara.modeling.embed import base_model, embed, hidden_states, pack
 from llara.modeling.packing import pack_texts
 from llara.modeling import read_rows as read_rows_module
-from llara.modeling.read_rows import _pays, live_rows, read_rows, rows_read_by
+from llara.modeling.read_rows import _pays, flat_positions, read_rows, rows_read_by
 from llara.prompts import encode_side, get_template
 from llara.training.lora import apply_lora
 
@@ -64,7 +64,7 @@ def test_read_states_equal_the_full_pass_and_only_read_rows_are_computed(arch, a
     # the padded path (the attention mask hides the pad, on the right): its pad rows are not live either
     ids, mask = b["input_ids"], torch.ones_like(b["input_ids"])
     mask[-1, 4:] = 0  # the last row's tail
-    assert live_rows(mask).tolist() == live.tolist()
+    assert flat_positions(mask).tolist() == live.tolist()
     with torch.no_grad():
         torch.testing.assert_close(hidden_states(model, ids, mask, read=read, live=live).reshape(positions, -1)[read],
                                    hidden_states(model, ids, mask).reshape(positions, -1)[read], rtol=1e-5, atol=1e-6)

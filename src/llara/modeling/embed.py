@@ -29,7 +29,7 @@ from torch import Tensor
 
 from ..prompts import EncodedSide, Template
 from .masks import pad_right
-from .read_rows import live_rows, read_rows, rows_read_by
+from .read_rows import flat_positions, read_rows
 
 __all__ = [
     "Built",
@@ -164,8 +164,7 @@ def pack(built: Sequence[Built], sides: Sequence[EncodedSide], pad_id: int, mult
     """Pad ``built`` texts (``tokenize`` output) on the right, with the pooling weights of ``sides``."""
     input_ids, attention = pad_right([ids for ids, _, _ in built], pad_id, multiple)
     weights = pooling_weights(sides, built, input_ids.size(1))
-    flat = torch.arange(input_ids.numel()).view(input_ids.shape)
-    return Packed(input_ids, attention, weights, rows_read_by(flat, weights.ne(0).any(0)), live_rows(attention))
+    return Packed(input_ids, attention, weights, flat_positions(weights.ne(0).any(0)), flat_positions(attention))
 
 
 # ------------------------------------------------------------------------------ vectors

@@ -31,7 +31,7 @@ from typing import Sequence
 import torch
 
 from .embed import hidden_states
-from .read_rows import live_rows, rows_read_by
+from .read_rows import flat_positions, rows_read_by
 
 log = logging.getLogger(__name__)
 
@@ -106,7 +106,7 @@ def _fill(texts: Sequence[PackedText], pad_id: int, width: int, rows: list[list[
             at += n
         position_ids[r, at:] = torch.arange(width - at)  # the tail: a run of its own
     return {"input_ids": input_ids, "position_ids": position_ids, "pool_index": pool_index,
-            "pool_weight": pool_weight, "read": rows_read_by(pool_index, pool_weight), "live": live_rows(live),
+            "pool_weight": pool_weight, "read": rows_read_by(pool_index, pool_weight), "live": flat_positions(live),
             "normalize": torch.tensor([bool(x) for _, _, x in texts])}
 
 

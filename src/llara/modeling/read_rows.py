@@ -16,7 +16,7 @@ gradients, on the tiny models); elsewhere they are not the model's and must not 
 checkpointed in training is never sliced: its recomputation in backward runs without these hooks, and
 GradCache's two passes over a chunk (one without gradients) must draw the same dropout masks, so both
 run it whole. On ``llara recipe``'s step of the embedded model (30 layers; 8 slots read of each ~80
-tokens; 4% of the packed positions pad) a LoRA training step runs 3.9% faster
+tokens; 4% of the packed positions pad) a LoRA training step runs 3.7% faster
 (``benchmarks/results/cpu_train_fp32.md``).
 """
 from __future__ import annotations
@@ -27,7 +27,7 @@ from typing import Iterator
 import torch
 from torch import Tensor, nn
 
-__all__ = ["live_rows", "read_rows", "rows_read_by"]
+__all__ = ["flat_positions", "read_rows", "rows_read_by"]
 
 
 def rows_read_by(index: Tensor, weight: Tensor | None = None) -> Tensor:
@@ -39,8 +39,9 @@ def rows_read_by(index: Tensor, weight: Tensor | None = None) -> Tensor:
     return torch.unique(index.reshape(-1))
 
 
-def live_rows(mask: Tensor) -> Tensor:
-    """The flat positions of real tokens, sorted: ``mask`` (B, L) is non-zero at them (a padding mask)."""
+def flat_positions(mask: Tensor) -> Tensor:
+    """The flat positions where ``mask`` (B, L) is non-zero, sorted: a padding mask's real tokens, or
+    the positions any pooling weight reads."""
     return torch.nonzero(mask.reshape(-1)).squeeze(1)
 
 
@@ -93,8 +94,10 @@ def read_rows(base: nn.Module, positions: int, read: Tensor | None = None, live:
 
 COPY_COST = 50
 """Multiply-adds of a module's products per element its gather and scatter copy, where the two cost
-the same on the 2-core AVX2 EPYC of ``benchmarks/results/cpu_train_fp32.md`` (about 4 passes over the
-rows kept in forward and backward against the products at ~170 GFLOP/s)."""
+about the same: an estimate for the 2-core AVX2 EPYC of ``benchmarks/results/cpu_train_fp32.md``
+(~6 passes over a (positions, width) tensor in forward and backward against products at ~170
+GFLOP/s), checked there on the recipe's step: with it 0.3-1.2% faster than slicing every module
+(``benchmarks/read_rows_step.py 9 0.1 cost``)."""
 
 
 def _pays(module: nn.Module, dropped: int, positions: int, width: int) -> bool:
@@ -102,7 +105,7 @@ def _pays(module: nn.Module, dropped: int, positions: int, width: int) -> bool:
     cost: the products saved (its parameters x the rows dropped) against ``COPY_COST`` x the elements
     copied (its input and output, ``width`` each, at every position). The last layer's output
     projection and MLP pay with 90% of their rows unread; with a packed step's ~5% of pad rows the
-    embedded model's MLP pays (it breaks even at ~2%) and its output projection does not (~17%)."""
+    embedded model's MLP pays (it breaks even at ~2%) and its output projection does not (~14-17%)."""
     params = sum(p.numel() for p in module.parameters())
     return dropped > 0 and dropped * params >= COPY_COST * positions * 2 * width
 
