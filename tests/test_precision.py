@@ -85,6 +85,7 @@ def test_training_kernels_follow_the_attention_probe(auto, monkeypatch, tmp_path
 
     calls = []
     monkeypatch.setattr(precision, "_attention_probe", lambda: calls.append(1) or 2.0)
+    monkeypatch.setattr(precision, "_fp32_attention_probe", lambda: 0.9)  # fp32 measured slower: not used
 
     def backend_used() -> SDPBackend:
         q = torch.randn(1, 2, 8, 16, requires_grad=True)
@@ -110,3 +111,67 @@ def test_training_kernels_follow_the_attention_probe(auto, monkeypatch, tmp_path
 
 def test_real_attention_probe_is_a_ratio():
     assert precision._attention_probe(repeats=1) > 0
+
+
+def _sdpa_dtypes(model, ids, monkeypatch) -> list:
+    """The dtype each SDPA call of one forward of ``model`` computes in: autocast's where it is on
+    (it casts the inputs), else the inputs' (query, key, value)."""
+    import torch.nn.functional as F
+
+    seen, real = [], F.scaled_dot_product_attention
+
+    def spy(q, k, v, *args, **kwargs):
+        on = torch.is_autocast_enabled("cpu")
+        seen.append((torch.get_autocast_dtype("cpu"),) * 3 if on else (q.dtype, k.dtype, v.dtype))
+        return real(q, k, v, *args, **kwargs)
+
+    monkeypatch.setattr(F, "scaled_dot_product_attention", spy)
+    model(input_ids=ids)
+    monkeypatch.setattr(F, "scaled_dot_product_attention", real)
+    return seen
+
+
+def test_bf16_training_runs_the_attention_in_fp32_where_measured_faster(auto, monkeypatch):
+    """Where the probe measured the fused kernel in fp32 faster, bf16 training's attention runs in
+    fp32 (the projections stay bf16 under autocast), and only inside the context."""
+    from tiny import make_model
+    from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
+
+    monkeypatch.setattr(precision, "_fp32_attention_probe", lambda: 1.5)
+    monkeypatch.setattr(precision, "_attention_probe", lambda: pytest.fail("the math probe is not needed"))
+    model, ids = make_model("llama", seed=0), torch.tensor([[5, 6, 7, 8, 9, 10]])
+    original = ALL_ATTENTION_FUNCTIONS["sdpa"]
+    fp32, bf16 = (torch.float32,) * 3, (torch.bfloat16,) * 3
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        assert set(_sdpa_dtypes(model, ids, monkeypatch)) == {bf16}
+        with precision.training_kernels("bf16", on_cpu=True):
+            assert set(_sdpa_dtypes(model, ids, monkeypatch)) == {fp32}
+            with torch.autocast("cpu", enabled=False):  # no autocast: the attention as it was
+                assert set(_sdpa_dtypes(model, ids, monkeypatch)) == {fp32}
+            out = model(input_ids=ids).logits
+        assert set(_sdpa_dtypes(model, ids, monkeypatch)) == {bf16}  # restored
+    assert ALL_ATTENTION_FUNCTIONS["sdpa"] is original
+    ref = model(input_ids=ids).logits  # fp32 throughout
+    torch.testing.assert_close(out.float(), ref, atol=0.05, rtol=0.05)
+    with pytest.raises(RuntimeError, match="boom"), precision.cpu_fp32_attention():
+        raise RuntimeError("boom")
+    assert ALL_ATTENTION_FUNCTIONS["sdpa"] is original
+
+
+def test_fp32_attention_keeps_a_registered_override(monkeypatch):
+    from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
+
+    def mine(*args, **kwargs):
+        return None
+
+    ALL_ATTENTION_FUNCTIONS["sdpa"] = mine
+    try:
+        with precision.cpu_fp32_attention():
+            assert ALL_ATTENTION_FUNCTIONS["sdpa"] is not mine
+        assert ALL_ATTENTION_FUNCTIONS["sdpa"] is mine
+    finally:
+        del ALL_ATTENTION_FUNCTIONS["sdpa"]
+
+
+def test_real_fp32_attention_probe_is_a_ratio():
+    assert precision._fp32_attention_probe(repeats=1) > 0

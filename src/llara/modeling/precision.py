@@ -8,11 +8,13 @@
   is cached in ``$LLARA_CACHE/precision.json``. A CPU without bf16 support in oneDNN is fp32 without
   measuring anything.
 
-Training on a CPU in bf16 also picks the attention kernel by measurement: PyTorch's fused CPU
-flash-attention backward is slower in bf16 than in fp32 on some CPUs (2x on a Zen 4 EPYC), where the
-plain "math" attention (matmuls + softmax, which autograd differentiates) is faster. A second
-probe of the same kind (one bf16 attention forward + backward with each kernel) decides, cached
-beside the first; ``training_kernels`` applies the choice.
+Training on a CPU in bf16 (autocast) also picks the attention by measurement. PyTorch's fused CPU
+flash-attention backward is slower in bf16 than in fp32 on some CPUs (2x on a Zen 4 EPYC; 1.9x on
+a 2-core Xeon with AMX), where the plain "math" attention (matmuls + softmax, which autograd
+differentiates) in bf16 is faster. Faster still where measured so far: the fused kernel in fp32,
+the projections staying bf16 (:func:`cpu_fp32_attention`; also the more exact of the three). A
+probe times one attention forward + backward of a packed training batch's shape each way and
+caches the answer beside the first; ``training_kernels`` applies the choice.
 
 Explicit choices always win (``--dtype``, ``--precision``); ``LLARA_CPU_DTYPE=float32|bfloat16``
 pins the CPU choice for a whole process tree (the test suite pins fp32 so that its equivalence
@@ -25,6 +27,7 @@ import logging
 import os
 import platform
 import time
+from contextlib import contextmanager
 from pathlib import Path
 
 import torch
@@ -33,8 +36,8 @@ from ..io import cache_root, write_json
 
 log = logging.getLogger(__name__)
 
-__all__ = ["DTYPES", "cpu_bf16_speedup", "cpu_prefers_bf16", "cpu_math_attention_speedup", "parse_dtype",
-           "resolve_dtype", "resolve_precision", "training_kernels"]
+__all__ = ["DTYPES", "cpu_bf16_speedup", "cpu_fp32_attention", "cpu_fp32_attention_speedup", "cpu_prefers_bf16",
+           "cpu_math_attention_speedup", "parse_dtype", "resolve_dtype", "resolve_precision", "training_kernels"]
 
 DTYPES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
           "float16": torch.float16, "fp16": torch.float16}
@@ -42,7 +45,7 @@ ENV = "LLARA_CPU_DTYPE"
 CACHE_FILE = "precision.json"
 # bf16 must beat fp32 by this factor on the probe: below it, rounding is not worth a marginal gain.
 MIN_SPEEDUP = 1.3
-# The math attention must beat the fused kernel's bf16 forward + backward by this factor to be used.
+# An attention must beat the one it replaces (forward + backward) by this factor to be used.
 MIN_ATTENTION_SPEEDUP = 1.1
 _logged: set[str] = set()
 _speedups: dict[str, float] = {}
@@ -160,13 +163,101 @@ def cpu_math_attention_speedup() -> float:
     return _cached_probe(_cpu_key() + "|attention bf16 fwd+bwd, fused / math", _attention_probe)
 
 
+def _packed_causal_mask(batch: int, length: int, texts: int) -> torch.Tensor:
+    """A packed training batch's additive mask in bf16: ``texts`` texts per row, each causal."""
+    segment = torch.arange(length) * texts // length
+    allowed = (segment[:, None] == segment[None, :]) & torch.ones(length, length, dtype=torch.bool).tril()
+    mask = torch.zeros(length, length, dtype=torch.bfloat16).masked_fill(~allowed, torch.finfo(torch.bfloat16).min)
+    return mask.expand(batch, 1, length, length)
+
+
+def _fp32_attention_probe(repeats: int = 3) -> float:
+    """Time of the faster bf16 attention (fused kernel or math) / time of the fused kernel in fp32
+    (inputs cast up, output cast back: what :func:`cpu_fp32_attention` adds), one forward + backward
+    of a packed training batch's shape (20 rows x 9 heads x 96 tokens x 64, two texts per row, an
+    additive mask), best of ``repeats``, interleaved."""
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    sdpa = torch.nn.functional.scaled_dot_product_attention
+    g = torch.Generator().manual_seed(0)
+    leaves = [torch.randn(20, 9, 96, 64, generator=g).bfloat16().requires_grad_() for _ in range(3)]
+    mask = _packed_causal_mask(20, 96, 2)
+
+    def bf16(backend):
+        with sdpa_kernel([backend]):
+            sdpa(*leaves, attn_mask=mask).sum().backward()
+
+    def fp32():
+        with sdpa_kernel([SDPBackend.FLASH_ATTENTION]):
+            sdpa(*(x.float() for x in leaves), attn_mask=mask.float()).bfloat16().sum().backward()
+
+    runs = {"fused bf16": lambda: bf16(SDPBackend.FLASH_ATTENTION), "math bf16": lambda: bf16(SDPBackend.MATH),
+            "fused fp32": fp32}
+    best = dict.fromkeys(runs, float("inf"))
+    for i in range(repeats + 1):  # the first round warms up
+        for name, run in runs.items():
+            t = time.perf_counter()
+            run()
+            if i:
+                best[name] = min(best[name], time.perf_counter() - t)
+    return min(best["fused bf16"], best["math bf16"]) / best["fused fp32"]
+
+
+def cpu_fp32_attention_speedup() -> float:
+    """How many times faster bf16 training's attention runs as the fused kernel in fp32 than the
+    faster bf16 kernel on this CPU (cached; 0.0 without bf16 support)."""
+    if not _bf16_supported():
+        return 0.0
+    return _cached_probe(_cpu_key() + "|attention bf16 training fwd+bwd, best bf16 / fused fp32",
+                         _fp32_attention_probe)
+
+
+@contextmanager
+def cpu_fp32_attention():
+    """Within: transformers' SDPA attention, called on a CPU under autocast, runs in fp32 (autocast
+    off for it, query, key, value and a float mask cast to fp32): the fused kernel, which is faster
+    in fp32 than in bf16 on a CPU, while the projections around it keep running in bf16. Elsewhere
+    (another device, no autocast, fp32 already) it calls the attention as it was.
+
+    The model code is stock: the context swaps the ``"sdpa"`` entry of transformers' attention
+    registry (``ALL_ATTENTION_FUNCTIONS``, its documented extension point) for a wrapper of the one
+    it finds, and puts that back on exit. Models that run another attention (eager) are unaffected."""
+    from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
+
+    inner = ALL_ATTENTION_FUNCTIONS["sdpa"]
+
+    def attention(module, query, key, value, attention_mask, *args, **kwargs):
+        if query.device.type != "cpu" or not torch.is_autocast_enabled("cpu"):
+            return inner(module, query, key, value, attention_mask, *args, **kwargs)
+        if attention_mask is not None and attention_mask.is_floating_point():
+            attention_mask = attention_mask.float()
+        with torch.autocast("cpu", enabled=False):
+            return inner(module, query.float(), key.float(), value.float(), attention_mask, *args, **kwargs)
+
+    ALL_ATTENTION_FUNCTIONS["sdpa"] = attention
+    try:
+        yield
+    finally:
+        del ALL_ATTENTION_FUNCTIONS["sdpa"]
+        if ALL_ATTENTION_FUNCTIONS.get("sdpa") is not inner:  # it was an entry of its own
+            ALL_ATTENTION_FUNCTIONS["sdpa"] = inner
+
+
 def training_kernels(precision: str, on_cpu: bool):
-    """A context for the training loop: on a CPU in bf16, the math attention where it was measured
-    faster than the fused kernel (see the module docstring); otherwise nothing changes."""
+    """A context for the training loop: on a CPU in bf16, the attention measured fastest there (see
+    the module docstring): the fused kernel in fp32 (:func:`cpu_fp32_attention`), else the math
+    kernel in bf16 where it beats the fused one; otherwise nothing changes."""
     from contextlib import nullcontext
 
     if not on_cpu or precision != "bf16":
         return nullcontext()
+    speedup = cpu_fp32_attention_speedup()
+    if speedup >= MIN_ATTENTION_SPEEDUP:
+        if "attention" not in _logged:
+            _logged.add("attention")
+            log.info("attention: fused kernel in fp32 for bf16 training on this CPU (forward + backward %.1fx "
+                     "the faster bf16 kernel)", speedup)
+        return cpu_fp32_attention()
     speedup = cpu_math_attention_speedup()
     if speedup < MIN_ATTENTION_SPEEDUP:
         return nullcontext()
