@@ -1,0 +1,64 @@
+"""bf16 training's attention on a CPU: the recipe's LoRA step with the attention ``training_kernels``
+picks against the math kernel in bf16 (what it picked before the fp32 option), alternating in one
+process.
+
+One packed batch of ``llara recipe``'s step (8 queries x 2 passages of 96 tokens from the groups
+``benchmarks/cpu_train.py`` writes to /tmp/llara-cpu-train/train.jsonl), forward + backward of
+``embed`` under bf16 autocast with LoRA r 64 and dropout 0.1 on the embedded model, seconds per step,
+the first pair dropped. Also prints the probe's ratio (``_fp32_attention_probe``: faster bf16 kernel /
+fused kernel in fp32) and which attention ``training_kernels`` chose on this CPU.
+
+    .venv/bin/python benchmarks/attention_step.py 9
+"""
+import statistics
+import sys
+import time
+
+import torch
+from torch.nn.attention import SDPBackend, sdpa_kernel
+
+from llara.modeling import precision
+from llara.modeling.embed import embed
+from llara.modeling.host_memory import keep_freed_memory
+from llara.modeling.loading import ensure_slot_tokens, load_model
+from llara.prompts import get_template
+from llara.training.contrastive import ContrastiveCollator, load_groups
+from llara.training.lora import apply_lora
+
+pairs = int(sys.argv[1]) if len(sys.argv) > 1 else 9
+keep_freed_memory()
+torch.manual_seed(0)
+model, tok, _ = load_model("default", causal_lm=False, dtype=torch.float32)
+ensure_slot_tokens(tok, model, get_template("llara").slot_tokens)
+pm = apply_lora(model, r=64, alpha=16, dropout=0.1, trainable_token_ids=list(range(100, 116))).train()
+gs = load_groups("/tmp/llara-cpu-train/train.jsonl", group_size=2)
+col = ContrastiveCollator(tok, "llara", group_size=2, max_passage_length=96, packing=True)
+batch = col(gs[0:8])["passes"][0]
+chosen = ("fused fp32" if precision.cpu_fp32_attention_speedup() >= precision.MIN_FP32_ATTENTION_SPEEDUP
+          else "math bf16" if precision.cpu_math_attention_speedup() >= precision.MIN_ATTENTION_SPEEDUP else "fused bf16")
+print("probe now: faster bf16 kernel / fused fp32 = %.2f; cached: %.2f; training_kernels chose: %s"
+      % (precision._fp32_attention_probe(), precision.cpu_fp32_attention_speedup(), chosen))
+contexts = {"math bf16": lambda: sdpa_kernel([SDPBackend.MATH]),
+            "chosen": lambda: precision.training_kernels("bf16", on_cpu=True)}
+
+
+def step(name):
+    torch.manual_seed(1)
+    with torch.autocast("cpu", dtype=torch.bfloat16), contexts[name]():
+        e = embed(pm, batch)
+        loss = (e[:8].float() @ e[8:].float().T).sum()
+    loss.backward()
+    pm.zero_grad(set_to_none=True)
+
+
+times = {name: [] for name in contexts}
+for i in range(pairs):
+    for name in (list(contexts) if i % 2 else list(contexts)[::-1]):
+        t = time.perf_counter()
+        step(name)
+        if i >= 1:
+            times[name].append(time.perf_counter() - t)
+for name, ts in times.items():
+    print("%-9s median %.3f s:" % (name, statistics.median(ts)), " ".join("%.2f" % t for t in ts))
+print("math / chosen, median of the pairs' ratios: %.3f"
+      % statistics.median(a / b for a, b in zip(times["math bf16"], times["chosen"])))
