@@ -1,6 +1,7 @@
 """Would ``torch.compile`` speed up LoRA fine-tuning on a CPU? One forward + backward of 16 passages of 96
 tokens (``llara recipe``'s passage side) through the embedded model with LoRA r64 on all seven
-projections, dropout 0.1, fp32:
+projections, dropout 0.1, fp32 (``--precision bf16``: under bf16 autocast, the eager mode with the
+attention ``training_kernels`` picks, as the training loop runs it):
 
 * ``eager``: llara's own LoRA (``apply_lora``: adapters fused into their projection, 1-byte dropout masks);
 * ``compiled``: peft's stock LoRA layers, each decoder layer compiled by inductor (regional compilation,
@@ -9,6 +10,7 @@ projections, dropout 0.1, fp32:
   their masks: dynamo cannot trace them).
 
     python benchmarks/cpu_compile_probe.py --out /tmp/compile_probe.json
+    python benchmarks/cpu_compile_probe.py --precision bf16 --out /tmp/compile_probe_bf16.json
 
 Each mode runs in its own process; seconds per step are the median of the steps after the first (which
 compiles). Results: ``benchmarks/results/cpu_train_fp32.md`` ("Tried, not kept").
@@ -23,8 +25,12 @@ import sys
 import time
 
 
-def run_mode(mode: str, steps: int) -> list[float]:
+def run_mode(mode: str, steps: int, precision: str = "fp32") -> list[float]:
+    import contextlib
+
     import torch
+
+    from llara.modeling.precision import training_kernels
 
     from llara.modeling.host_memory import keep_freed_memory
     from llara.modeling.loading import load_model
@@ -47,10 +53,14 @@ def run_mode(mode: str, steps: int) -> list[float]:
     peft_model.train()
     ids = torch.randint(100, 40000, (16, 96))
     seconds = []
+    bf16 = precision == "bf16"
     for _ in range(steps):
         t = time.perf_counter()
-        hidden = peft_model.get_base_model()(input_ids=ids, use_cache=False).last_hidden_state
-        hidden[:, -8:].mean().backward()
+        with (torch.autocast("cpu", dtype=torch.bfloat16) if bf16 else contextlib.nullcontext()), \
+                (training_kernels("bf16", on_cpu=True) if bf16 and mode == "eager" else contextlib.nullcontext()):
+            hidden = peft_model.get_base_model()(input_ids=ids, use_cache=False).last_hidden_state
+            loss = hidden[:, -8:].float().mean()
+        loss.backward()
         seconds.append(round(time.perf_counter() - t, 3))
     return seconds
 
@@ -59,16 +69,19 @@ def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--modes", default="eager,compiled")
     p.add_argument("--steps", type=int, default=6)
+    p.add_argument("--precision", choices=("fp32", "bf16"), default="fp32")
     p.add_argument("--out", default=None)
     p.add_argument("--one", default=None, help=argparse.SUPPRESS)  # a single mode, in this process
     args = p.parse_args(argv)
     if args.one:
-        print(json.dumps(run_mode(args.one, args.steps)))
+        print(json.dumps(run_mode(args.one, args.steps, args.precision)))
         return 0
     result = {"command": "python benchmarks/cpu_compile_probe.py " + " ".join(argv if argv is not None else sys.argv[1:]),
-              "shape": "16 x 96 tokens, forward + backward, LoRA r64 all projections, dropout 0.1, fp32", "modes": {}}
+              "shape": f"16 x 96 tokens, forward + backward, LoRA r64 all projections, dropout 0.1, {args.precision}"
+              + (" (autocast)" if args.precision == "bf16" else ""), "modes": {}}
     for mode in args.modes.split(","):
-        done = subprocess.run([sys.executable, __file__, "--one", mode, "--steps", str(args.steps)],
+        done = subprocess.run([sys.executable, __file__, "--one", mode, "--steps", str(args.steps),
+                               "--precision", args.precision],
                               capture_output=True, text=True, check=True)
         seconds = json.loads(done.stdout.strip().splitlines()[-1])
         result["modes"][mode] = {"seconds_by_step": seconds, "median_after_first": statistics.median(seconds[1:])}
