@@ -71,10 +71,8 @@ def pretrain_step():
 
 
 model, loss_of = {"finetune": finetune_step, "pretrain": pretrain_step}[which]()
-chosen = ("fused fp32" if precision.cpu_fp32_attention_speedup() >= precision.MIN_FP32_ATTENTION_SPEEDUP
-          else "math bf16" if precision.cpu_math_attention_speedup() >= precision.MIN_ATTENTION_SPEEDUP else "fused bf16")
 print("probe now: faster bf16 kernel / fused fp32 = %.2f; cached: %.2f; training_kernels chose: %s"
-      % (precision._fp32_attention_probe(), precision.cpu_fp32_attention_speedup(), chosen))
+      % (precision._fp32_attention_probe(), precision.cpu_fp32_attention_speedup(), precision.cpu_training_attention()))
 contexts = {"math bf16": lambda: sdpa_kernel([SDPBackend.MATH]),
             "chosen": lambda: precision.training_kernels("bf16", on_cpu=True)}
 

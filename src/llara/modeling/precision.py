@@ -9,8 +9,8 @@
   measuring anything.
 
 Training on a CPU in bf16 (autocast) also picks the attention by measurement. PyTorch's fused CPU
-flash-attention backward is slower in bf16 than in fp32 on some CPUs (2x on a Zen 4 EPYC; 1.9x on
-a 2-core Xeon with AMX), where the plain "math" attention (matmuls + softmax, which autograd
+flash-attention backward is slower in bf16 than in fp32 on some CPUs (2x on a Zen 4 EPYC; forward +
+backward 1.9x on a 2-core Xeon with AMX), where the plain "math" attention (matmuls + softmax, which autograd
 differentiates) in bf16 is faster. Faster still where measured so far: the fused kernel in fp32,
 the projections staying bf16 (:func:`cpu_fp32_attention`; also the more exact of the three). A
 probe times one attention forward + backward of a packed training batch's shape each way and
@@ -37,7 +37,7 @@ from ..io import cache_root, write_json
 log = logging.getLogger(__name__)
 
 __all__ = ["DTYPES", "cpu_bf16_speedup", "cpu_fp32_attention", "cpu_fp32_attention_speedup", "cpu_prefers_bf16",
-           "cpu_math_attention_speedup", "parse_dtype", "resolve_dtype", "resolve_precision", "training_kernels"]
+           "cpu_math_attention_speedup", "cpu_training_attention", "parse_dtype", "resolve_dtype", "resolve_precision", "training_kernels"]
 
 DTYPES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
           "float16": torch.float16, "fp16": torch.float16}
@@ -48,7 +48,7 @@ MIN_SPEEDUP = 1.3
 # The bf16 math attention must beat the fused bf16 kernel (forward + backward) by this factor to be used.
 MIN_ATTENTION_SPEEDUP = 1.1
 # The fused kernel in fp32 is used where it is not slower than the faster bf16 kernel: it is also the
-# more exact (on the 2-core AMX Xeon the probe read 1.11-1.23, the recipe's step gained 4%).
+# more exact (on the 2-core AMX Xeon the probe read 1.01-1.23, the recipe's step gained 4%).
 MIN_FP32_ATTENTION_SPEEDUP = 1.0
 _logged: set[str] = set()
 _speedups: dict[str, float] = {}
@@ -86,20 +86,27 @@ def _cpu_key() -> str:
     return f"{cpu_name()}|torch {torch.__version__}|threads {torch.get_num_threads()}"
 
 
+def _best_times(runs: dict, repeats: int) -> dict:
+    """The best time of each of ``runs`` (name -> callable) over ``repeats`` rounds, interleaved so that
+    all see the same load, after one warm-up round (thread pool, oneDNN kernels)."""
+    best = dict.fromkeys(runs, float("inf"))
+    for i in range(repeats + 1):
+        for name, run in runs.items():
+            t = time.perf_counter()
+            run()
+            if i:
+                best[name] = min(best[name], time.perf_counter() - t)
+    return best
+
+
 def _probe(n: int = 1024, repeats: int = 4) -> float:
     """fp32 time / bf16 time of an n-cube matmul (best of ``repeats``, interleaved)."""
     g = torch.Generator().manual_seed(0)
     a32, b32 = torch.randn(n, n, generator=g), torch.randn(n, n, generator=g)
     a16, b16 = a32.bfloat16(), b32.bfloat16()
-    best = {torch.float32: float("inf"), torch.bfloat16: float("inf")}
     with torch.inference_mode():
-        torch.mm(a32, b32), torch.mm(a16, b16)  # warm-up: thread pool, oneDNN kernels
-        for _ in range(repeats):
-            for a, b in ((a32, b32), (a16, b16)):
-                t = time.perf_counter()
-                torch.mm(a, b)
-                best[a.dtype] = min(best[a.dtype], time.perf_counter() - t)
-    return best[torch.float32] / best[torch.bfloat16]
+        best = _best_times({"fp32": lambda: torch.mm(a32, b32), "bf16": lambda: torch.mm(a16, b16)}, repeats)
+    return best["fp32"] / best["bf16"]
 
 
 def _bf16_supported() -> bool:
@@ -148,14 +155,12 @@ def _attention_probe(repeats: int = 3) -> float:
 
     g = torch.Generator().manual_seed(0)
     leaves = [torch.randn(8, 9, 128, 64, generator=g).bfloat16().requires_grad_() for _ in range(3)]
-    best = {SDPBackend.FLASH_ATTENTION: float("inf"), SDPBackend.MATH: float("inf")}
-    for i in range(repeats + 1):  # the first round warms up
-        for backend in best:
-            with sdpa_kernel([backend]):
-                t = time.perf_counter()
-                torch.nn.functional.scaled_dot_product_attention(*leaves, is_causal=True).sum().backward()
-                if i:
-                    best[backend] = min(best[backend], time.perf_counter() - t)
+
+    def run(backend):
+        with sdpa_kernel([backend]):
+            torch.nn.functional.scaled_dot_product_attention(*leaves, is_causal=True).sum().backward()
+
+    best = _best_times({b: lambda b=b: run(b) for b in (SDPBackend.FLASH_ATTENTION, SDPBackend.MATH)}, repeats)
     return best[SDPBackend.FLASH_ATTENTION] / best[SDPBackend.MATH]
 
 
@@ -166,14 +171,6 @@ def cpu_math_attention_speedup() -> float:
     return _cached_probe(_cpu_key() + "|attention bf16 fwd+bwd, fused / math", _attention_probe)
 
 
-def _packed_causal_mask(batch: int, length: int, texts: int) -> torch.Tensor:
-    """A packed training batch's additive mask in bf16: ``texts`` texts per row, each causal."""
-    segment = torch.arange(length) * texts // length
-    allowed = (segment[:, None] == segment[None, :]) & torch.ones(length, length, dtype=torch.bool).tril()
-    mask = torch.zeros(length, length, dtype=torch.bfloat16).masked_fill(~allowed, torch.finfo(torch.bfloat16).min)
-    return mask.expand(batch, 1, length, length)
-
-
 def _fp32_attention_probe(repeats: int = 3) -> float:
     """Time of the faster bf16 attention (fused kernel or math) / time of the fused kernel in fp32
     (inputs cast up, output cast back: what :func:`cpu_fp32_attention` adds), one forward + backward
@@ -181,10 +178,14 @@ def _fp32_attention_probe(repeats: int = 3) -> float:
     additive mask), best of ``repeats``, interleaved."""
     from torch.nn.attention import SDPBackend, sdpa_kernel
 
+    from .masks import additive_mask
+
     sdpa = torch.nn.functional.scaled_dot_product_attention
     g = torch.Generator().manual_seed(0)
     leaves = [torch.randn(20, 9, 96, 64, generator=g).bfloat16().requires_grad_() for _ in range(3)]
-    mask = _packed_causal_mask(20, 96, 2)
+    text = torch.arange(96) // 48  # two texts per row, each causal
+    blocked = (text[:, None] != text[None, :]).expand(20, 96, 96)
+    mask = additive_mask(torch.ones(20, 96, dtype=torch.bool), blocked, torch.bfloat16)
 
     def bf16(backend):
         with sdpa_kernel([backend]):
@@ -194,15 +195,8 @@ def _fp32_attention_probe(repeats: int = 3) -> float:
         with sdpa_kernel([SDPBackend.FLASH_ATTENTION]):
             sdpa(*(x.float() for x in leaves), attn_mask=mask.float()).bfloat16().sum().backward()
 
-    runs = {"fused bf16": lambda: bf16(SDPBackend.FLASH_ATTENTION), "math bf16": lambda: bf16(SDPBackend.MATH),
-            "fused fp32": fp32}
-    best = dict.fromkeys(runs, float("inf"))
-    for i in range(repeats + 1):  # the first round warms up
-        for name, run in runs.items():
-            t = time.perf_counter()
-            run()
-            if i:
-                best[name] = min(best[name], time.perf_counter() - t)
+    best = _best_times({"fused bf16": lambda: bf16(SDPBackend.FLASH_ATTENTION),
+                        "math bf16": lambda: bf16(SDPBackend.MATH), "fused fp32": fp32}, repeats)
     return min(best["fused bf16"], best["math bf16"]) / best["fused fp32"]
 
 
@@ -246,31 +240,35 @@ def cpu_fp32_attention():
             ALL_ATTENTION_FUNCTIONS["sdpa"] = inner
 
 
+def cpu_training_attention() -> str:
+    """The attention bf16 training runs on this CPU, by the cached probes (see the module docstring):
+    "fused fp32" (:func:`cpu_fp32_attention`), else "math bf16" where it beats the fused kernel, else
+    "fused bf16"."""
+    if cpu_fp32_attention_speedup() >= MIN_FP32_ATTENTION_SPEEDUP:
+        return "fused fp32"
+    return "math bf16" if cpu_math_attention_speedup() >= MIN_ATTENTION_SPEEDUP else "fused bf16"
+
+
 def training_kernels(precision: str, on_cpu: bool):
-    """A context for the training loop: on a CPU in bf16, the attention measured fastest there (see
-    the module docstring): the fused kernel in fp32 (:func:`cpu_fp32_attention`), else the math
-    kernel in bf16 where it beats the fused one; otherwise nothing changes."""
+    """A context for the training loop: on a CPU in bf16, the attention :func:`cpu_training_attention`
+    chose; otherwise nothing changes."""
     from contextlib import nullcontext
 
     if not on_cpu or precision != "bf16":
         return nullcontext()
-    speedup = cpu_fp32_attention_speedup()
-    if speedup >= MIN_FP32_ATTENTION_SPEEDUP:
-        if "attention" not in _logged:
-            _logged.add("attention")
-            log.info("attention: fused kernel in fp32 for bf16 training on this CPU (forward + backward %.1fx "
-                     "the faster bf16 kernel)", speedup)
-        return cpu_fp32_attention()
-    speedup = cpu_math_attention_speedup()
-    if speedup < MIN_ATTENTION_SPEEDUP:
-        return nullcontext()
-    from torch.nn.attention import SDPBackend, sdpa_kernel
-
-    if "attention" not in _logged:
+    chosen = cpu_training_attention()
+    if chosen != "fused bf16" and "attention" not in _logged:
         _logged.add("attention")
-        log.info("attention: math kernel for bf16 training on this CPU (forward + backward %.1fx the fused one)",
-                 speedup)
-    return sdpa_kernel([SDPBackend.MATH])
+        speedup = cpu_fp32_attention_speedup() if chosen == "fused fp32" else cpu_math_attention_speedup()
+        log.info("attention: %s for bf16 training on this CPU (forward + backward %.1fx the kernel it replaces)",
+                 chosen, speedup)
+    if chosen == "fused fp32":
+        return cpu_fp32_attention()
+    if chosen == "math bf16":
+        from torch.nn.attention import SDPBackend, sdpa_kernel
+
+        return sdpa_kernel([SDPBackend.MATH])
+    return nullcontext()
 
 
 def cpu_prefers_bf16() -> bool:
