@@ -1,4 +1,4 @@
-"""The adapters' CPU dropout (training/lora_layers.py): the mask has nn.Dropout's distribution from a quarter of
+"""The adapters' CPU dropout (training/lora_dropout.py): the mask has nn.Dropout's distribution from a quarter of
 the random draws, seeded; apply_lora moves it into every adapter's A projection (CpuDropoutLinear), whose
 output and gradients equal peft's dropout-then-linear with the same mask, and whose backward keeps the
 1-byte mask and the dropped input, not the input besides them."""
@@ -7,9 +7,9 @@ import torch
 from torch import nn
 from transformers import LlamaConfig, LlamaForCausalLM
 
-import llara.training.lora_layers as lora
+import llara.training.lora_dropout as lora
 from llara.training.lora import apply_lora
-from llara.training.lora_layers import CpuDropoutLinear, cpu_keep_mask
+from llara.training.lora_dropout import CpuDropoutLinear, cpu_keep_mask
 
 
 @pytest.mark.parametrize("p", [0.1, 0.5])

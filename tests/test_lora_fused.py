@@ -15,6 +15,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 from transformers import (LlamaConfig, LlamaForCausalLM, MistralConfig, MistralForCausalLM, Qwen2Config,
                           Qwen2ForCausalLM)
 
+import llara.training.lora_dropout as dropout
 import llara.training.lora_layers as lora
 from llara.training.lora import apply_lora
 
@@ -89,14 +90,14 @@ def test_same_values_and_gradients_as_peft_given_the_shared_masks(p, arch, monke
         drawn.append(real(x, q))
         return drawn[-1]
 
-    real = lora.cpu_keep_mask
-    monkeypatch.setattr(lora, "cpu_keep_mask", record)
+    real = dropout.cpu_keep_mask
+    monkeypatch.setattr(dropout, "cpu_keep_mask", record)
     out, grads = _step(model, ids, fused=True)
     monkeypatch.undo()
     assert len(drawn) == (2 * 4 if p else 0)  # four masks per layer, not seven
     replay = iter([drawn[4 * (i // 7) + _PEFT_TO_FUSED[i % 7]] for i in range(2 * 7)] if p else [])
     with monkeypatch.context() as m:
-        m.setattr(lora, "cpu_keep_mask", lambda x, q: next(replay))
+        m.setattr(dropout, "cpu_keep_mask", lambda x, q: next(replay))
         ref_out, ref_grads = _step(model, ids, fused=False, monkeypatch=monkeypatch)
     assert next(replay, None) is None  # peft drew (and was given) all fourteen
     torch.testing.assert_close(out, ref_out, rtol=1e-12, atol=1e-12)
@@ -222,10 +223,10 @@ def test_gradients_of_the_fused_functions_by_finite_differences():
     keep = torch.rand(3, 5, 6) > 0.3
 
     def one(x, a, b):
-        return lora._AddAdapter.apply(x @ w.t(), lora._DroppedProjection.apply(x, a, keep, 1 / 0.7), b, 0.5)
+        return lora._AddAdapter.apply(x @ w.t(), dropout._DroppedProjection.apply(x, a, keep, 1 / 0.7), b, 0.5)
 
     def group(x, a, a2, b, b2):  # two adapters of one input: one mask, one product with the stacked A
-        h = lora._DroppedProjection.apply(x, torch.cat([a, a2]), keep, 1 / 0.7)
+        h = dropout._DroppedProjection.apply(x, torch.cat([a, a2]), keep, 1 / 0.7)
         return (lora._AddAdapter.apply(x @ w.t(), h[..., :2], b, 0.5),
                 lora._AddAdapter.apply(x @ w2.t(), h[..., 2:], b2, 2.0))
 
@@ -247,8 +248,8 @@ def test_a_group_member_called_with_another_tensor_computes_its_own(monkeypatch)
     unchanged); other calls compute their own, so the values are always those of the tensor given."""
     model, attn = _attention(0.0)
     calls = []
-    real = lora._rank_product
-    monkeypatch.setattr(lora, "_rank_product", lambda x, a, p: calls.append(a.shape[0]) or real(x, a, p))
+    real = lora.dropped_rank_product
+    monkeypatch.setattr(lora, "dropped_rank_product", lambda x, a, p: calls.append(a.shape[0]) or real(x, a, p))
     x, x2 = torch.randn(2, 5, 32), torch.randn(2, 5, 32)
 
     def expected(layer, x):  # peft's own forward

@@ -26,7 +26,7 @@ before the step; 4 x 64 + 12 x 160: 6.61 GiB), a GradCache chunk 6.0 (chunks of 
 GiB): its many smaller passes leave the allocator holding more than their largest graph
 (``chunk_factor``). On a CPU without fast bf16 llara trains in fp32, and the same plain step peaked at
 8.51 GiB (an AVX2-only AMD EPYC): 6.8 bytes per counted element. Since the adapters' dropout keeps a
-1-byte mask instead of a dropped fp32 copy of each adapter's input (``lora_layers.CpuDropoutLinear``) it peaked at
+1-byte mask instead of a dropped fp32 copy of each adapter's input (``lora_dropout.CpuDropoutLinear``) it peaked at
 7.61 GiB (6.0 bytes per element), and since each adapter's product accumulates into the base
 projection's output (``lora_layers._AddAdapter``: no product and sum over the output per adapter) at 6.12 GiB
 (7 steps at exactly 8 x 64 + 16 x 96 tokens): 4.8 bytes per element. Packed (``llara.modeling.packing``),
