@@ -21,6 +21,12 @@ the peak resident memory of ``llara finetune`` with its defaults.
    ``ratio_with_adapters_to_matmul_limit`` adds the adapters' own products (6 x their parameters: r 64 on
    every projection is 19.5M parameters, 117M FLOPs per token for the embedded model), which the issue's
    count leaves out.
+   ``products`` (in ``pretrain`` and ``finetune_plain``; ``--no-products`` skips it): the step's own matrix
+   products, recorded in a second process over the second step of the same command (forward, backward and
+   optimizer; aten mm, addmm, bmm with their shapes, strides and dtypes) and replayed alone, back to back:
+   their seconds, their share of the step, and ``ceiling``: the ratio the step would reach if everything
+   but its products (casts, elementwise work, attention, Python) took no time. The replay is the products'
+   best case (operands warm), so the ceiling is an upper bound of what fusing the rest could reach.
 4. ``memory``: ``llara finetune --model default --max-steps 1 --batch-size B`` with every other option
    at its default (group 16, 160-token passages, GradCache chunk and checkpointing from the memory
    plan) for each B of ``--memory-batches``: the peak RSS the training log records and the plan chosen.
@@ -142,11 +148,13 @@ def _timed(fn) -> float:
     return time.perf_counter() - t
 
 
-def llara(argv: list[str], env: dict | None = None, probes: tuple[Path, torch.dtype] | None = None) -> tuple[float, str]:
+def llara(argv: list[str], env: dict | None = None, probes: tuple[Path, torch.dtype] | None = None,
+          head: list[str] | None = None) -> tuple[float, str]:
     """``llara argv`` in its own process: (seconds, its output). ``probes`` (record, dtype): with the
-    matmul probe after each step (:func:`paired_child`)."""
-    head = [sys.executable, "-m", "llara.cli"] if probes is None else [
-        sys.executable, str(Path(__file__).resolve()), "_paired", str(probes[0]), str(probes[1]).split(".")[-1]]
+    matmul probe after each step (:func:`paired_child`); ``head``: another command in front of ``argv``."""
+    if head is None:
+        head = [sys.executable, "-m", "llara.cli"] if probes is None else [
+            sys.executable, str(Path(__file__).resolve()), "_paired", str(probes[0]), str(probes[1]).split(".")[-1]]
     t = time.perf_counter()
     done = subprocess.run([*head, *argv], capture_output=True, text=True, env={**os.environ, **(env or {})})
     if done.returncode:
@@ -183,6 +191,114 @@ def paired_child(argv: list[str]) -> int:
     finally:
         handle.remove()
         write_json(record, marks)
+    return code or 0
+
+
+_PRODUCT_OPS = ("mm", "addmm", "addmm_", "bmm", "baddbmm", "baddbmm_")
+
+
+def _product_flops(name: str, shapes: list) -> int:
+    """FLOPs of one recorded matrix product: 2 x m x k x n (x batch)."""
+    a, b = shapes[-2:] if name.startswith(("addmm", "baddbmm")) else shapes[:2]
+    batch = a[0] if name.endswith("bmm") or "bmm_" in name else 1
+    return 2 * batch * a[-2] * a[-1] * b[-1]
+
+
+def product_recorder():
+    """A dispatch mode (enter it, forward and backward run under it) that appends each matrix product
+    (aten mm, addmm, bmm, baddbmm and their in-place forms) to its ``calls``: (name, [(shape, strides,
+    dtype) of each tensor argument, or the argument], kwargs)."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    wanted = {getattr(torch.ops.aten, name).default: name for name in _PRODUCT_OPS}
+
+    class ProductRecorder(TorchDispatchMode):
+        def __init__(self):
+            super().__init__()
+            self.calls: list = []
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            name = wanted.get(func)
+            if name:
+                self.calls.append((name, [(tuple(a.shape), tuple(a.stride()), a.dtype) if isinstance(a, torch.Tensor)
+                                          else a for a in args], dict(kwargs or {})))
+            return func(*args, **(kwargs or {}))
+
+    return ProductRecorder()
+
+
+def replay_products(calls: list, repeats: int = 3) -> dict:
+    """Times the recorded matrix products of one step alone, back to back (best of ``repeats``): each
+    distinct operand (shape, strides, dtype) gets one random tensor, so the replay is the products' best
+    case (operands warm in cache, no other work between them)."""
+    operands: dict = {}
+
+    def make(spec):
+        if not (isinstance(spec, tuple) and len(spec) == 3 and isinstance(spec[2], torch.dtype)):
+            return spec
+        if spec not in operands:
+            shape, stride, dtype = spec
+            need = 1 + sum((n - 1) * st for n, st in zip(shape, stride))
+            operands[spec] = torch.randn(need).to(dtype).as_strided(shape, stride)
+        return operands[spec]
+
+    ops = [(getattr(torch.ops.aten, name).default, [make(a) for a in args], kwargs) for name, args, kwargs in calls]
+    flops = [_product_flops(name, [a[0] for a in args if isinstance(a, tuple) and len(a) == 3 and isinstance(a[2], torch.dtype)])
+             for name, args, _ in calls]
+    best, per_call = float("inf"), []
+    for _ in range(repeats):
+        times = []
+        for op, args, kwargs in ops:
+            t = time.perf_counter()
+            op(*args, **kwargs)
+            times.append(time.perf_counter() - t)
+        if sum(times) < best:
+            best, per_call = sum(times), times
+    groups: dict = {}
+    for (name, args, _), f, t in zip(calls, flops, per_call):
+        key = name + " " + " x ".join("%s%s" % (str(a[2]).split(".")[-1], list(a[0]))
+                                      for a in args if isinstance(a, tuple) and len(a) == 3 and isinstance(a[2], torch.dtype))
+        g = groups.setdefault(key, [0, 0.0, 0])
+        g[0], g[1], g[2] = g[0] + 1, g[1] + t, g[2] + f
+    top = sorted(groups.items(), key=lambda kv: -kv[1][1])[:12]
+    return {"products": len(calls), "gflop": round(sum(flops) / 1e9, 1), "seconds": round(best, 6),
+            "gflops": round(sum(flops) / best / 1e9, 1),
+            "slowest": [{"product": k, "calls": n, "seconds": round(t, 6), "gflops": round(f / t / 1e9, 1)}
+                        for k, (n, t, f) in top]}
+
+
+def products_child(argv: list[str]) -> int:
+    """``_products RECORD ARGS...``: runs ``llara ARGS`` (its ``--max-steps`` should be 2) in this process,
+    records every matrix product (aten mm, addmm, bmm and their in-place forms) of the second step, forward,
+    backward and optimizer, with a dispatch mode (shapes, strides, dtypes), then replays them alone
+    (:func:`replay_products`); writes that to RECORD beside a 2048-cube matmul's rate timed right after."""
+    from torch.optim.optimizer import register_optimizer_step_post_hook
+
+    from llara.cli import main as llara_main
+    from llara.io import write_json
+
+    record, args = Path(argv[0]), argv[1:]
+    recorder, steps = product_recorder(), []
+
+    def hook(*_):
+        steps.append(1)
+        if len(steps) == 1:
+            recorder.__enter__()
+        elif len(steps) == 2:
+            recorder.__exit__(None, None, None)
+
+    handle = register_optimizer_step_post_hook(hook)
+    try:
+        code = llara_main(args)
+    finally:
+        handle.remove()
+        if len(steps) == 1:
+            recorder.__exit__(None, None, None)
+    if len(steps) < 2:
+        raise RuntimeError(f"llara {' '.join(args)} ran {len(steps)} step(s); the products of the second are replayed")
+    result = replay_products(recorder.calls)
+    result["matmul_gflops_after"] = round(matmul_gflops(limit_dtype()), 1)
+    write_json(record, result)
     return code or 0
 
 
@@ -238,10 +354,33 @@ def _marks(path: Path) -> list:
     return json.loads(path.read_text())
 
 
+def products_section(argv_: list[str], work: Path, name: str, flops_per_token: float, step_tps: float) -> dict:
+    """The step's own matrix products replayed alone (:func:`products_child`, its own process, 2 steps of
+    ``argv_``): their seconds, and ``ceiling``: the ratio the step would reach if everything but its
+    products took no time (the counted FLOPs of the recorded step / the limit / the products' seconds)."""
+    run, record = work / f"{name}_products", work / f"{name}_products.json"
+    argv_ = [*argv_, "--max-steps", "2", "--output", str(run)]
+    subprocess.run(["rm", "-rf", str(run)])
+    llara(argv_, head=[sys.executable, str(Path(__file__).resolve()), "_products", str(record)])
+    rows, out = log_rows(run), json.loads(record.read_text())
+    tokens = rows[1]["tokens"] - rows[0]["tokens"]
+    out.update({"step_tokens": tokens, "counted_gflop": round(flops_per_token * tokens / 1e9, 1),
+                "share_of_step": round(out["seconds"] / (tokens / step_tps), 3)})
+    return out
+
+
+def ceiling(products: dict, limit_gflops: float) -> float:
+    """The ratio to ``limit_gflops`` a step would reach if everything but its own matrix products took no
+    time: its counted FLOPs / the limit / the seconds its products take alone."""
+    return round(products["counted_gflop"] / limit_gflops / products["seconds"], 3)
+
+
 def main(argv=None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     if argv[:1] == ["_paired"]:
         return paired_child(argv[1:])
+    if argv[:1] == ["_products"]:
+        return products_child(argv[1:])
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--out", default=str(ROOT / "benchmarks" / "results" / "cpu_train.json"))
     p.add_argument("--work", default="/tmp/llara-cpu-train")
@@ -254,6 +393,8 @@ def main(argv=None) -> int:
     p.add_argument("--finetune-group", type=int, default=2, help="passages per query (2: `llara recipe`'s step)")
     p.add_argument("--finetune-passage-length", type=int, default=96, help="tokens per passage (96: the recipe's)")
     p.add_argument("--memory-batches", default="2,8,32")
+    p.add_argument("--no-products", action="store_true",
+                   help="skip replaying the step's own matrix products alone (the step's ceiling)")
     p.add_argument("--finetune-rows", default="1984",
                    help="rows of each forward pass of a fine-tuning step, for the model-shape ceiling (the "
                         "recipe's plain step packed: one pass of 1,920-2,016 rows; unpacked it was two, "
@@ -294,19 +435,24 @@ def main(argv=None) -> int:
         "finetune": combined([model_shape_gflops(args.model, int(n), lm_head=False, dtype=dtype)
                               for n in args.finetune_rows.split(",")])}
     write()
-    common = ["--max-steps", str(args.steps), "--save-every", "0", "--no-export", "--no-progress", "--seed", "0"]
+    common = ["--save-every", "0", "--no-export", "--no-progress", "--seed", "0"]
     sections = args.sections.split(",")
     if "pretrain" in sections:
         run = work / "pretrain"
-        argv_ = ["pretrain", "--model", args.model, "--data", str(DEMO / "corpus.jsonl"), "--output", str(run),
-                 "--batch-size", str(args.pretrain_batch), "--chunk-tokens", str(args.chunk_tokens), "--lr", "5e-5",
-                 *common]
+        argv_base = ["pretrain", "--model", args.model, "--data", str(DEMO / "corpus.jsonl"),
+                     "--batch-size", str(args.pretrain_batch), "--chunk-tokens", str(args.chunk_tokens), "--lr", "5e-5",
+                     *common]
+        argv_ = [*argv_base, "--output", str(run), "--max-steps", str(args.steps)]
         subprocess.run(["rm", "-rf", str(run)])
         seconds, _ = llara(argv_, probes=(work / "pretrain_probes.json", dtype))
         result["sections"]["pretrain"] = {"command": "llara " + " ".join(argv_), "seconds": round(seconds, 1),
                                           "flops_per_token": f"6 x {PARAMS_135M}",
                                           **summary(run, 6 * PARAMS_135M, limit, _marks(work / "pretrain_probes.json"))}
         write()
+        if not args.no_products:
+            sec = result["sections"]["pretrain"]
+            sec["products"] = products_section(argv_base, work, "pretrain", 6 * PARAMS_135M, sec["tokens_per_s"])
+            write()
     train = work / "train.jsonl"
     if ("finetune" in sections or "memory" in sections) and not train.exists():
         llara(["mine", "--method", "bm25", "--corpus", str(DEMO / "corpus.jsonl"), "--queries",
@@ -322,9 +468,10 @@ def main(argv=None) -> int:
         if "finetune" not in sections and name not in sections:
             continue
         run = work / name
-        argv_ = ["finetune", "--model", args.model, "--data", str(train), "--output", str(run),
-                 "--batch-size", str(args.finetune_batch), "--group-size", str(args.finetune_group),
-                 "--max-passage-length", str(args.finetune_passage_length), *extra, *common]
+        argv_base = ["finetune", "--model", args.model, "--data", str(train),
+                     "--batch-size", str(args.finetune_batch), "--group-size", str(args.finetune_group),
+                     "--max-passage-length", str(args.finetune_passage_length), *extra, *common]
+        argv_ = [*argv_base, "--output", str(run), "--max-steps", str(args.steps)]
         subprocess.run(["rm", "-rf", str(run)])
         seconds, text = llara(argv_, probes=(work / f"{name}_probes.json", dtype))
         plan = [m.split(" -> ", 1)[-1] for m in plan_lines(text)] or ["plain step, no checkpointing (as asked)"]
@@ -337,6 +484,9 @@ def main(argv=None) -> int:
         sec["gflops_with_adapters"] = round(sec["gflops"] * (4 * PARAMS_135M + 6 * adapters) / (4 * PARAMS_135M), 1)
         result["sections"][name] = sec
         write()
+        if name == "finetune_plain" and not args.no_products:
+            sec["products"] = products_section(argv_base, work, name, 4 * PARAMS_135M, sec["tokens_per_s"])
+            write()
     if "memory" in sections:
         rows = {}
         # The demo has 30 queries: one line per (query, positive) gives batches of 32 distinct positives
@@ -370,6 +520,8 @@ def main(argv=None) -> int:
             sec["ratio_to_mean_matmul_limit"] = round(sec["gflops"] / result["matmul_mean_gflops"], 3)
             shaped = result["sections"]["model_shapes"][name.split("_")[0]]["weighted_gflops"]
             sec["ratio_to_model_shape_matmul"] = round(sec["gflops"] / shaped, 3)
+            if "products" in sec:
+                sec["products"]["ceiling"] = ceiling(sec["products"], result["matmul_limit_gflops"])
             if "gflops_with_adapters" in sec:
                 sec["ratio_with_adapters_to_matmul_limit"] = round(sec["gflops_with_adapters"] / result["matmul_limit_gflops"], 3)
     write()

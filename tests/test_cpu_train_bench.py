@@ -66,3 +66,33 @@ def test_summary_counts_the_steps_own_time_not_the_logs(tmp_path):
     assert out["tokens_per_s"] == 100.0 and out["tokens_per_s_by_step"] == [100.0]
     assert out["ratio_to_matmul_limit"] == 5.0 and out["paired"]["ratio"] == 10.0
     assert module.summary(tmp_path, 1e9, 20.0)["tokens_per_s"] == 80.0  # without probes: the log's
+
+
+def test_the_recorder_sees_a_steps_products_and_the_replay_counts_their_flops():
+    import torch
+
+    module = _module()
+    torch.manual_seed(0)
+    layer = torch.nn.Linear(32, 16, bias=False)
+    x = torch.randn(5, 7, 32, requires_grad=True)
+    with module.product_recorder() as recorder:
+        layer(x).square().sum().backward()
+    names = sorted(name for name, _, _ in recorder.calls)
+    # forward x @ W^T; backward: the input's gradient and the weight's
+    assert names == ["mm", "mm", "mm"], recorder.calls
+    shapes = sorted(tuple(a[0] for a in args) for _, args, _ in recorder.calls)
+    assert shapes == sorted([((35, 32), (32, 16)), ((35, 16), (16, 32)), ((16, 35), (35, 32))])
+    out = module.replay_products(recorder.calls, repeats=2)
+    assert out["products"] == 3 and out["seconds"] > 0
+    assert out["gflop"] == round(3 * 2 * 35 * 32 * 16 / 1e9, 1)
+    assert sum(g["calls"] for g in out["slowest"]) == 3
+    # a batched product counts its batch, an addmm its two factors only
+    assert module._product_flops("bmm", [(4, 3, 5), (4, 5, 2)]) == 2 * 4 * 3 * 5 * 2
+    assert module._product_flops("addmm_", [(3, 2), (3, 5), (5, 2)]) == 2 * 3 * 5 * 2
+    assert module._product_flops("baddbmm", [(4, 3, 2), (4, 3, 5), (4, 5, 2)]) == 2 * 4 * 3 * 5 * 2
+
+
+def test_the_ceiling_is_the_counted_flops_over_the_limit_and_the_products_time():
+    module = _module()
+    # 1,000 counted GFLOP against a 2,000 GFLOP/s limit is 0.5 s of products at the limit; 1.0 s taken
+    assert module.ceiling({"counted_gflop": 1000.0, "seconds": 1.0}, 2000.0) == 0.5
