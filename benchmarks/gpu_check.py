@@ -11,7 +11,8 @@
 4. ``contrastive``: contrastive fine-tuning (``llara.training.finetune``) of the same shape with
    GradCache (the chunk chosen by the memory plan unless ``--gc-chunk``): tokens/s, MFU, peak memory.
 5. ``attention``: the cost of LLaRA's custom mask: SDPA forward + backward with the joint pass's 4D
-   additive mask against the causal flash kernel without a mask, at the adaptation's shapes.
+   additive mask against the causal flash kernel without a mask, at the adaptation's shapes, and the same
+   mask as a compiled FlexAttention block mask (``flex``: compile seconds, ms per layer, difference).
 6. ``encoder``: ``Encoder.encode`` against the raw base-model forward over the same padded batches
    (benchmarks/encode_ratio.py) on the shape, and the small model's tokens/s.
 
@@ -440,11 +441,67 @@ def check_attention(args, device: torch.device) -> dict:
 
     masked, causal = run(attn_mask=mask), run(is_causal=True)
     layers = shape["num_hidden_layers"]
-    return {"batch": B, "length": L, "heads": heads, "head_dim": d,
-            "masked_ms_per_layer": round(masked, 3), "causal_flash_ms_per_layer": round(causal, 3),
-            "masked_over_causal": round(masked / causal, 2),
-            "extra_ms_per_step": round((masked - causal) * layers, 1),
-            "note": "forward + backward of one layer's attention; extra_ms_per_step = (masked - causal) x layers"}
+    out = {"batch": B, "length": L, "heads": heads, "head_dim": d,
+           "masked_ms_per_layer": round(masked, 3), "causal_flash_ms_per_layer": round(causal, 3),
+           "masked_over_causal": round(masked / causal, 2),
+           "extra_ms_per_step": round((masked - causal) * layers, 1),
+           "note": "forward + backward of one layer's attention; extra_ms_per_step = (masked - causal) x layers"}
+    out["flex"] = _flex_attention(args, q, k, v, mask, L)
+    return out
+
+
+def _flex_attention(args, q, k, v, mask, L: int) -> dict:
+    """The same mask as FlexAttention's block mask (causal, the NEXT suffix blind to the SELF suffix),
+    compiled, against the masked SDPA: compile seconds, ms per layer of each, and the largest difference
+    of their outputs. What it reports decides whether the joint pass should move to it. Forward + backward
+    on a GPU; forward only on a CPU (FlexAttention has no CPU backward)."""
+    import torch.nn.functional as F
+
+    backward = q.device.type != "cpu"
+    try:
+        from torch.nn.attention.flex_attention import create_block_mask, flex_attention
+
+        def llara_mask(b, h, q_idx, kv_idx):
+            self_suffix = (kv_idx >= L - 16) & (kv_idx < L - 8)
+            return (kv_idx <= q_idx) & ~((q_idx >= L - 8) & self_suffix)
+
+        block_mask = create_block_mask(llara_mask, B=None, H=None, Q_LEN=L, KV_LEN=L, device=q.device)
+        flex = torch.compile(flex_attention)
+        inputs = (q, k, v) if backward else tuple(x.detach() for x in (q, k, v))
+
+        def step(fn) -> None:
+            out = fn(*inputs)
+            if backward:
+                out.sum().backward()
+
+        def timed(fn) -> float:
+            for i in range(args.attn_repeats + 2):
+                if i == 2:
+                    _sync(q.device)
+                    t0 = time.perf_counter()
+                step(fn)
+            _sync(q.device)
+            return (time.perf_counter() - t0) / args.attn_repeats * 1e3
+
+        def flexed(*x):
+            return flex(*x, block_mask=block_mask)
+
+        def sdpa(*x):
+            return F.scaled_dot_product_attention(*x, attn_mask=mask)
+
+        t0 = time.perf_counter()
+        step(flexed)
+        _sync(q.device)
+        compile_s = time.perf_counter() - t0
+        with torch.no_grad():
+            diff = float((flexed(*inputs).float() - sdpa(*inputs).float()).abs().max())
+        flex_ms, sdpa_ms = timed(flexed), timed(sdpa)
+        return {"pass": "forward + backward" if backward else "forward (no FlexAttention backward on a CPU)",
+                "flex_ms_per_layer": round(flex_ms, 3), "masked_sdpa_ms_per_layer": round(sdpa_ms, 3),
+                "masked_sdpa_over_flex": round(sdpa_ms / flex_ms, 2), "compile_seconds": round(compile_s, 1),
+                "max_abs_diff_to_masked_sdpa": diff}
+    except Exception as e:  # noqa: BLE001 - a torch without FlexAttention, or one that cannot compile it here
+        return {"error": f"{type(e).__name__}: {str(e).splitlines()[0][:300] if str(e) else ''}"}
 
 
 # --------------------------------------------------------------------------- 6. encoder throughput

@@ -39,6 +39,11 @@ def test_gpu_check_tiny_on_cpu(tmp_path):
     assert prof["top_ops"] and "aten::" in prof["table"] and prof["to_copy_per_step"] >= 0
     assert s["contrastive"]["steps"] == 3 and s["contrastive"]["tokens_per_s"] > 0
     assert s["attention"]["masked_ms_per_layer"] > 0 and s["attention"]["causal_flash_ms_per_layer"] > 0
+    flex = s["attention"]["flex"]
+    assert "error" not in flex, flex
+    assert flex["flex_ms_per_layer"] > 0 and flex["masked_sdpa_ms_per_layer"] > 0 and flex["pass"].startswith("forward")
+    # the block mask is LLaRA's mask: its output matches the masked SDPA's to bf16 rounding
+    assert flex["max_abs_diff_to_masked_sdpa"] < 0.02
     for model in ("small_model", "shape"):
         enc = s["encoder"][model]
         assert enc["encode_tokens_per_s"] > 0 and enc["raw_tokens_per_s"] > 0 and enc["ratio"] > 0
