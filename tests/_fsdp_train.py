@@ -68,6 +68,10 @@ def main(out: str) -> None:
     dist.init_process_group("gloo")
     info = {"rank": dist.get_rank(), "world": dist.get_world_size(), **run(shard=True)}
     (Path(out) / f"rank{dist.get_rank()}.json").write_text(json.dumps(info))
+    # Both ranks done with every collective before either tears gloo down: a rank that exits while the
+    # other still tears down its pairs could abort it ("terminate called without an active exception",
+    # seen once in a full test run).
+    dist.barrier()
     dist.destroy_process_group()
 
 

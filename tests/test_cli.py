@@ -68,3 +68,20 @@ def test_unknown_template_is_a_clear_error(adi_dir, tiny_ckpt, tmp_path, capsys)
                "--output", str(tmp_path / "o"), "--no-cache"])
     assert rc == 2
     assert "unknown template" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("succeeds", [True, False])
+def test_the_command_tears_down_a_process_group_it_ran_under(adi_dir, tmp_path, succeeds):
+    """Under accelerate launch / torchrun the process group is up while the command runs; the CLI destroys
+    it once the command is over, whether the command succeeded or failed."""
+    import torch.distributed as dist
+
+    dist.init_process_group("gloo", init_method=f"file://{tmp_path / 'pg'}", rank=0, world_size=1)
+    try:
+        dataset = str(adi_dir) if succeeds else str(tmp_path / "missing")
+        rc = main(["evaluate", "--method", "bm25", "--dataset", dataset, "--output", str(tmp_path / "out")])
+        assert (rc == 0) is succeeds
+        assert not dist.is_initialized()
+    finally:
+        if dist.is_initialized():
+            dist.destroy_process_group()

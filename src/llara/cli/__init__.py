@@ -49,3 +49,16 @@ def main(argv: Sequence[str] | None = None) -> int:
         if args.verbose:
             log.exception("unexpected error")
         return fail(f"unexpected {type(e).__name__}: {e} (rerun with -v for the traceback)", 1)
+    finally:
+        end_distributed()
+
+
+def end_distributed() -> None:
+    """Tears down the process group a multi-process run (``accelerate launch`` / ``torchrun``) started, as
+    ``Accelerator.end_training`` does, once the command is over: a process that exits with it still up
+    leaves gloo's or NCCL's threads to the interpreter's shutdown (PyTorch warns, and a gloo thread can
+    abort the process). Local to this process, no collective: safe after a failure too. The library's
+    ``train`` leaves it up, as its caller may go on."""
+    torch = sys.modules.get("torch")  # a command that never imported torch started no process group
+    if torch is not None and torch.distributed.is_available() and torch.distributed.is_initialized():
+        torch.distributed.destroy_process_group()
