@@ -26,8 +26,9 @@ the peak resident memory of ``llara finetune`` with its defaults.
    optimizer; aten mm, addmm, bmm with their shapes, strides and dtypes) and replayed alone, back to back:
    their seconds, their share of the step, and ``ceiling``: the ratio the step would reach if everything
    but its products (casts, elementwise work, attention, Python) took no time, against the run's limit
-   (``ceiling_paired``: against a 2048-cube matmul timed right after the replay, in its process). The replay is the products'
-   best case (operands warm), so the ceiling is an upper bound of what fusing the rest could reach.
+   (``ceiling_paired``: against a 2048-cube matmul timed right after the replay, in its process). The replay
+   gives each distinct operand one warm tensor; on the AMX Xeon it took what the profiler gave the same
+   products inside the step (0.95 against 0.94 s for the recipe's LoRA step).
 4. ``memory``: ``llara finetune --model default --max-steps 1 --batch-size B`` with every other option
    at its default (group 16, 160-token passages, GradCache chunk and checkpointing from the memory
    plan) for each B of ``--memory-batches``: the peak RSS the training log records and the plan chosen.
@@ -57,6 +58,7 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+from typing import NamedTuple
 
 import torch
 
@@ -198,17 +200,24 @@ def paired_child(argv: list[str]) -> int:
 _PRODUCT_OPS = ("mm", "addmm", "addmm_", "bmm", "baddbmm", "baddbmm_")
 
 
+class Operand(NamedTuple):
+    """A recorded tensor argument of a product: what the replay needs to make one like it."""
+    shape: tuple
+    stride: tuple
+    dtype: torch.dtype
+
+
 def _product_flops(name: str, shapes: list) -> int:
     """FLOPs of one recorded matrix product: 2 x m x k x n (x batch)."""
     a, b = shapes[-2:] if name.startswith(("addmm", "baddbmm")) else shapes[:2]
-    batch = a[0] if name.endswith("bmm") or "bmm_" in name else 1
+    batch = a[0] if "bmm" in name else 1
     return 2 * batch * a[-2] * a[-1] * b[-1]
 
 
 def product_recorder():
     """A dispatch mode (enter it, forward and backward run under it) that appends each matrix product
     (aten mm, addmm, bmm, baddbmm and their in-place forms) to its ``calls``: (name, [(shape, strides,
-    dtype) of each tensor argument, or the argument], kwargs)."""
+    dtype) of each tensor argument as an :class:`Operand`, or the argument], kwargs)."""
     from torch.utils._python_dispatch import TorchDispatchMode
 
     wanted = {getattr(torch.ops.aten, name).default: name for name in _PRODUCT_OPS}
@@ -221,8 +230,8 @@ def product_recorder():
         def __torch_dispatch__(self, func, types, args=(), kwargs=None):
             name = wanted.get(func)
             if name:
-                self.calls.append((name, [(tuple(a.shape), tuple(a.stride()), a.dtype) if isinstance(a, torch.Tensor)
-                                          else a for a in args], dict(kwargs or {})))
+                self.calls.append((name, [Operand(tuple(a.shape), tuple(a.stride()), a.dtype)
+                                          if isinstance(a, torch.Tensor) else a for a in args], dict(kwargs or {})))
             return func(*args, **(kwargs or {}))
 
     return ProductRecorder()
@@ -234,18 +243,17 @@ def replay_products(calls: list, repeats: int = 3) -> dict:
     case (operands warm in cache, no other work between them)."""
     operands: dict = {}
 
-    def make(spec):
-        if not (isinstance(spec, tuple) and len(spec) == 3 and isinstance(spec[2], torch.dtype)):
-            return spec
-        if spec not in operands:
-            shape, stride, dtype = spec
-            need = 1 + sum((n - 1) * st for n, st in zip(shape, stride))
-            operands[spec] = torch.randn(need).to(dtype).as_strided(shape, stride)
-        return operands[spec]
+    def make(arg):
+        if not isinstance(arg, Operand):
+            return arg
+        if arg not in operands:
+            need = 1 + sum((n - 1) * st for n, st in zip(arg.shape, arg.stride))
+            operands[arg] = torch.randn(need).to(arg.dtype).as_strided(arg.shape, arg.stride)
+        return operands[arg]
 
     ops = [(getattr(torch.ops.aten, name).default, [make(a) for a in args], kwargs) for name, args, kwargs in calls]
-    flops = [_product_flops(name, [a[0] for a in args if isinstance(a, tuple) and len(a) == 3 and isinstance(a[2], torch.dtype)])
-             for name, args, _ in calls]
+    tensors = [[a for a in args if isinstance(a, Operand)] for _, args, _ in calls]
+    flops = [_product_flops(name, [a.shape for a in t]) for (name, _, _), t in zip(calls, tensors)]
     best, per_call = float("inf"), []
     for _ in range(repeats):
         times = []
@@ -256,9 +264,8 @@ def replay_products(calls: list, repeats: int = 3) -> dict:
         if sum(times) < best:
             best, per_call = sum(times), times
     groups: dict = {}
-    for (name, args, _), f, t in zip(calls, flops, per_call):
-        key = name + " " + " x ".join("%s%s" % (str(a[2]).split(".")[-1], list(a[0]))
-                                      for a in args if isinstance(a, tuple) and len(a) == 3 and isinstance(a[2], torch.dtype))
+    for (name, _, _), ts, f, t in zip(calls, tensors, flops, per_call):
+        key = name + " " + " x ".join("%s%s" % (str(a.dtype).split(".")[-1], list(a.shape)) for a in ts)
         g = groups.setdefault(key, [0, 0.0, 0])
         g[0], g[1], g[2] = g[0] + 1, g[1] + t, g[2] + f
     top = sorted(groups.items(), key=lambda kv: -kv[1][1])[:12]

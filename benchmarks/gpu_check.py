@@ -431,13 +431,7 @@ def check_attention(args, device: torch.device) -> dict:
     mask = additive_mask(valid, blocked, torch.bfloat16)
 
     def run(**kw) -> float:
-        for i in range(args.attn_repeats + 2):
-            if i == 2:
-                _sync(device)
-                t0 = time.perf_counter()
-            F.scaled_dot_product_attention(q, k, v, **kw).sum().backward()
-        _sync(device)
-        return (time.perf_counter() - t0) / args.attn_repeats * 1e3
+        return _ms_per_call(args, device, lambda: F.scaled_dot_product_attention(q, k, v, **kw).sum().backward())
 
     masked, causal = run(attn_mask=mask), run(is_causal=True)
     layers = shape["num_hidden_layers"]
@@ -448,6 +442,17 @@ def check_attention(args, device: torch.device) -> dict:
            "note": "forward + backward of one layer's attention; extra_ms_per_step = (masked - causal) x layers"}
     out["flex"] = _flex_attention(args, q, k, v, mask, L)
     return out
+
+
+def _ms_per_call(args, device: torch.device, call) -> float:
+    """Milliseconds per ``call()`` over ``args.attn_repeats`` calls, after two warm-up calls."""
+    for i in range(args.attn_repeats + 2):
+        if i == 2:
+            _sync(device)
+            t0 = time.perf_counter()
+        call()
+    _sync(device)
+    return (time.perf_counter() - t0) / args.attn_repeats * 1e3
 
 
 def _flex_attention(args, q, k, v, mask, L: int) -> dict:
@@ -474,15 +479,6 @@ def _flex_attention(args, q, k, v, mask, L: int) -> dict:
             if backward:
                 out.sum().backward()
 
-        def timed(fn) -> float:
-            for i in range(args.attn_repeats + 2):
-                if i == 2:
-                    _sync(q.device)
-                    t0 = time.perf_counter()
-                step(fn)
-            _sync(q.device)
-            return (time.perf_counter() - t0) / args.attn_repeats * 1e3
-
         def flexed(*x):
             return flex(*x, block_mask=block_mask)
 
@@ -495,7 +491,8 @@ def _flex_attention(args, q, k, v, mask, L: int) -> dict:
         compile_s = time.perf_counter() - t0
         with torch.no_grad():
             diff = float((flexed(*inputs).float() - sdpa(*inputs).float()).abs().max())
-        flex_ms, sdpa_ms = timed(flexed), timed(sdpa)
+        flex_ms = _ms_per_call(args, q.device, lambda: step(flexed))
+        sdpa_ms = _ms_per_call(args, q.device, lambda: step(sdpa))
         return {"pass": "forward + backward" if backward else "forward (no FlexAttention backward on a CPU)",
                 "flex_ms_per_layer": round(flex_ms, 3), "masked_sdpa_ms_per_layer": round(sdpa_ms, 3),
                 "masked_sdpa_over_flex": round(sdpa_ms / flex_ms, 2), "compile_seconds": round(compile_s, 1),
